@@ -1,0 +1,23 @@
+"""WASI: train and serve transformers with low-rank weights and Tucker-compressed activations."""
+
+from wasi.checkpoint import CheckpointError, load, save
+from wasi.config import WASIConfig
+from wasi.convert import convert, unconvert, wasi_layers
+from wasi.memory import count_saved_tensors, summary
+from wasi.modules import WASILinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WASIConfig",
+    "WASILinear",
+    "convert",
+    "unconvert",
+    "summary",
+    "save",
+    "load",
+    "wasi_layers",
+    "count_saved_tensors",
+    "CheckpointError",
+    "__version__",
+]

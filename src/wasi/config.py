@@ -1,0 +1,126 @@
+"""The one configuration object of a WASI conversion."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("factored", "reference", "activations-only", "weights-only")
+TARGETS = ("mlp", "attention", "all-linear")
+CONFIG_VERSION = 1
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if not _is_real(value) or math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"WASIConfig.{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"WASIConfig.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WASIConfig:
+    """How linear layers are converted and trained.
+
+    Weight side (docs WASI.md section 3): ``eps`` is the energy threshold that picks each
+    layer's rank ``k`` from the pretrained weight's singular values; ``rank`` fixes ``k``
+    instead. Activation side (section 4): ``activation_rank`` fixes the Tucker rank of every
+    mode (one int, or one int per input mode), ``activation_eps`` picks each mode's rank by
+    energy from an exact HOSVD of the first training batch; with neither, the activation
+    energy is ``eps``.
+
+    Args:
+        eps: weight energy threshold in (0, 1].
+        rank: explicit weight rank (overrides ``eps`` for the weights).
+        activation_rank: Tucker rank per input mode; clipped to the mode's size at run time.
+        activation_eps: per-mode activation energy threshold in (0, 1].
+        mode: ``"factored"`` (factors are the parameters), ``"reference"`` (dense weight
+            re-projected every step, the paper's algorithm), ``"activations-only"`` or
+            ``"weights-only"`` (section 6).
+        target: which linears ``convert`` wraps: ``"mlp"``, ``"attention"``, ``"all-linear"``.
+        seed: seed of the layers' own random generators (range finder).
+        reorth_every: factored modes re-orthonormalise ``L`` by QR every this many training
+            steps (0 never).
+
+    Raises:
+        ValueError: naming the field and the value when a field is invalid.
+    """
+
+    eps: float = 0.8
+    rank: int | None = None
+    activation_rank: int | tuple[int, ...] | None = None
+    activation_eps: float | None = None
+    mode: str = "factored"
+    target: str = "mlp"
+    seed: int = 0
+    reorth_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_fraction("eps", self.eps)
+        if self.rank is not None:
+            _check_positive_int("rank", self.rank)
+        if isinstance(self.activation_rank, list):
+            object.__setattr__(self, "activation_rank", tuple(self.activation_rank))
+        if isinstance(self.activation_rank, tuple):
+            if not 2 <= len(self.activation_rank) <= 4:
+                raise ValueError(
+                    "WASIConfig.activation_rank needs one rank per input mode (2 to 4 modes), "
+                    f"got {self.activation_rank!r}"
+                )
+            for r in self.activation_rank:
+                _check_positive_int("activation_rank", r)
+        elif self.activation_rank is not None:
+            _check_positive_int("activation_rank", self.activation_rank)
+        if self.activation_eps is not None:
+            _check_fraction("activation_eps", self.activation_eps)
+            if self.activation_rank is not None:
+                raise ValueError(
+                    "WASIConfig.activation_rank and WASIConfig.activation_eps are exclusive, got "
+                    f"activation_rank={self.activation_rank!r}, activation_eps={self.activation_eps!r}"
+                )
+        if self.mode not in MODES:
+            raise ValueError(f"WASIConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"WASIConfig.target must be one of {TARGETS}, got {self.target!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"WASIConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.reorth_every, int) or self.reorth_every < 0:
+            raise ValueError(
+                f"WASIConfig.reorth_every must be a non-negative integer, got {self.reorth_every!r}"
+            )
+
+    @property
+    def compress_activations(self) -> bool:
+        return self.mode != "weights-only"
+
+    @property
+    def factor_weights(self) -> bool:
+        return self.mode != "activations-only"
+
+    @property
+    def effective_activation_eps(self) -> float | None:
+        """The activation energy threshold in use, or None when ranks are explicit."""
+        if self.activation_rank is not None:
+            return None
+        return self.activation_eps if self.activation_eps is not None else self.eps
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data["activation_rank"], tuple):
+            data["activation_rank"] = list(data["activation_rank"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> tuple["WASIConfig", list[str]]:
+        """Build a config from a dict; returns it and the keys that were not understood."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        return cls(**{k: v for k, v in data.items() if k in known}), unknown

@@ -1,0 +1,189 @@
+"""Convert the linear layers of a model to WASI layers in place, and back."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from wasi.config import WASIConfig
+from wasi.modules import WASILinear, is_conv1d, is_wrappable
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+# module paths of feed-forward blocks across architectures (section 7 of docs WASI.md)
+_MLP_PARTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
+_ATTENTION_PARTS = ("attn", "attention")
+# classifier heads stay dense under "all-linear", as in the paper
+_HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out")
+
+
+def _parts(fqn: str) -> list[str]:
+    return fqn.lower().split(".")
+
+
+def _is_attention(fqn: str) -> bool:
+    return any(any(a in p for a in _ATTENTION_PARTS) for p in _parts(fqn))
+
+
+def _is_mlp(fqn: str) -> bool:
+    parts = _parts(fqn)
+    if _is_attention(fqn):
+        return False  # BERT's attention.output.dense is not the feed-forward output
+    if any(any(m in p for m in _MLP_PARTS) for p in parts):
+        return True
+    # BERT's FFN output is "<layer>.output.dense" (the attention one is caught above)
+    return len(parts) >= 2 and parts[-2] == "output" and parts[-1] == "dense"
+
+
+def _is_head(fqn: str) -> bool:
+    parts = _parts(fqn)
+    return any(p in _HEAD_NAMES for p in parts)
+
+
+def target_matches(target: str, fqn: str) -> bool:
+    """Whether a linear at path ``fqn`` is selected by ``target`` ("mlp", "attention", "all-linear")."""
+    if target == "mlp":
+        return _is_mlp(fqn)
+    if target == "attention":
+        return _is_attention(fqn)
+    return not _is_head(fqn)
+
+
+def _inside_fused_attention(model: nn.Module) -> set[str]:
+    # nn.MultiheadAttention reads out_proj.weight directly and never calls its forward
+    skip = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            skip.update(f"{name}.{child}" if name else child for child, _ in module.named_children())
+    return skip
+
+
+def select_layers(model: nn.Module, config: WASIConfig, filter_fn: FilterFn | None = None) -> list[str]:
+    """Paths of the linear layers ``convert`` would wrap, in model order."""
+    skip = _inside_fused_attention(model)
+    chosen = []
+    for fqn, module in model.named_modules():
+        if not fqn or fqn in skip or not is_wrappable(module):
+            continue
+        keep = filter_fn(module, fqn) if filter_fn is not None else target_matches(config.target, fqn)
+        if keep:
+            chosen.append(fqn)
+    return chosen
+
+
+def wasi_layers(model: nn.Module) -> list[tuple[str, WASILinear]]:
+    """The ``(path, layer)`` pairs of the WASI layers in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WASILinear)]
+
+
+def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert(
+    model: nn.Module,
+    config: WASIConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    ranks: dict[str, int] | None = None,
+    initialise: bool = True,
+) -> nn.Module:
+    """Replace the selected linear layers of ``model`` by :class:`WASILinear`, in place.
+
+    Layers are factorised one at a time, so the peak memory stays one dense layer above the
+    model. ``filter_fn(module, fqn)`` is called on every ``nn.Linear`` / ``Conv1D`` and
+    overrides ``config.target``.
+
+    Args:
+        model: any ``nn.Module``.
+        config: the conversion config (default ``WASIConfig()``).
+        filter_fn: optional selector of the layers to wrap.
+        ranks: per-layer weight ranks by path (overrides ``config.eps`` / ``config.rank``).
+        initialise: False skips the SVD; the factors are left for a checkpoint to fill.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: the model is already converted, or nothing matches.
+        TypeError: ``config`` is not a :class:`WASIConfig`.
+    """
+    config = WASIConfig() if config is None else config
+    if not isinstance(config, WASIConfig):
+        raise TypeError(f"config must be a wasi.WASIConfig, got {type(config).__name__}")
+    existing = wasi_layers(model)
+    if existing:
+        raise ValueError(
+            f"model is already converted ({len(existing)} WASI layers, e.g. {existing[0][0]!r}); "
+            "call wasi.unconvert first to convert it again"
+        )
+    chosen = select_layers(model, config, filter_fn)
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if n and is_wrappable(m)]
+        how = "filter_fn" if filter_fn is not None else f"target={config.target!r}"
+        raise ValueError(
+            f"{how} matched no layer. WASI wraps torch.nn.Linear and transformers' Conv1D; "
+            f"this model has {len(linears)} such layers"
+            + (f", e.g. {', '.join(linears[:6])}" if linears else "")
+            + ". Targets: 'mlp', 'attention', 'all-linear', or pass filter_fn(module, fqn)."
+        )
+    ranks = ranks or {}
+    for index, fqn in enumerate(chosen):
+        layer = WASILinear.from_module(
+            model.get_submodule(fqn),
+            config,
+            rank=ranks.get(fqn),
+            seed=config.seed * 100_003 + index,
+            name=fqn,
+            initialise=initialise,
+        )
+        _set_submodule(model, fqn, layer)
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Replace every WASI layer by a plain dense layer holding its effective weight, in place.
+
+    Layers converted from ``nn.Linear`` become ``nn.Linear`` with ``W = L @ R`` (or the dense
+    weight in the modes that keep one); layers converted from GPT-2's ``Conv1D`` become
+    ``Conv1D`` again.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: the model has no WASI layer.
+    """
+    layers = wasi_layers(model)
+    if not layers:
+        raise ValueError("model has no WASI layer to unconvert")
+    for fqn, layer in layers:
+        with torch.no_grad():
+            weight = layer.effective_weight().detach()  # (O, I)
+            trainable = any(p.requires_grad for p in (layer.left, layer.right, layer.weight) if p is not None)
+            if layer.source == "conv1d":
+                from transformers.pytorch_utils import Conv1D
+
+                dense = Conv1D(layer.out_features, layer.in_features)
+                dense.to(device=weight.device, dtype=weight.dtype)
+                dense.weight.copy_(weight.T)  # Conv1D stores (I, O)
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            else:
+                dense = nn.Linear(
+                    layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=weight.device, dtype=weight.dtype,
+                )
+                dense.weight.copy_(weight)
+                if layer.bias is not None:
+                    dense.bias = layer.bias
+            dense.weight.requires_grad_(trainable)
+        _set_submodule(model, fqn, dense)
+    return model
+
+
+__all__ = ["convert", "unconvert", "select_layers", "target_matches", "wasi_layers", "is_conv1d"]
