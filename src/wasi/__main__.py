@@ -1,0 +1,5 @@
+import sys
+
+from wasi.cli import main
+
+sys.exit(main())
