@@ -17,6 +17,103 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
+         "max_length", "max_train_samples")
+_FLOATS = ("eps", "lr")
+
+
+def _settings(args: argparse.Namespace, **fixed):
+    """Build the run settings; every bad value is reported, together, as a UsageError."""
+    from wasi.training.loop import TrainSettings
+
+    errors = []
+    values = {}
+    for name in _INTS + _FLOATS:
+        raw = getattr(args, name)
+        if raw is None or not isinstance(raw, str):
+            values[name] = raw
+            continue
+        try:
+            values[name] = int(raw) if name in _INTS else float(raw)
+        except ValueError:
+            kind = "an integer" if name in _INTS else "a number"
+            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
+            values[name] = None
+    fields = {
+        "model": args.model, "data": args.data, "out": args.out, "target": args.target,
+        "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
+        "device": args.device, "method": getattr(args, "method", "vanilla"),
+        **{k: v for k, v in values.items() if v is not None},
+    }
+    fields.update(fixed)
+    settings = TrainSettings(**fields)
+    errors += settings.validate()
+    if errors:
+        raise UsageError("\n  ".join(["invalid arguments:", *errors]))
+    return settings
+
+
+def _run(settings) -> int:
+    from wasi.training.loop import RunError, run_training
+    from wasi.data import DataError
+    from wasi.training.models import ModelError
+
+    errors = settings.validate()
+    if errors:
+        raise UsageError("\n  ".join(["invalid arguments:", *errors]))
+    try:
+        run_training(settings)
+    except (RunError, DataError, ModelError) as err:
+        raise UsageError(str(err)) from None
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _run(_settings(args))
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    return _run(_settings(args, method="vanilla", export_pretrained=True))
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> None:
+    parser.add_argument("--model", required=True,
+                        help="minilm, vit-tiny, vit-small, vit-b32, a model folder, or a weights file (with --arch)")
+    parser.add_argument("--data", required=True,
+                        help="spam, fashion-mnist, digits, a class_name/*.png folder, or a text,label CSV/JSONL")
+    parser.add_argument("--out", required=True, help="output folder (metrics, checkpoints, summary, model)")
+    if with_method:
+        parser.add_argument("--method", default="wasi",
+                            help="vanilla, checkpointing, lora, galore, asi, wsi, wasi-reference, wasi (default)")
+    parser.add_argument("--eps", default=0.8, help="energy threshold of the WASI methods (default 0.8)")
+    parser.add_argument("--activation-rank", default=None,
+                        help="fixed Tucker rank per mode (default: ranks from --eps)")
+    parser.add_argument("--target", default="mlp", help="layers to adapt: mlp (default), attention, all-linear")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--epochs", default=None, help="epochs (default 1)")
+    group.add_argument("--steps", default=None, help="optimizer steps instead of epochs")
+    parser.add_argument("--batch-size", default=32)
+    parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
+    parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
+    parser.add_argument("--seed", default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--checkpoint-every", default=100, help="steps between checkpoints")
+    parser.add_argument("--log-every", default=20, help="steps between metric lines")
+    parser.add_argument("--max-length", default=128, help="tokens per text (default 128)")
+    parser.add_argument("--max-train-samples", default=None, help="use only this many training samples")
+    parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
+    parser.add_argument("--cache-dir", default=None, help="dataset cache (default ~/.cache/wasi or $WASI_CACHE)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wasi", description="Weight-Activation Subspace Iteration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eps", type=float, default=0.8, help="energy threshold, weights and activations")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="fine-tune a model on a dataset with one method")
+    _add_run_arguments(train, with_method=True)
+    train.set_defaults(func=_cmd_train)
+
+    pretrain = sub.add_parser("pretrain", help="train a ViT from scratch (dense) and save it for `wasi train --model DIR`")
+    _add_run_arguments(pretrain, with_method=False)
+    pretrain.set_defaults(func=_cmd_pretrain)
     return parser
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,17 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(shape.dim, shape.heads, shape.mlp_dim) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
         self.head = nn.Linear(shape.dim, num_classes)
+        self.checkpointing = False  # recompute each block in backward instead of storing its inputs
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N-1, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, D)
         x = x + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.norm(x[:, 0]))  # (B, classes)
 
     def architecture(self) -> dict:

@@ -1,0 +1,504 @@
+"""The training run behind ``wasi train`` and ``wasi pretrain``: one code path for every method."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wasi.memory import count_saved_tensors
+from wasi.training.measure import PeakMemory, median
+from wasi.training.methods import METHODS, WASI_MODES, MethodOptions, apply_method, build_optimizer
+from wasi.training.models import MODEL_NAMES, ModelBundle, build_model, save_pretrained_vit
+
+DATA_NAMES = ("spam", "fashion-mnist", "digits")
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
+GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run depends on. ``validate`` lists every problem at once."""
+
+    model: str
+    data: str
+    out: str
+    method: str = "wasi"
+    eps: float = 0.8
+    activation_rank: int | None = None
+    target: str = "mlp"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    optimizer: str = "adamw"
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 20
+    max_length: int = 128
+    max_train_samples: int | None = None
+    eval_batch_size: int = 64
+    arch: str | None = None
+    cache_dir: str | None = None
+    lora_rank: int = 8
+    galore_rank: int = 64
+    device: str = "cpu"
+    export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.model not in MODEL_NAMES and not Path(self.model).exists():
+            errors.append(f"--model {self.model!r}: not one of {list(MODEL_NAMES)} nor an existing path")
+        if self.data not in DATA_NAMES and not Path(self.data).exists():
+            errors.append(f"--data {self.data!r}: not one of {list(DATA_NAMES)} nor an existing folder or file")
+        if self.method not in METHODS:
+            errors.append(f"--method {self.method!r}: choose one of {list(METHODS)}")
+        if isinstance(self.eps, float) and (math.isnan(self.eps) or not 0 < self.eps <= 1):
+            errors.append(f"--eps {self.eps}: must be in (0, 1]")
+        for name in ("batch_size", "checkpoint_every", "log_every", "max_length", "eval_batch_size",
+                     "lora_rank", "galore_rank"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        for name in ("epochs", "steps", "activation_rank", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+        if self.epochs is not None and self.steps is not None:
+            errors.append("--epochs and --steps are exclusive: give one")
+        if self.lr is not None and (math.isnan(self.lr) or self.lr <= 0):
+            errors.append(f"--lr {self.lr}: must be positive")
+        if self.optimizer not in DEFAULT_LR:
+            errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
+        elif self.method == "galore" and self.optimizer != "adamw":
+            errors.append("--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
+        if self.seed < 0:
+            errors.append(f"--seed {self.seed}: must be non-negative")
+        if self.target not in ("mlp", "attention", "all-linear"):
+            errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            errors.append(f"--device {self.device}: CUDA is not available on this machine")
+        return errors
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for volatile in ("resume", "log_every", "checkpoint_every", "out", "cache_dir", "device"):
+            keep.pop(volatile)
+        return keep
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on (reported in one line by the CLI)."""
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Split:
+    size: int
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+    tokens: list[list[int]] | None = None
+
+
+def _prepare_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    if images.shape[1] != channels:
+        images = images.mean(1, keepdim=True).expand(-1, channels, -1, -1).contiguous()
+    return images
+
+
+def _make_split(ds, bundle: ModelBundle, max_length: int) -> Split:
+    if bundle.kind == "image":
+        images = _prepare_images(ds.images, bundle.image_size, bundle.channels)
+        return Split(len(ds.labels), ds.labels, images=images)
+    encoded = bundle.tokenizer(list(ds.texts), truncation=True, max_length=max_length)
+    return Split(len(ds.labels), ds.labels, tokens=encoded["input_ids"])
+
+
+def _batch(split: Split, idx: torch.Tensor, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    labels = split.labels[idx].to(device)
+    if split.images is not None:
+        return {"images": split.images[idx].to(device), "labels": labels}
+    rows = [split.tokens[i] for i in idx.tolist()]
+    width = max(len(r) for r in rows)  # pad to the longest in the batch: lengths vary
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels}
+
+
+def _epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+# ---------------------------------------------------------------------------- run
+class Run:
+    """One training run; ``execute`` returns the summary dict."""
+
+    def __init__(self, settings: TrainSettings, print_fn: Callable[[str], None] = print) -> None:
+        self.s = settings
+        self.print = print_fn
+        self.out = Path(settings.out)
+        self.device = torch.device(settings.device)
+        self.step = self.epoch = self.batch_index = 0
+        self.best_val: float | None = None
+        self.val_history: list[dict] = []
+        self.loss_history: list[tuple[int, float]] = []
+        self.step_times: list[float] = []
+        self.saved_activation_bytes: int | None = None
+
+    # ---------------- setup
+    def _setup(self) -> None:
+        from wasi.data import load_dataset, split_stratified
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise RunError(f"--out {str(self.out)!r} is not writable: {err.strerror or err}") from None
+        s = self.s
+        self._seed_everything(s.seed)
+        dataset = load_dataset(s.data, cache_dir=s.cache_dir)
+        self.classes = list(dataset.classes)
+        train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
+        self.meter = PeakMemory(self.device)
+        self.meter.reset()  # the baseline: data loaded, no model yet
+        bundle = build_model(s.model, num_classes=len(self.classes), arch=s.arch)
+        if bundle.kind != dataset.kind:
+            raise RunError(f"model {s.model!r} takes {bundle.kind} inputs but data {s.data!r} is {dataset.kind}")
+        self.bundle = bundle
+        self.pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
+        self.train = _make_split(train, bundle, s.max_length)
+        if s.max_train_samples is not None and s.max_train_samples < self.train.size:
+            self.train = Split(s.max_train_samples, self.train.labels[: s.max_train_samples],
+                               None if self.train.images is None else self.train.images[: s.max_train_samples],
+                               None if self.train.tokens is None else self.train.tokens[: s.max_train_samples])
+        self.val = _make_split(val, bundle, s.max_length)
+        self.test = _make_split(test, bundle, s.max_length)
+        options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
+                                lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed)
+        self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
+        self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
+        self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
+        self.total_steps = s.steps or (s.epochs or 1) * self.batches_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.total_steps, eta_min=0.1 * s.learning_rate
+        )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "images" in batch:
+            return self.model(batch["images"])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # ---------------- checkpoints
+    def _checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        """Write the whole run state atomically (temporary file, fsync, rename)."""
+        np_state = np.random.get_state()
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "settings": self.s.fingerprint(),
+            "position": {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            },
+            "trainer": {"best_val": self.best_val, "val_history": self.val_history,
+                        "loss_history": self.loss_history},
+        }
+        tmp = self._checkpoint_path().with_suffix(".pt.tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._checkpoint_path())
+
+    def _resume(self) -> None:
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise RunError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=self.s.method != "galore")
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets one message
+            raise RunError(f"--resume: cannot read {path}: {err}") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"--resume: {path} has checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        saved = state["settings"]
+        diff = {k: (saved.get(k), v) for k, v in self.s.fingerprint().items() if saved.get(k) != v}
+        if diff:
+            text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise RunError(f"--resume: the settings differ from the checkpoint's ({text})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(tuple(_as_tuple(state["rng"]["python"])))
+        kind, keys, pos, gauss, cached = state["rng"]["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, gauss, cached))
+        self.step = state["position"]["step"]
+        self.epoch = state["position"]["epoch"]
+        self.batch_index = state["position"]["batch_index"]
+        trainer = state["trainer"]
+        self.best_val = trainer["best_val"]
+        self.val_history = trainer["val_history"]
+        self.loss_history = [tuple(x) for x in trainer["loss_history"]]
+        self._truncate_metrics(self.step)
+        self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
+
+    # ---------------- metrics
+    def _metric(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(k + "\n" for k in kept))
+
+    # ---------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> tuple[float, float]:
+        """Accuracy and mean loss of ``split`` in eval mode."""
+        self.model.eval()
+        correct, total_loss = 0, 0.0
+        bs = self.s.eval_batch_size
+        for start in range(0, split.size, bs):
+            idx = torch.arange(start, min(start + bs, split.size))
+            batch = _batch(split, idx, self.pad_id, self.device)
+            logits = self._logits(batch)
+            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        self.model.train()
+        return correct / max(split.size, 1), total_loss / max(split.size, 1)
+
+    @torch.no_grad()
+    def time_inference(self) -> tuple[float, float]:
+        """Median milliseconds per eval batch and mean per sample over the test split."""
+        self.model.eval()
+        bs = self.s.eval_batch_size
+        starts = list(range(0, self.test.size, bs))
+        batches = [_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
+                   for s in starts]
+        self._logits(batches[0])  # warm-up
+        times = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            self._logits(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        self.model.train()
+        return 1000 * median(times), 1000 * sum(times) / self.test.size
+
+    def _end_epoch(self) -> None:
+        accuracy, loss = self.evaluate(self.val)
+        self.best_val = accuracy if self.best_val is None else max(self.best_val, accuracy)
+        record = {"type": "val", "step": self.step, "epoch": self.epoch + 1, "val_accuracy": accuracy,
+                  "val_loss": loss}
+        self.val_history.append(record)
+        self._metric(record)
+        self.print(f"epoch {self.epoch + 1}: val accuracy {accuracy:.4f}, val loss {loss:.4f}")
+        self.epoch += 1
+        self.batch_index = 0
+
+    # ---------------- training
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        if self.saved_activation_bytes is None:
+            with count_saved_tensors(self.model) as counter:
+                loss = F.cross_entropy(self._logits(batch), batch["labels"])
+            self.saved_activation_bytes = counter.bytes
+        else:
+            loss = F.cross_entropy(self._logits(batch), batch["labels"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP)
+        self.optimizer.step()
+        self.scheduler.step()
+        value = loss.item()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step_times.append(time.perf_counter() - t0)
+        if not math.isfinite(value):
+            raise RunError(f"the loss became {value} at step {self.step + 1}; lower --lr")
+        return value
+
+    def _loop(self) -> None:
+        from tqdm import tqdm
+
+        interactive = sys.stdout.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, unit="step",
+                   dynamic_ncols=True)
+        window: list[float] = []
+        window_start = time.perf_counter()
+        run_start = time.perf_counter()
+        start_step = self.step
+        order = _epoch_order(self.train.size, self.s.seed, self.epoch)
+        while self.step < self.total_steps:
+            bs = self.s.batch_size
+            idx = order[self.batch_index * bs: (self.batch_index + 1) * bs]
+            loss = self._train_step(_batch(self.train, idx, self.pad_id, self.device))
+            self.step += 1
+            self.batch_index += 1
+            window.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
+            if self.step % self.s.log_every == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                rate = len(window) * bs / max(now - window_start, 1e-9)
+                mean = sum(window) / len(window)
+                self.loss_history.append((self.step, mean))
+                self._metric({"type": "train", "step": self.step, "epoch": self.epoch + 1, "loss": mean,
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+                if not interactive:
+                    per_step = (now - run_start) / max(self.step - start_step, 1)
+                    eta = per_step * (self.total_steps - self.step)
+                    self.print(f"step {self.step}/{self.total_steps} epoch {self.epoch + 1} loss {mean:.4f} "
+                               f"{rate:.1f} samples/s eta {eta:.0f}s")
+                window, window_start = [], now
+            if self.batch_index >= self.batches_per_epoch:
+                self._end_epoch()
+                order = _epoch_order(self.train.size, self.s.seed, self.epoch)
+            if self.step % self.s.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.batch_index:  # a run that stopped mid-epoch still gets a validation
+            self._end_epoch()
+
+    def execute(self) -> dict:
+        """Set up (or resume), train, evaluate, export; returns the summary."""
+        wall = time.perf_counter()
+        self._setup()
+        if self.s.resume:
+            self._resume()
+        else:
+            self._truncate_metrics(-1)
+        self.print(f"{self.s.method} on {self.bundle.description}, data {self.s.data}: "
+                   f"{self.train.size} train / {self.val.size} val / {self.test.size} test samples, "
+                   f"{self.total_steps} steps of batch {self.s.batch_size}")
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            self.print(f"\ninterrupted: checkpoint saved at step {self.step}; continue with --resume")
+            raise
+        self.save_checkpoint()
+        peak = self.meter.peak_mb()
+        test_accuracy, _ = self.evaluate(self.test)
+        ms_batch, ms_sample = self.time_inference()
+        summary = {
+            "method": self.s.method,
+            "model": self.s.model,
+            "data": self.s.data,
+            "eps": self.s.eps if self.s.method in WASI_MODES else None,
+            "test_accuracy": test_accuracy,
+            "best_val_accuracy": self.best_val,
+            "train_steps": self.step,
+            "epochs": self.epoch,
+            "peak_memory_mb": peak,
+            "saved_activation_mb": (self.saved_activation_bytes or 0) / 2**20,
+            "train_step_s_median": median(self.step_times[2:] or self.step_times),
+            "inference_ms_per_sample": ms_sample,
+            "inference_ms_per_batch": ms_batch,
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "model_params": sum(p.numel() for p in self.model.parameters()),
+            "batch_size": self.s.batch_size,
+            "optimizer": self.s.optimizer,
+            "lr": self.s.learning_rate,
+            "seed": self.s.seed,
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "wall_s": time.perf_counter() - wall,
+        }
+        self._export()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._plot()
+        self.print(f"test accuracy {test_accuracy:.4f}; peak memory {peak:.1f} MB; median step "
+                   f"{summary['train_step_s_median']:.4f} s; summary in {self.out / 'summary.json'}")
+        return summary
+
+    def _export(self) -> None:
+        if self.s.export_pretrained:
+            save_pretrained_vit(self.model, self.out)
+        elif self.s.method in WASI_MODES:
+            from wasi.checkpoint import save
+
+            save(self.model, self.out / "model")
+        else:
+            from safetensors.torch import save_model
+
+            (self.out / "model").mkdir(exist_ok=True)
+            save_model(self.model, str(self.out / "model" / "model.safetensors"))
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        if self.loss_history:
+            steps, losses = zip(*self.loss_history)
+            ax1.plot(steps, losses)
+        ax1.set(xlabel="step", ylabel="training loss", title=f"{self.s.method}: loss")
+        if self.val_history:
+            ax2.plot([r["step"] for r in self.val_history], [r["val_accuracy"] for r in self.val_history], "o-")
+        ax2.set(xlabel="step", ylabel="validation accuracy", title=f"{self.s.method}: accuracy")
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def run_training(settings: TrainSettings, print_fn: Callable[[str], None] = print) -> dict:
+    """Validate ``settings`` and run; returns the summary dict.
+
+    Raises:
+        ValueError: invalid settings (all problems in one message, one per line).
+        RunError: the run cannot start or go on.
+    """
+    errors = settings.validate()
+    if errors:
+        raise ValueError("\n".join(errors))
+    return Run(settings, print_fn).execute()

@@ -1,0 +1,70 @@
+"""Measured memory and time: process peak above a baseline, medians."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class PeakMemory:
+    """Peak memory of the process above a baseline, in MiB.
+
+    On CUDA it uses ``torch.cuda.max_memory_allocated``; on CPU the kernel's resident-set
+    high-water mark (``VmHWM``), which :meth:`reset` re-arms through ``/proc/self/clear_refs``
+    so that a peak can be measured from a point on. Elsewhere (no ``/proc``) it falls back to
+    ``resource.getrusage`` and cannot be reset.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.baseline_mb = 0.0
+
+    def current_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        rss = _status_kb("VmRSS")
+        return rss / 1024 if rss is not None else 0.0
+
+    def reset(self) -> None:
+        """Set the baseline to the current memory and re-arm the peak."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                _CLEAR_REFS.write_text("5")
+            except OSError:
+                pass
+        self.baseline_mb = self.current_mb()
+
+    def peak_mb(self) -> float:
+        """Peak since the last :meth:`reset`, above the baseline."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
+        hwm = _status_kb("VmHWM")
+        if hwm is None:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024
+        return max(0.0, hwm / 1024 - self.baseline_mb)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

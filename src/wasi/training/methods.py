@@ -1,0 +1,106 @@
+"""Training methods: full fine-tuning, the peers (checkpointing, LoRA, GaLore) and WASI's modes.
+
+Every method takes the same model and the same target layers; they differ only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wasi.config import WASIConfig
+from wasi.convert import convert, select_layers
+
+WASI_MODES = {
+    "asi": "activations-only",
+    "wsi": "weights-only",
+    "wasi-reference": "reference",
+    "wasi": "factored",
+}
+METHODS = ("vanilla", "checkpointing", "lora", "galore", *WASI_MODES)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    eps: float = 0.8
+    activation_rank: int | None = None
+    target: str = "mlp"
+    lora_rank: int = 8
+    galore_rank: int = 64
+    galore_update_gap: int = 200
+    seed: int = 0
+    ranks: dict | None = None  # per-layer weight ranks
+
+
+def target_layers(model: nn.Module, target: str) -> list[str]:
+    """Paths of the linears a method touches (what WASI would convert)."""
+    return select_layers(model, WASIConfig(target=target))
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "checkpointing"):
+        model.checkpointing = True
+    else:
+        raise ValueError(f"{type(model).__name__} has no activation checkpointing support")
+
+
+def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head: str) -> nn.Module:
+    """Prepare ``model`` for ``method``; returns the model to train (LoRA wraps it).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if method == "checkpointing":
+        _enable_checkpointing(model)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        layers = target_layers(model, options.target)
+        config = LoraConfig(
+            r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
+            target_modules=layers, modules_to_save=[head],
+        )
+        model = get_peft_model(model, config)
+    elif method in WASI_MODES:
+        config = WASIConfig(
+            eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
+            target=options.target, seed=options.seed,
+        )
+        convert(model, config, ranks=options.ranks)
+    return model
+
+
+def build_optimizer(
+    model: nn.Module, method: str, options: MethodOptions, *, name: str, lr: float
+) -> torch.optim.Optimizer:
+    """SGD (the paper's: no momentum, weight decay 1e-4) or AdamW; GaLore uses GaLoreAdamW.
+
+    Raises:
+        ValueError: GaLore with SGD, or an unknown optimizer name.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "galore":
+        if name != "adamw":
+            raise ValueError("method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
+        from galore_torch import GaLoreAdamW
+
+        layers = set(target_layers(model, options.target))
+        galore = [m.weight for n, m in model.named_modules() if n in layers]
+        ids = {id(p) for p in galore}
+        groups = [
+            {"params": [p for p in params if id(p) not in ids]},
+            {"params": galore, "rank": options.galore_rank, "update_proj_gap": options.galore_update_gap,
+             "scale": 0.25, "proj_type": "std"},
+        ]
+        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=1e-4)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
