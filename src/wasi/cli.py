@@ -104,7 +104,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--max-length", default=128, help="tokens per text (default 128)")
     parser.add_argument("--max-train-samples", default=None, help="use only this many training samples")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
-    parser.add_argument("--cache-dir", default=None, help="dataset cache (default ~/.cache/wasi or $WASI_CACHE)")
+    parser.add_argument("--cache-dir", default=None, help="dataset cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
 
 

@@ -1,0 +1,1 @@
+"""Training runs for the command line: models, methods, the loop and its measurements."""
