@@ -62,6 +62,7 @@ def _load_transformers_classifier(path: Path, num_classes: int, description: str
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_classes, ignore_mismatched_sizes=True
@@ -71,6 +72,7 @@ def _load_transformers_classifier(path: Path, num_classes: int, description: str
         raise ModelError(f"cannot load a transformers model from {str(path)!r}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     head = "classifier" if hasattr(model, "classifier") else "score"
     return ModelBundle(model, "text", tokenizer=tokenizer, head=head, description=description)
 
