@@ -92,7 +92,8 @@ class WASIConfig:
             raise ValueError(f"WASIConfig.target must be one of {TARGETS}, got {self.target!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"WASIConfig.seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.reorth_every, int) or self.reorth_every < 0:
+        every = self.reorth_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ValueError(
                 f"WASIConfig.reorth_every must be a non-negative integer, got {self.reorth_every!r}"
             )

@@ -27,6 +27,8 @@ def energy_rank(values: Tensor, eps: float) -> int:
         The rank, between 1 and ``n``.
     """
     values = values.double().clamp_min(0)  # (n,)
+    if eps >= 1.0:
+        return values.numel()  # all the energy: lossless, however small the tail
     total = values.sum()
     if not torch.isfinite(total) or total <= 0:
         return 1
@@ -50,7 +52,9 @@ def orth(matrix: Tensor) -> Tensor:
     """
     q, r = torch.linalg.qr(matrix.to(compute_dtype(matrix.dtype)))  # (m, r), (r, r)
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)  # (r,)
-    return q * signs
+    # QR's Q is column-major; a basis loaded from a checkpoint is row-major, and the matmuls
+    # that use it must round the same way for a resumed run to match bitwise
+    return (q * signs).contiguous()
 
 
 def qr_positive(matrix: Tensor) -> tuple[Tensor, Tensor]:

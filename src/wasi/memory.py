@@ -166,8 +166,9 @@ class Summary:
 
     def __str__(self) -> str:
         mb = self.bytes_per_element / MB
+        width = max([40] + [len(c.name) for c in self.layers])  # full paths: a truncated one is ambiguous
         head = (
-            f"{'layer':<40} {'shape (O, I)':>13} {'k':>5} {'act ranks':>14} "
+            f"{'layer':<{width}} {'shape (O, I)':>13} {'k':>5} {'act ranks':>14} "
             f"{'act MB dense':>12} {'act MB wasi':>11} {'W MB dense':>10} {'W MB wasi':>9} "
             f"{'fwd GF d/w':>13} {'bwd GF d/w':>13} {'inf GF d/w':>13}"
         )
@@ -184,7 +185,7 @@ class Summary:
         for c in self.layers:
             ranks = "-" if c.activation_ranks is None else "x".join(map(str, c.activation_ranks))
             lines.append(
-                f"{c.name[-40:]:<40} {f'({c.out_features}, {c.in_features})':>13} "
+                f"{c.name:<{width}} {f'({c.out_features}, {c.in_features})':>13} "
                 f"{'-' if c.rank is None else c.rank:>5} {ranks:>14} "
                 f"{fmt(c.activation_dense):>12} {fmt(c.activation_wasi):>11} "
                 f"{fmt(c.weight_dense):>10} {fmt(c.weight_wasi):>9} "
@@ -193,7 +194,7 @@ class Summary:
         t = self.totals()
         lines.append("-" * len(head))
         lines.append(
-            f"{'total (' + str(len(self.layers)) + ' layers)':<40} {'':>13} {'':>5} {'':>14} "
+            f"{'total (' + str(len(self.layers)) + ' layers)':<{width}} {'':>13} {'':>5} {'':>14} "
             f"{t['activation_dense'] * mb:>12.2f} {t['activation_wasi'] * mb:>11.2f} "
             f"{t['weight_dense'] * mb:>10.2f} {t['weight_wasi'] * mb:>9.2f} "
             f"{t['forward_flops_dense'] / 1e9:>6.2f}/{t['forward_flops_wasi'] / 1e9:<6.2f} "

@@ -198,8 +198,15 @@ class WASILinear(nn.Module):
         mode = self.config.mode
         if mode == "reference":
             left, right = WF.track_weight_subspace(self.weight, self.left)  # section 3
-            self.left.copy_(left)
-            self.right.copy_(right)
+            if int(self.step) == 0 or bool(self.backward_seen):
+                self.left.copy_(left)  # in place: no graph still holds the previous factors
+                self.right.copy_(right)
+                self.backward_seen.fill_(False)
+            else:
+                # a graph still waiting for its backward (two forwards, one backward) saved the
+                # previous factors: give the buffers new tensors instead of overwriting them
+                self.left = left.to(self.left.dtype)  # (O, k)
+                self.right = right.to(self.right.dtype)  # (k, I)
         elif mode in ("factored", "weights-only"):
             every = self.config.reorth_every
             # only after a backward: a graph still waiting for its backward keeps the factors

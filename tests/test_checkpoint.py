@@ -1,0 +1,239 @@
+"""save / load: exact round trip, identical continued training, and loud failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import wasi
+from conftest import dense_linear, randn
+from wasi import CheckpointError, WASIConfig
+from wasi.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config
+from wasi.config import CONFIG_VERSION
+from wasi.models import build_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMAGES = 8  # vit-micro: 1x8x8 images, 2x2 patches, 17 tokens, width 64, MLP 256
+
+
+def _vit(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_vit("vit-micro", num_classes=5, **overrides)
+
+
+def _batches(sizes=(6, 6, 4, 6)):
+    return [(randn(b, 1, IMAGES, IMAGES, seed=10 + i), torch.arange(b) % 5) for i, b in enumerate(sizes)]
+
+
+def _train(model, batches):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for images, labels in batches:
+        nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module, exact: bool = True):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if exact:
+            assert torch.equal(sa[key], sb[key]), key
+        else:
+            torch.testing.assert_close(sa[key], sb[key], atol=1e-6, rtol=0, msg=key)
+
+
+CONFIGS = {
+    "factored-energy": WASIConfig(eps=0.7, activation_eps=0.8, reorth_every=2),
+    "factored-ranks": WASIConfig(rank=6, activation_rank=(3, 5, 9)),
+    "reference": WASIConfig(eps=0.8, activation_rank=(3, 5, 9), mode="reference"),
+    "activations-only": WASIConfig(activation_rank=(3, 5, 9), mode="activations-only"),
+    "weights-only": WASIConfig(eps=0.8, mode="weights-only", target="all-linear"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_then_training_on_stays_identical(tmp_path, name):
+    model = wasi.convert(_vit(), CONFIGS[name])
+    _train(model, _batches())
+    wasi.save(model, tmp_path / "ckpt")
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {WEIGHTS_FILE, CONFIG_FILE}
+
+    loaded = wasi.load(_vit(seed=1), tmp_path / "ckpt")  # other random weights, overwritten
+    assert [n for n, _ in wasi.wasi_layers(loaded)] == [n for n, _ in wasi.wasi_layers(model)]
+    for (_, a), (_, b) in zip(wasi.wasi_layers(model), wasi.wasi_layers(loaded)):
+        assert (a.rank, a.config, a.source) == (b.rank, b.config, b.source)
+    _assert_same_state(model, loaded)
+    probe = randn(3, 1, IMAGES, IMAGES, seed=99)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(probe), loaded(probe))
+
+    # both go on with a fresh optimizer, the same batches, a batch-size change included
+    more = _batches((5, 5, 3, 5, 5))
+    _train(model, more)
+    _train(loaded, more)
+    _assert_same_state(model, loaded)
+    assert int(wasi.wasi_layers(model)[0][1].step) == 9
+
+
+def test_gpt2_round_trip_keeps_tied_weights_and_conv1d(tmp_path, gpt2):
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    wasi.convert(gpt2, WASIConfig(eps=0.9, activation_rank=(2, 4, 16)))
+    opt = torch.optim.AdamW(gpt2.parameters(), lr=1e-3)
+    gpt2.train()
+    gpt2(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    wasi.save(gpt2, tmp_path)
+    fresh = transformers.GPT2LMHeadModel(gpt2.config)
+    wasi.load(fresh, tmp_path)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    _assert_same_state(gpt2, fresh)
+    gpt2.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(gpt2(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    wasi.unconvert(fresh)
+    assert type(fresh.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+
+
+def test_unconvert_after_load_gives_linear_with_l_times_r(tmp_path):
+    model = wasi.convert(_vit(), WASIConfig(rank=5, activation_rank=2))
+    _train(model, _batches((4,)))
+    wasi.save(model, tmp_path)
+    loaded = wasi.load(_vit(seed=3), tmp_path)
+    probe = randn(2, 1, IMAGES, IMAGES, seed=5)
+    loaded.eval()
+    with torch.no_grad():
+        expected = loaded(probe)
+        weights = {n: m.left @ m.right for n, m in wasi.wasi_layers(loaded)}
+    wasi.unconvert(loaded)
+    for name, weight in weights.items():
+        layer = loaded.get_submodule(name)
+        assert type(layer) is nn.Linear
+        assert torch.equal(layer.weight.detach(), weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_saved_config_records_version_config_and_layers(tmp_path):
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=(2, 3, 4), seed=3))
+    wasi.save(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert meta["format"] == "wasi" and meta["version"] == CONFIG_VERSION
+    assert meta["config"]["activation_rank"] == [2, 3, 4] and meta["config"]["seed"] == 3
+    assert meta["layers"]["blocks.1.mlp.fc2"] == {"rank": 4, "in_features": 256, "out_features": 64,
+                                                   "source": "linear"}
+    config, layers = read_config(tmp_path)
+    assert config == WASIConfig(rank=4, activation_rank=(2, 3, 4), seed=3) and len(layers) == 4
+
+
+# ---------------------------------------------------------------------------- failures
+@pytest.fixture
+def saved(tmp_path):
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=2))
+    _train(model, _batches((4,)))
+    wasi.save(model, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_missing_keys_are_named(saved):
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks\.2\.attn\.proj\.bias'"):
+        wasi.load(_vit(depth=3), saved)
+
+
+def test_layers_the_model_lacks_are_named(saved):
+    with pytest.raises(CheckpointError, match=r"does not have: blocks\.1\.mlp\.fc1, blocks\.1\.mlp\.fc2"):
+        wasi.load(_vit(depth=1), saved)
+
+
+def test_unexpected_keys_are_named(tmp_path):
+    big = nn.Sequential()
+    big.add_module("mlp", dense_linear(6, 4))
+    big.add_module("extra", nn.Linear(4, 3))
+    wasi.convert(big, WASIConfig(rank=2))
+    wasi.save(big, tmp_path)
+    small = nn.Sequential()
+    small.add_module("mlp", dense_linear(6, 4))
+    with pytest.raises(CheckpointError, match=r"missing keys \[\], unexpected keys \['extra\.bias', 'extra\.weight'\]"):
+        wasi.load(small, tmp_path)
+
+
+def test_shape_mismatches_are_named(saved):
+    with pytest.raises(CheckpointError, match=r"layer blocks\.0\.mlp\.fc1: the model has shape \(128, 32\), "
+                                              r"the checkpoint \(256, 64\)"):
+        wasi.load(_vit(dim=32, mlp_dim=128), saved)
+    with pytest.raises(CheckpointError, match=r"(?s)does not fit the model.*size mismatch for head\.weight"):
+        wasi.load(build_vit("vit-micro", num_classes=7), saved)
+
+
+def test_loading_into_a_converted_model_is_refused(saved):
+    with pytest.raises(CheckpointError, match="expects an unconverted model"):
+        wasi.load(wasi.convert(_vit(), WASIConfig(rank=4)), saved)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_corrupt_weights_raise_checkpoint_error(saved, damage):
+    file = saved / WEIGHTS_FILE
+    data = file.read_bytes()
+    if damage == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        file.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    else:
+        file.write_bytes(data[:8] + b"{" * 16 + data[24:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated"):
+        wasi.load(_vit(), saved)
+
+
+def test_unknown_config_keys_warn_and_still_load(saved):
+    file = saved / CONFIG_FILE
+    meta = json.loads(file.read_text())
+    meta["config"]["future_knob"] = 3
+    file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"ignoring unknown config keys \['future_knob'\]"):
+        model = wasi.load(_vit(), saved)
+    assert len(wasi.wasi_layers(model)) == 4
+
+
+def test_newer_format_version_is_refused(saved):
+    file = saved / CONFIG_FILE
+    meta = json.loads(file.read_text())
+    meta["version"] = CONFIG_VERSION + 1
+    file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"format version {CONFIG_VERSION + 1}; this wasi reads up to "
+                                              rf"version {CONFIG_VERSION}"):
+        wasi.load(_vit(), saved)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"version": 1}), "is not a WASI checkpoint config"),
+    (json.dumps({"format": "wasi", "version": 1, "config": {"eps": 3}, "layers": {"a": {}}}),
+     r"invalid config: WASIConfig\.eps"),
+    (json.dumps({"format": "wasi", "version": 1, "config": {}}), "the layer table is missing"),
+])
+def test_bad_config_files(saved, text, message):
+    (saved / CONFIG_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        wasi.load(_vit(), saved)
+
+
+def test_missing_files(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match=r"wasi_config\.json is missing"):
+        wasi.load(_vit(), tmp_path / "nowhere")
+    (saved / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
+        wasi.load(_vit(), saved)
+
+
+def test_saving_an_unconverted_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="call wasi.convert before wasi.save"):
+        wasi.save(_vit(), tmp_path)

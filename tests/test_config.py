@@ -1,0 +1,109 @@
+"""WASIConfig: validation naming the field and value, derived flags, dict round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+
+from wasi.config import MODES, TARGETS, WASIConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_defaults_match_the_paper_setup():
+    config = WASIConfig()
+    assert config.mode == "factored"
+    assert config.target == "mlp"
+    assert config.eps == 0.8
+    assert config.rank is None and config.activation_rank is None
+    assert config.effective_activation_eps == 0.8
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -1, 1.5, math.nan, math.inf, "0.5", None, True])
+def test_eps_outside_unit_interval_is_rejected(eps):
+    with pytest.raises(ValueError, match=r"WASIConfig\.eps must be a number in \(0, 1\]"):
+        WASIConfig(eps=eps)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.5, 1, 1.0])
+def test_eps_inside_unit_interval_is_accepted(eps):
+    assert WASIConfig(eps=eps).eps == eps
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("rank", 0, "0"), ("rank", -3, "-3"), ("rank", 2.5, "2.5"), ("rank", True, "True"),
+    ("activation_rank", 0, "0"), ("activation_rank", (4, 0, 2), "0"), ("activation_rank", 1.5, "1.5"),
+    ("activation_eps", 0.0, "0.0"), ("activation_eps", 1.01, "1.01"), ("activation_eps", math.nan, "nan"),
+    ("seed", -1, "-1"), ("seed", 1.0, "1.0"), ("seed", True, "True"),
+    ("reorth_every", -1, "-1"), ("reorth_every", 0.5, "0.5"), ("reorth_every", True, "True"),
+    ("mode", "dense", "'dense'"), ("target", "conv", "'conv'"),
+])
+def test_invalid_field_raises_naming_field_and_value(field, value, shown):
+    with pytest.raises(ValueError, match=rf"WASIConfig\.{field}\b.*got {re.escape(shown)}$"):
+        WASIConfig(**{field: value})
+
+
+@pytest.mark.parametrize("ranks", [(4,), (1, 2, 3, 4, 5)])
+def test_activation_rank_tuple_needs_two_to_four_modes(ranks):
+    with pytest.raises(ValueError, match="one rank per input mode"):
+        WASIConfig(activation_rank=ranks)
+
+
+def test_activation_rank_list_becomes_tuple_and_config_stays_hashable():
+    config = WASIConfig(activation_rank=[4, 8, 16])
+    assert config.activation_rank == (4, 8, 16)
+    assert hash(config) == hash(WASIConfig(activation_rank=(4, 8, 16)))
+
+
+def test_activation_rank_and_eps_are_exclusive():
+    with pytest.raises(ValueError, match="exclusive"):
+        WASIConfig(activation_rank=4, activation_eps=0.5)
+
+
+def test_effective_activation_eps():
+    assert WASIConfig(eps=0.7).effective_activation_eps == 0.7
+    assert WASIConfig(eps=0.7, activation_eps=0.4).effective_activation_eps == 0.4
+    assert WASIConfig(eps=0.7, activation_rank=3).effective_activation_eps is None
+
+
+@pytest.mark.parametrize("mode,compress,factor", [
+    ("factored", True, True),
+    ("reference", True, True),
+    ("activations-only", True, False),
+    ("weights-only", False, True),
+])
+def test_mode_flags(mode, compress, factor):
+    config = WASIConfig(mode=mode)
+    assert (config.compress_activations, config.factor_weights) == (compress, factor)
+
+
+def test_known_modes_and_targets_are_all_accepted():
+    for mode in MODES:
+        WASIConfig(mode=mode)
+    for target in TARGETS:
+        WASIConfig(target=target)
+
+
+def test_config_is_frozen():
+    config = WASIConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.eps = 0.5  # type: ignore[misc]
+
+
+def test_dict_round_trip_and_unknown_keys():
+    config = WASIConfig(eps=0.6, rank=None, activation_rank=(2, 3, 4), mode="reference", target="all-linear",
+                        seed=7, reorth_every=3)
+    data = config.to_dict()
+    assert data["activation_rank"] == [2, 3, 4]  # JSON-friendly
+    back, unknown = WASIConfig.from_dict(data)
+    assert back == config and unknown == []
+    back, unknown = WASIConfig.from_dict({**data, "future_knob": 1, "another": "x"})
+    assert back == config and unknown == ["another", "future_knob"]
+
+
+def test_from_dict_still_validates():
+    with pytest.raises(ValueError, match="WASIConfig.eps"):
+        WASIConfig.from_dict({"eps": 2.0})

@@ -1,0 +1,281 @@
+"""convert / unconvert on real architectures: pretrained MiniLM-L6, GPT-2 (Conv1D), our ViT."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import wasi
+from conftest import dense_linear, randn
+from wasi import WASIConfig, WASILinear
+from wasi.convert import select_layers
+from wasi.models import build_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _names(model) -> list[str]:
+    return [n for n, _ in wasi.wasi_layers(model)]
+
+
+def _train(model, step_fn, steps: int, lr: float = 1e-3) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = step_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------------- MiniLM (BERT)
+BERT_LAYERS = 6
+
+
+def test_minilm_mlp_conversion_wraps_exactly_the_feed_forward_linears_and_trains(minilm, minilm_batch):
+    dense_names = {n for n, m in minilm.named_modules() if isinstance(m, nn.Linear)}
+    wasi.convert(minilm, WASIConfig(eps=0.9, activation_rank=(4, 8, 32)))
+    expected = [f"bert.encoder.layer.{i}.{part}" for i in range(BERT_LAYERS) for part in ("intermediate.dense",
+                                                                                          "output.dense")]
+    assert _names(minilm) == expected
+    assert len(expected) == 12
+    for i in range(BERT_LAYERS):
+        assert isinstance(minilm.get_submodule(f"bert.encoder.layer.{i}.attention.output.dense"), nn.Linear)
+    assert {n for n, m in minilm.named_modules() if isinstance(m, nn.Linear)} == dense_names - set(expected)
+    first = minilm.get_submodule(expected[0])
+    assert (first.in_features, first.out_features) == (384, 1536) and 1 <= first.rank < 384
+
+    minilm.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # keeps the optimizer step cheap
+    losses = _train(minilm, lambda m: m(**minilm_batch).loss, steps=5, lr=3e-4)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert all(int(m.step) == 5 for _, m in wasi.wasi_layers(minilm))
+
+
+def test_minilm_full_energy_conversion_keeps_the_function(minilm, minilm_batch):
+    inputs = {k: v for k, v in minilm_batch.items() if k != "labels"}
+    last = f"bert.encoder.layer.{BERT_LAYERS - 1}."
+    with torch.no_grad():
+        before = minilm(**inputs).logits
+        wasi.convert(minilm, WASIConfig(eps=1.0), filter_fn=lambda m, fqn: fqn.startswith(last) and "attention"
+                     not in fqn)
+        after = minilm(**inputs).logits
+    assert _names(minilm) == [last + "intermediate.dense", last + "output.dense"]
+    assert minilm.get_submodule(last + "intermediate.dense").rank == 384
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- GPT-2 (Conv1D)
+def _lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def test_gpt2_conv1d_mlp_layers_convert_train_and_unconvert(gpt2):
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    wasi.convert(gpt2, WASIConfig(eps=0.95, activation_rank=(4, 8, 32)))
+    assert _names(gpt2) == [f"transformer.h.{i}.mlp.{c}" for i in range(2) for c in ("c_fc", "c_proj")]
+    c_fc = gpt2.transformer.h[0].mlp.c_fc
+    assert (c_fc.in_features, c_fc.out_features, c_fc.source) == (64, 256, "conv1d")
+    assert type(gpt2.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+    losses = _train(gpt2, lambda m: _lm_loss(m, ids), steps=8, lr=3e-3)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    gpt2.eval()
+    with torch.no_grad():
+        converted = gpt2(input_ids=ids).logits
+        weight = c_fc.effective_weight().clone()  # (O, I)
+        wasi.unconvert(gpt2)
+        restored = gpt2(input_ids=ids).logits
+    layer = gpt2.transformer.h[0].mlp.c_fc
+    assert type(layer).__name__ == "Conv1D" and tuple(layer.weight.shape) == (64, 256)  # (I, O)
+    torch.testing.assert_close(layer.weight, weight.T, atol=0, rtol=0)
+    torch.testing.assert_close(restored, converted, atol=1e-5, rtol=1e-5)
+    assert wasi.wasi_layers(gpt2) == []
+
+
+def test_gpt2_full_rank_conversion_keeps_outputs(gpt2):
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = gpt2(input_ids=ids).logits
+        wasi.convert(gpt2, WASIConfig(eps=1.0, target="all-linear"))
+        after = gpt2(input_ids=ids).logits
+    assert len(_names(gpt2)) == 8
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- target selection
+def _bert_expected(target: str) -> list[str]:
+    parts = {
+        "mlp": ["intermediate.dense", "output.dense"],
+        "attention": ["attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense"],
+    }
+    if target == "all-linear":
+        per_layer = parts["attention"] + parts["mlp"]
+    else:
+        per_layer = parts[target]
+    names = [f"bert.encoder.layer.{i}.{p}" for i in range(BERT_LAYERS) for p in per_layer]
+    return names + (["bert.pooler.dense"] if target == "all-linear" else [])
+
+
+@pytest.mark.parametrize("target", ["mlp", "attention", "all-linear"])
+def test_bert_targets(minilm_pristine, target):
+    chosen = select_layers(minilm_pristine, WASIConfig(target=target))
+    assert chosen == _bert_expected(target)
+    assert "classifier" not in chosen
+
+
+@pytest.mark.parametrize("target,parts", [
+    ("mlp", ["mlp.c_fc", "mlp.c_proj"]),
+    ("attention", ["attn.c_attn", "attn.c_proj"]),
+    ("all-linear", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+])
+def test_gpt2_targets_exclude_the_lm_head(gpt2, target, parts):
+    assert select_layers(gpt2, WASIConfig(target=target)) == [f"transformer.h.{i}.{p}" for i in range(2)
+                                                              for p in parts]
+
+
+@pytest.mark.parametrize("target,parts", [
+    ("mlp", ["mlp.fc1", "mlp.fc2"]),
+    ("attention", ["attn.qkv", "attn.proj"]),
+    ("all-linear", ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]),
+])
+def test_vit_targets_exclude_the_head(target, parts):
+    model = build_vit("vit-micro", num_classes=10)
+    wasi.convert(model, WASIConfig(target=target, rank=4, activation_rank=2))
+    assert _names(model) == [f"blocks.{i}.{p}" for i in range(2) for p in parts]
+    assert isinstance(model.head, nn.Linear)
+    # the converted ViT trains
+    images = randn(4, 1, 8, 8)
+    model.train()
+    model(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_filter_fn_overrides_the_target():
+    model = build_vit("vit-micro", num_classes=10)
+    seen = []
+
+    def only_first_fc2(module, fqn):
+        seen.append((type(module).__name__, fqn))
+        return fqn == "blocks.0.mlp.fc2"
+
+    wasi.convert(model, WASIConfig(target="attention", rank=4), filter_fn=only_first_fc2)
+    assert _names(model) == ["blocks.0.mlp.fc2"]
+    assert ("Linear", "head") in seen and all(kind == "Linear" for kind, _ in seen)  # called on linears only
+
+
+def test_multihead_attention_out_proj_is_skipped():
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, batch_first=True)
+    assert select_layers(model, WASIConfig(target="all-linear")) == ["linear1", "linear2"]
+    assert select_layers(model, WASIConfig(), filter_fn=lambda m, fqn: True) == ["linear1", "linear2"]
+    wasi.convert(model, WASIConfig(target="all-linear", rank=4, activation_rank=2))
+    assert isinstance(model.self_attn.out_proj, nn.Linear) and not isinstance(model.self_attn.out_proj, WASILinear)
+    model.train()
+    model(randn(2, 5, 16)).sum().backward()  # the MHA still runs, reading out_proj.weight directly
+
+
+def test_ranks_by_path_and_distinct_seeds():
+    model = build_vit("vit-micro", num_classes=10)
+    wasi.convert(model, WASIConfig(rank=4), ranks={"blocks.1.mlp.fc1": 7})
+    ranks = {n: m.rank for n, m in wasi.wasi_layers(model)}
+    assert ranks == {"blocks.0.mlp.fc1": 4, "blocks.0.mlp.fc2": 4, "blocks.1.mlp.fc1": 7, "blocks.1.mlp.fc2": 4}
+    seeds = [int(m.seed) for _, m in wasi.wasi_layers(model)]
+    assert len(set(seeds)) == len(seeds)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_filter_matching_nothing_is_an_error_listing_the_layers():
+    model = build_vit("vit-micro", num_classes=10)
+    with pytest.raises(ValueError, match=r"filter_fn matched no layer.*nn\.Linear.*9 such layers.*blocks\.0\.attn"):
+        wasi.convert(model, WASIConfig(), filter_fn=lambda m, fqn: False)
+    no_mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"target='mlp' matched no layer.*'attention', 'all-linear'"):
+        wasi.convert(no_mlp)
+    with pytest.raises(ValueError, match=r"matched no layer.*0 such layers"):
+        wasi.convert(nn.Sequential(nn.Conv2d(1, 2, 3)), WASIConfig(target="all-linear"))
+
+
+@pytest.mark.parametrize("eps", [0, -1, 1.5, float("nan")])
+def test_eps_outside_unit_interval(eps):
+    with pytest.raises(ValueError, match=r"WASIConfig\.eps must be a number in \(0, 1\]"):
+        wasi.convert(build_vit("vit-micro", num_classes=10), WASIConfig(eps=eps))
+
+
+def test_rank_larger_than_the_layer_names_it():
+    model = build_vit("vit-micro", num_classes=10)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1: rank 65 is larger than the layer allows"):
+        wasi.convert(model, WASIConfig(rank=65))
+    assert wasi.wasi_layers(model) == []  # checked before anything was swapped
+
+
+def test_input_with_the_wrong_feature_size_names_the_layer():
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Linear(8, 4))
+    wasi.convert(model, WASIConfig(rank=2))
+    with pytest.raises(ValueError, match=r"mlp: input has 6 features.*expects 8"):
+        model(torch.randn(3, 6))
+
+
+def test_converting_twice_is_an_error():
+    model = build_vit("vit-micro", num_classes=10)
+    wasi.convert(model, WASIConfig(rank=4))
+    with pytest.raises(ValueError, match=r"already converted \(4 WASI layers.*unconvert"):
+        wasi.convert(model, WASIConfig(rank=4))
+
+
+def test_config_of_the_wrong_type():
+    with pytest.raises(TypeError, match="config must be a wasi.WASIConfig, got dict"):
+        wasi.convert(build_vit("vit-micro", num_classes=10), {"eps": 0.5})
+
+
+def test_unconvert_without_wasi_layers():
+    with pytest.raises(ValueError, match="no WASI layer"):
+        wasi.unconvert(nn.Linear(3, 3))
+
+
+# ---------------------------------------------------------------------------- unconvert
+@pytest.mark.parametrize("mode", ["factored", "reference", "activations-only", "weights-only"])
+def test_unconvert_gives_linear_with_the_effective_weight(mode):
+    model = nn.Sequential()
+    model.add_module("mlp", dense_linear(12, 10))
+    wasi.convert(model, WASIConfig(rank=3, activation_rank=2, mode=mode))
+    layer = model.mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        model(randn(4, 5, 12, seed=step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    x = randn(6, 12, seed=9)
+    with torch.no_grad():
+        expected = model(x)
+        weight = layer.left @ layer.right if layer.left is not None else layer.weight.clone()
+    wasi.unconvert(model)
+    assert type(model.mlp) is nn.Linear
+    assert model.mlp.weight.requires_grad and model.mlp.bias is layer.bias
+    torch.testing.assert_close(model.mlp.weight.detach(), weight, atol=0, rtol=0)
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+    # unconvert then convert again works
+    wasi.convert(model, WASIConfig(rank=3))
+    assert _names(model) == ["mlp"]
+
+
+def test_conversion_is_in_place_and_returns_the_model():
+    model = build_vit("vit-micro", num_classes=10)
+    original = copy.deepcopy(model)
+    assert wasi.convert(model, WASIConfig(eps=1.0)) is model
+    images = randn(2, 1, 8, 8)
+    model.eval()
+    original.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), original(images), atol=1e-5, rtol=1e-5)
+    assert wasi.unconvert(model) is model

@@ -1,0 +1,243 @@
+"""Pure maths of wasi.functional against dense references (float64 where exact)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randn
+from wasi import functional as WF
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D = torch.float64
+
+
+def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)  # (d_n, prod others)
+
+
+def _orthonormal(n: int, r: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(randn(n, r, seed=seed, dtype=D))[0]
+
+
+# ---------------------------------------------------------------------------- energy rank
+@pytest.mark.parametrize("eps,expected", [(0.5, 1), (0.6, 2), (0.8, 2), (0.81, 3), (0.9, 3), (1.0, 4)])
+def test_energy_rank_is_smallest_prefix_reaching_eps(eps, expected):
+    values = torch.tensor([50.0, 30.0, 15.0, 5.0])  # cumulative 0.5, 0.8, 0.95, 1.0
+    assert WF.energy_rank(values, eps) == expected
+
+
+def test_energy_rank_full_energy_is_full_rank_despite_rounding():
+    s = torch.logspace(0, -7, 64, dtype=torch.float32)
+    assert WF.energy_rank(s.square(), 1.0) == 64
+
+
+def test_energy_rank_of_zero_energies_is_one():
+    assert WF.energy_rank(torch.zeros(5), 0.9) == 1
+
+
+# ---------------------------------------------------------------------------- QR helpers
+def test_orth_is_orthonormal_sign_normalised_and_spans_the_input():
+    m = randn(9, 4, seed=1, dtype=D)
+    q = WF.orth(m)
+    assert q.shape == (9, 4)
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=D), atol=1e-12, rtol=0)
+    r = q.T @ m  # (4, 4): upper triangular with a non-negative diagonal
+    torch.testing.assert_close(q @ r, m, atol=1e-12, rtol=0)
+    torch.testing.assert_close(r, torch.triu(r), atol=1e-12, rtol=0)
+    assert bool((torch.diagonal(r) > 0).all())
+    # the same subspace whatever the column signs of the input
+    flipped = m * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=D)
+    torch.testing.assert_close(WF.orth(flipped) @ WF.orth(flipped).T, q @ q.T, atol=1e-12, rtol=0)
+
+
+def test_orth_computes_in_float32_for_low_precision_inputs():
+    assert WF.orth(randn(6, 2).bfloat16()).dtype == torch.float32
+    assert WF.orth(randn(6, 2, dtype=D)).dtype == D
+
+
+def test_qr_positive_reconstructs_with_non_negative_diagonal():
+    m = randn(7, 3, seed=2, dtype=D)
+    q, r = WF.qr_positive(m)
+    torch.testing.assert_close(q @ r, m, atol=1e-12, rtol=0)
+    torch.testing.assert_close(q.T @ q, torch.eye(3, dtype=D), atol=1e-12, rtol=0)
+    assert bool((torch.diagonal(r) >= 0).all())
+    torch.testing.assert_close(r, torch.triu(r), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- weight subspace
+def test_svd_factors_full_energy_is_exact_and_truncation_is_optimal():
+    w = randn(8, 5, seed=3, dtype=D)
+    left, right = WF.svd_factors(w, eps=1.0)
+    assert left.shape == (8, 5) and right.shape == (5, 5)
+    torch.testing.assert_close(left @ right, w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(left.T @ left, torch.eye(5, dtype=D), atol=1e-12, rtol=0)
+
+    left, right = WF.svd_factors(w, rank=2)
+    assert left.shape == (8, 2) and right.shape == (2, 5)
+    s = torch.linalg.svdvals(w)
+    # Eckart-Young: the residual is exactly the discarded singular values
+    torch.testing.assert_close(torch.linalg.matrix_norm(w - left @ right), s[2:].norm(), atol=1e-12, rtol=0)
+
+
+def test_svd_factors_rank_from_eps():
+    u = _orthonormal(10, 4, 4)
+    v = _orthonormal(6, 4, 5)
+    w = u @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=D)) @ v.T  # energies 16, 9, 4, 1 of 30
+    assert WF.svd_factors(w, eps=0.5)[0].shape[1] == 1  # 16/30 = 0.53
+    assert WF.svd_factors(w, eps=0.6)[0].shape[1] == 2  # 25/30 = 0.83
+    assert WF.svd_factors(w, eps=0.9)[0].shape[1] == 3  # 29/30 = 0.97
+    assert WF.svd_factors(w, eps=0.97)[0].shape[1] == 4
+
+
+def _low_rank_weight() -> tuple[torch.Tensor, torch.Tensor]:
+    # W = L R with orthonormal L, so tracking without an update must keep L @ R
+    w = randn(12, 9, seed=6, dtype=D)
+    left, right = WF.svd_factors(w, rank=4)
+    return left, left @ right  # (O, k), (O, I) of exact rank 4
+
+
+def _flipping_orth(monkeypatch) -> torch.Tensor:
+    # QR leaves column signs arbitrary (LAPACK flips about half of them, docs WASI.md section 3):
+    # simulate it deterministically
+    signs = torch.tensor([-1.0, 1.0, -1.0, -1.0], dtype=D)
+    real_orth = WF.orth
+    monkeypatch.setattr(WF, "orth", lambda m: real_orth(m) * signs.to(m.dtype))
+    return signs
+
+
+def test_track_weight_subspace_with_zero_update_keeps_weight():
+    left, w = _low_rank_weight()
+    new_left, new_right = WF.track_weight_subspace(w, left)
+    torch.testing.assert_close(new_left @ new_right, w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(new_left.T @ new_left, torch.eye(4, dtype=D), atol=1e-12, rtol=0)
+
+
+def test_track_weight_subspace_is_sign_consistent_even_when_qr_flips(monkeypatch):
+    left, w = _low_rank_weight()
+    _flipping_orth(monkeypatch)
+    new_left, new_right = WF.track_weight_subspace(w, left)
+    # the flips did happen ...
+    assert bool(((new_left * left).sum(0) < 0).any())
+    # ... and the effective weight is unchanged because R = L_new^T W
+    torch.testing.assert_close(new_left @ new_right, w, atol=1e-12, rtol=0)
+
+
+def test_research_code_formula_would_change_the_weight_when_qr_flips(monkeypatch):
+    """R = Q^T = L_prev^T W (the research code) negates flipped components: the test above catches it."""
+    left, w = _low_rank_weight()
+    _flipping_orth(monkeypatch)
+    q = w.T @ left  # (I, k)
+    new_left = WF.orth(w @ q)  # (O, k), signs flipped
+    buggy_right = q.T  # = L_prev^T W
+    error = torch.linalg.matrix_norm(new_left @ buggy_right - w) / torch.linalg.matrix_norm(w)
+    assert error > 0.5
+
+
+def test_track_weight_subspace_follows_an_update():
+    left, w = _low_rank_weight()
+    bump = 1e-3 * randn(12, 9, seed=7, dtype=D)
+    new_left, new_right = WF.track_weight_subspace(w + bump, left)
+    # the result is the projection of the updated weight on the tracked subspace
+    torch.testing.assert_close(new_left @ new_right, new_left @ new_left.T @ (w + bump), atol=1e-12, rtol=0)
+    assert torch.linalg.matrix_norm(new_left @ new_right - w) < 2e-3 * 9
+
+
+# ---------------------------------------------------------------------------- activation subspace
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (2, 3, 4, 5)])
+def test_tucker_core_and_rebuild_are_the_multilinear_products(shape):
+    x = randn(*shape, seed=8, dtype=D)
+    ranks = [max(1, d - 2) for d in shape]
+    bases = [_orthonormal(d, r, 10 + n) for n, (d, r) in enumerate(zip(shape, ranks))]
+    core = WF.tucker_core(x, bases)
+    assert core.shape == tuple(ranks)
+    letters = "abcd"[: len(shape)]
+    ranks_l = "wxyz"[: len(shape)]
+    spec = f"{letters}," + ",".join(f"{a}{r}" for a, r in zip(letters, ranks_l)) + f"->{ranks_l}"
+    torch.testing.assert_close(core, torch.einsum(spec, x, *bases), atol=1e-12, rtol=0)
+    rebuilt = WF.tucker_rebuild(core, bases)
+    back = f"{ranks_l}," + ",".join(f"{a}{r}" for a, r in zip(letters, ranks_l)) + f"->{letters}"
+    torch.testing.assert_close(rebuilt, torch.einsum(back, core, *bases), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (2, 3, 4, 5)])
+def test_tucker_with_full_bases_is_exact(shape):
+    x = randn(*shape, seed=9, dtype=D)
+    bases = [_orthonormal(d, d, 20 + n) for n, d in enumerate(shape)]
+    torch.testing.assert_close(WF.tucker_rebuild(WF.tucker_core(x, bases), bases), x, atol=1e-12, rtol=0)
+
+
+def test_mode_energies_are_squared_singular_values_of_the_unfolding():
+    x = randn(3, 4, 6, seed=11, dtype=D)
+    for mode in range(3):
+        expected = torch.linalg.svdvals(_unfold(x, mode)).square()
+        torch.testing.assert_close(WF.mode_energies(x, mode), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_range_finder_and_power_step_find_the_dominant_subspace():
+    # a mode-2 unfolding with a clear rank-3 dominant subspace
+    u = _orthonormal(10, 3, 12)
+    x = torch.einsum("ir,abr->abi", u, randn(4, 6, 3, seed=13, dtype=D) * 10) + 1e-3 * randn(4, 6, 10, seed=14, dtype=D)
+    top = torch.linalg.svd(_unfold(x, 2), full_matrices=False)[0][:, :3]
+    gen = torch.Generator().manual_seed(0)
+    basis = WF.range_finder(x, 2, 3, gen)
+    assert basis.shape == (10, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=D), atol=1e-12, rtol=0)
+    one_pass = torch.linalg.matrix_norm(basis @ basis.T - top @ top.T)
+    assert one_pass < 1e-3
+    stepped = WF.power_step(x, 2, basis)
+    torch.testing.assert_close(stepped.T @ stepped, torch.eye(3, dtype=D), atol=1e-12, rtol=0)
+    # one warm-started power step sharpens it by about (s_4 / s_3)^2
+    assert torch.linalg.matrix_norm(stepped @ stepped.T - top @ top.T) < one_pass * 1e-3
+
+
+def test_power_step_is_one_block_power_iteration():
+    x = randn(4, 5, 6, seed=15, dtype=D)
+    prev = _orthonormal(5, 2, 16)
+    unfolded = _unfold(x, 1)  # (5, 24)
+    expected = WF.orth(unfolded @ (unfolded.T @ prev))
+    torch.testing.assert_close(WF.power_step(x, 1, prev), expected, atol=1e-12, rtol=0)
+
+
+def test_range_finder_uses_only_its_generator():
+    x = randn(4, 5, 6, seed=17, dtype=D)
+    state = torch.get_rng_state()
+    a = WF.range_finder(x, 0, 2, torch.Generator().manual_seed(3))
+    b = WF.range_finder(x, 0, 2, torch.Generator().manual_seed(3))
+    c = WF.range_finder(randn(4, 5, 6, seed=18, dtype=D), 0, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+# ---------------------------------------------------------------------------- gradient pieces
+@pytest.mark.parametrize("shape", [(6, 7), (3, 4, 7), (2, 3, 4, 7)])
+def test_weight_grad_pieces_equal_g_transpose_x_tilde(shape):
+    out_features = 5
+    x = randn(*shape, seed=19, dtype=D)
+    g = randn(*shape[:-1], out_features, seed=20, dtype=D)
+    ranks = [max(1, d - 1) for d in shape]
+    bases = [_orthonormal(d, r, 30 + n) for n, (d, r) in enumerate(zip(shape, ranks))]
+    core = WF.tucker_core(x, bases)
+    m, v = WF.weight_grad_pieces(g, core, bases)
+    assert m.shape == (out_features, ranks[-1]) and v.shape == (shape[-1], ranks[-1])
+    x_tilde = WF.tucker_rebuild(core, bases)
+    expected = g.reshape(-1, out_features).T @ x_tilde.reshape(-1, shape[-1])  # (O, I)
+    torch.testing.assert_close(m @ v.T, expected, atol=1e-12, rtol=0)
+    # the compression is real: the exact gradient differs
+    exact = g.reshape(-1, out_features).T @ x.reshape(-1, shape[-1])
+    assert not torch.allclose(expected, exact, atol=1e-3)
+
+
+def test_exact_grad_pieces():
+    x = randn(3, 4, 7, seed=21, dtype=D)
+    g = randn(3, 4, 5, seed=22, dtype=D)
+    m, v = WF.exact_grad_pieces(g, x)
+    torch.testing.assert_close(m @ v.T, torch.einsum("bno,bni->oi", g, x), atol=1e-12, rtol=0)
+
+
+def test_compute_dtype():
+    assert WF.compute_dtype(torch.float64) == torch.float64
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert WF.compute_dtype(dtype) == torch.float32

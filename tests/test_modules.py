@@ -1,0 +1,457 @@
+"""WASILinear against a dense reference: exact at full rank, hand-derived when compressed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ShapeDetector, dense_linear, randn
+from wasi import WASIConfig, WASILinear, count_saved_tensors
+from wasi import functional as WF
+from wasi.memory import layer_cost
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D = torch.float64
+MODES = ["factored", "reference", "activations-only", "weights-only"]
+
+
+def _layer(in_features=7, out_features=6, *, bias=True, dtype=torch.float32, seed=0, **config) -> WASILinear:
+    return WASILinear.from_module(dense_linear(in_features, out_features, bias=bias, dtype=dtype, seed=seed),
+                                  WASIConfig(**config))
+
+
+def _factors(layer: WASILinear) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.left.detach().clone(), layer.right.detach().clone()
+
+
+def _bases(layer: WASILinear, dims: int) -> list[torch.Tensor]:
+    return [getattr(layer, f"basis_{n}").detach().clone() for n in range(dims)]
+
+
+def _train_step(layer, x, seed=0):
+    y = layer(x)
+    g = randn(*y.shape, seed=seed, dtype=y.dtype)
+    (y * g).sum().backward()
+    return y, g
+
+
+# ---------------------------------------------------------------------------- full rank = dense
+@pytest.mark.parametrize("out_features,in_features", [(6, 7), (7, 5)])
+@pytest.mark.parametrize("mode", MODES)
+def test_full_rank_equals_dense_layer(mode, out_features, in_features):
+    dense = dense_linear(in_features, out_features, dtype=D, seed=1)
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode))
+    x = randn(3, 5, in_features, seed=2, dtype=D)
+    x_dense, x_wasi = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_dense, g = _train_step(dense, x_dense, seed=3)
+    if layer.left is not None:
+        left, right = _factors(layer)  # the factors the forward uses (no update before the first step)
+    y = layer(x_wasi)
+    (y * g).sum().backward()
+
+    if mode != "weights-only":
+        assert layer.last_activation_ranks == (3, 5, in_features)  # activation ranks = mode sizes
+    tight = {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(y, y_dense, **tight)
+    torch.testing.assert_close(x_wasi.grad, x_dense.grad, **tight)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **tight)
+    d_w = dense.weight.grad  # (O, I): the dense layer's weight gradient
+    if mode in ("factored", "weights-only"):
+        assert layer.weight is None
+        torch.testing.assert_close(layer.left.grad, d_w @ right.T, **tight)  # dL = dW R^T
+        torch.testing.assert_close(layer.right.grad, left.T @ d_w, **tight)  # dR = L^T dW
+    else:
+        torch.testing.assert_close(layer.weight.grad, d_w, **tight)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(11, 7), (3, 5, 7), (2, 3, 4, 7)])
+def test_full_rank_equals_dense_for_2d_3d_4d_inputs_with_and_without_bias(shape, bias):
+    dense = dense_linear(7, 6, bias=bias, dtype=D, seed=4)
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0))
+    left, right = _factors(layer)
+    x = randn(*shape, seed=5, dtype=D)
+    x_dense, x_wasi = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_dense, g = _train_step(dense, x_dense, seed=6)
+    y = layer(x_wasi)
+    (y * g).sum().backward()
+    numel = x.numel()
+    assert layer.last_activation_ranks == tuple(min(d, numel // d) for d in shape)  # full mode ranks
+    torch.testing.assert_close(y, y_dense, atol=1e-12, rtol=0)
+    torch.testing.assert_close(x_wasi.grad, x_dense.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.left.grad, dense.weight.grad @ right.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.right.grad, left.T @ dense.weight.grad, atol=1e-12, rtol=0)
+    assert (layer.bias is None) == (not bias)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------- compressed path
+class _SavedCapture:
+    def __init__(self):
+        self.saved: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _pack(self, t):
+        self.saved.append(t)
+        return t
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", ["factored", "reference", "activations-only"])
+def test_compressed_gradients_equal_hand_derivation_from_the_same_bases_and_core(mode):
+    ranks = (2, 3, 4)
+    layer = _layer(9, 8, dtype=D, rank=3, activation_rank=ranks, mode=mode, seed=7)
+    x = randn(3, 5, 9, seed=8, dtype=D)
+    xr = x.clone().requires_grad_()
+    # one step first, so the second runs the warm-started power step and (factored) a re-orthonormalisation
+    _train_step(layer, x.clone(), seed=9)
+    layer.zero_grad()
+    with _SavedCapture() as capture:
+        y = layer(xr)
+    if layer.left is not None:
+        left, right = _factors(layer)  # the factors after this forward's subspace update
+    bases = _bases(layer, 3)
+    core = WF.tucker_core(x, bases)  # recomputed from the same bases
+    saved_core = [t for t in capture.saved if tuple(t.shape) == ranks]
+    assert len(saved_core) == 1
+    torch.testing.assert_close(saved_core[0], core, atol=1e-12, rtol=0)  # the core the backward uses
+    g = randn(3, 5, 8, seed=10, dtype=D)
+    (y * g).sum().backward()
+
+    x_tilde = WF.tucker_rebuild(core, bases)  # (B, N, I): built densely only in the test
+    assert not torch.allclose(x_tilde, x, atol=1e-2)  # the compression is real
+    d_w = g.reshape(-1, 8).T @ x_tilde.reshape(-1, 9)  # dW = G^T X~, (O, I)
+    tight = {"atol": 1e-12, "rtol": 1e-12}
+    if mode == "factored":
+        torch.testing.assert_close(layer.left.grad, d_w @ right.T, **tight)
+        torch.testing.assert_close(layer.right.grad, left.T @ d_w, **tight)
+        torch.testing.assert_close(xr.grad, g @ left @ right, **tight)  # exact for the low-rank weight
+        torch.testing.assert_close(y, x @ (left @ right).T + layer.bias, **tight)
+    else:
+        torch.testing.assert_close(layer.weight.grad, d_w, **tight)
+    torch.testing.assert_close(layer.bias.grad, g.sum((0, 1)), **tight)
+    exact = g.reshape(-1, 8).T @ x.reshape(-1, 9)
+    assert not torch.allclose(d_w, exact, atol=1e-2)
+
+
+def test_weights_only_uses_the_exact_input():
+    layer = _layer(9, 8, dtype=D, rank=3, mode="weights-only")
+    left, right = _factors(layer)
+    x = randn(3, 5, 9, seed=11, dtype=D)
+    _, g = _train_step(layer, x)
+    d_w = g.reshape(-1, 8).T @ x.reshape(-1, 9)
+    torch.testing.assert_close(layer.left.grad, d_w @ right.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.right.grad, left.T @ d_w, atol=1e-12, rtol=0)
+    assert not hasattr(layer, "basis_0")
+
+
+# ---------------------------------------------------------------------------- sign consistency
+def _flipping_orth(monkeypatch):
+    # QR leaves column signs arbitrary (LAPACK flips about half, docs WASI.md section 3): make it
+    # deterministic by negating every even column of every basis the layer computes
+    real_orth = WF.orth
+
+    def orth(m):
+        q = real_orth(m)
+        return q * torch.where(torch.arange(q.shape[1]) % 2 == 0, -1.0, 1.0).to(q.dtype)
+
+    monkeypatch.setattr(WF, "orth", orth)
+
+
+@pytest.mark.parametrize("flip_qr", [False, True])
+def test_reference_refresh_with_zero_update_keeps_the_effective_weight(monkeypatch, flip_qr):
+    if flip_qr:
+        _flipping_orth(monkeypatch)
+    layer = _layer(9, 8, dtype=D, rank=3, mode="reference")
+    initial_left = layer.left.clone()
+    initial = layer.left @ layer.right
+    x = randn(4, 5, 9, seed=12, dtype=D)
+    flipped = []
+    for step in range(3):  # training forwards and backwards, no optimizer step
+        _train_step(layer, x, seed=step)
+        torch.testing.assert_close(layer.left @ layer.right, initial, atol=1e-12, rtol=0)
+        flipped.append(bool((layer.left * initial_left).sum(0).lt(0).any()))
+    assert any(flipped) == flip_qr  # with flips, R = L_prev^T W would have negated those components
+
+
+def test_factored_reorthonormalisation_keeps_the_effective_weight():
+    layer = _layer(9, 8, dtype=D, rank=3, activation_rank=(2, 3, 4))
+    x = randn(4, 5, 9, seed=13, dtype=D)
+    _train_step(layer, x)
+    with torch.no_grad():  # an update that leaves L far from orthonormal
+        layer.left.add_(0.3 * layer.left.grad / layer.left.grad.norm())
+        layer.right.add_(0.3 * layer.right.grad / layer.right.grad.norm())
+    before = (layer.left @ layer.right).detach().clone()
+    eye = torch.eye(3, dtype=D)
+    assert not torch.allclose(layer.left.T @ layer.left, eye, atol=1e-3)
+    layer.zero_grad()
+    y, _ = _train_step(layer, x, seed=1)  # the forward re-orthonormalises first
+    torch.testing.assert_close(layer.left.T @ layer.left, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.left @ layer.right, before, atol=1e-12, rtol=0)
+    torch.testing.assert_close(y, x @ before.T + layer.bias, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("every,expected", [(0, [False, False, False, False]), (2, [False, True, False, True])])
+def test_reorthonormalisation_schedule(every, expected):
+    layer = _layer(9, 8, dtype=D, rank=3, activation_rank=2, reorth_every=every)
+    x = randn(4, 5, 9, seed=14, dtype=D)
+    _train_step(layer, x)
+    happened = []
+    for step in range(4):
+        with torch.no_grad():
+            layer.left.mul_(1.5)
+            layer.right.div_(1.5)
+        _train_step(layer, x, seed=step)
+        happened.append(bool(torch.allclose(layer.left.T @ layer.left, torch.eye(3, dtype=D), atol=1e-9)))
+    assert happened == expected
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+@pytest.mark.parametrize("mode", MODES)
+def test_two_forwards_before_one_backward(mode):
+    """Gradient accumulation in one graph: the subspace update must not break the saved tensors."""
+    dense = dense_linear(7, 6, dtype=D, seed=15)
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode))
+    x1, x2 = randn(3, 5, 7, seed=16, dtype=D), randn(3, 5, 7, seed=17, dtype=D)
+    _train_step(layer, x1)  # a first step so the next forwards track the subspace
+    layer.zero_grad()
+    (layer(x1).square().sum() + layer(x2).square().sum()).backward()
+    (dense(x1).square().sum() + dense(x2).square().sum()).backward()
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saved_bytes_equal_the_analytic_tucker_count(dtype):
+    layer = _layer(32, 24, dtype=dtype, rank=5, activation_rank=(2, 4, 8))
+    x = randn(4, 16, 32, seed=18, dtype=dtype).requires_grad_()
+    elsize = x.element_size()
+    for step in range(2):  # cold start, then warm start
+        with count_saved_tensors(layer) as counter:
+            y = layer(x)
+        y.sum().backward()
+        cost = layer_cost(layer)
+        assert cost.activation_ranks == (2, 4, 8)
+        assert cost.activation_wasi == 2 * 4 * 8 + 4 * 2 + 16 * 4 + 32 * 8
+        assert counter.bytes == cost.activation_wasi * elsize
+        assert counter.bytes < 4 * 16 * 32 * elsize == cost.activation_dense * elsize
+
+
+def test_weights_only_saves_the_exact_input():
+    layer = _layer(32, 24, rank=5, mode="weights-only")
+    x = randn(4, 16, 32, seed=19)
+    with count_saved_tensors(layer) as counter:
+        layer(x).sum().backward()
+    assert counter.bytes == 4 * 16 * 32 * 4 == layer_cost(layer).activation_wasi * 4
+
+
+# ---------------------------------------------------------------------------- no dense weight
+O_, I_, B_, N_ = 17, 22, 3, 5  # no product of these coincides with O*I = 374
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD, torch.optim.AdamW])
+def test_factored_mode_never_creates_an_out_by_in_tensor(optimizer):
+    model = nn.Sequential(nn.Linear(I_, I_), nn.GELU(), dense_linear(I_, O_, seed=20))
+    model[2] = WASILinear.from_module(model[2], WASIConfig(rank=4, activation_rank=(2, 3, 6)))
+    opt = optimizer(model.parameters(), lr=1e-2, **({"momentum": 0.9} if optimizer is torch.optim.SGD else {}))
+    detector = ShapeDetector({(O_, I_), (I_, O_)}, {O_ * I_})
+    with detector:
+        for step in range(3):
+            x = randn(B_ + step % 2, N_, I_, seed=step)  # a batch-size change on the way
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        model(x)
+    assert detector.ops > 100  # the detector did see the step
+    assert int(model[2].step) == 3
+    assert detector.hits == []
+
+
+@pytest.mark.parametrize("mode", ["activations-only", "reference"])
+def test_shape_detector_catches_a_dense_weight(mode):
+    layer = WASILinear.from_module(dense_linear(I_, O_, seed=21), WASIConfig(rank=4, activation_rank=(2, 3, 6),
+                                                                            mode=mode))
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    detector = ShapeDetector({(O_, I_), (I_, O_)}, {O_ * I_})
+    with detector:
+        layer(randn(B_, N_, I_)).square().mean().backward()
+        opt.step()
+    assert any("mm" in op for op, _ in detector.hits)  # the dense weight gradient
+
+
+# ---------------------------------------------------------------------------- shapes and dtypes
+def test_variable_batch_and_sequence_length_restart_the_bases():
+    layer = _layer(12, 10, rank=4, activation_rank=(2, 3, 5))
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    shapes = [(4, 6, 12), (4, 6, 12), (3, 6, 12), (3, 9, 12), (1, 2, 12), (5, 7, 12), (5, 7, 12)]
+    for step, shape in enumerate(shapes):
+        warm = step > 0 and shapes[step - 1] == shape
+        previous = _bases(layer, 3)
+        y, _ = _train_step(layer, randn(*shape, seed=step), seed=step)
+        opt.step()
+        opt.zero_grad()
+        ranks = [min(r, d, 0 + (shape[0] * shape[1] * shape[2]) // d) for r, d in zip((2, 3, 5), shape)]
+        assert [tuple(b.shape) for b in _bases(layer, 3)] == [(d, r) for d, r in zip(shape, ranks)]
+        assert layer.last_activation_ranks == tuple(ranks)
+        assert y.shape == (*shape[:2], 10)
+        for p in layer.parameters():
+            assert bool(torch.isfinite(p).all())
+        if warm:  # the feature basis is warm-started: close to the previous one
+            overlap = torch.linalg.matrix_norm(previous[2].T @ _bases(layer, 3)[2])
+            assert overlap > 0.9 * 5**0.5
+
+
+def test_input_dimensionality_can_change_between_steps():
+    layer = _layer(12, 10, rank=4, activation_eps=0.9)
+    for step, shape in enumerate([(8, 12), (2, 4, 12), (2, 2, 3, 12), (8, 12)]):
+        _train_step(layer, randn(*shape, seed=step), seed=step)
+        assert len(layer.last_activation_ranks) == len(shape)
+        for n, d in enumerate(shape):
+            assert getattr(layer, f"basis_{n}").shape[0] == d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_forward_backward_is_finite(mode, dtype):
+    reference = _layer(16, 12, rank=4, activation_rank=(2, 4, 8), mode=mode, seed=22)
+    layer = copy.deepcopy(reference).to(dtype)
+    x = randn(3, 6, 16, seed=23)
+    xr = x.to(dtype).requires_grad_()
+    for step in range(2):
+        layer.zero_grad()
+        y = layer(xr)
+        assert y.dtype == dtype
+        y.float().square().sum().backward()
+        for p in layer.parameters():
+            assert p.grad is not None and p.grad.dtype == dtype and bool(torch.isfinite(p.grad).all())
+        assert xr.grad.dtype == dtype and bool(torch.isfinite(xr.grad).all())
+    y32 = reference(x)
+    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
+
+
+def test_a_training_step_leaves_the_global_rng_alone():
+    layer = _layer(12, 10, rank=4, activation_rank=(2, 3, 5))
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for step, shape in enumerate([(4, 6, 12), (4, 6, 12), (3, 6, 12)]):  # cold, warm, cold
+        x = randn(*shape, seed=step)
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_same_seed_gives_identical_layers_and_another_seed_differs():
+    lin = dense_linear(12, 10, seed=24)
+    config = WASIConfig(rank=4, activation_rank=(2, 3, 5))
+    a, b, c = (WASILinear.from_module(copy.deepcopy(lin), config, seed=s) for s in (5, 5, 6))
+    for step in range(3):
+        x = randn(4, 6, 12, seed=step)
+        for index, layer in enumerate((a, b, c)):
+            torch.manual_seed(step * 10 + index)  # a different global RNG state for each: must not matter
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+        for name, p in a.named_parameters():
+            assert torch.equal(p.grad, dict(b.named_parameters())[name].grad), name
+        assert all(torch.equal(u, v) for u, v in zip(_bases(a, 3), _bases(b, 3)))
+    assert not torch.allclose(a.basis_0, c.basis_0)  # the cold start depends on the seed
+
+
+# ---------------------------------------------------------------------------- eval / no_grad
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["eval", "no_grad"])
+def test_eval_and_no_grad_do_no_compression(mode, how):
+    layer = _layer(12, 10, dtype=D, rank=4, activation_rank=(2, 3, 5), mode=mode)
+    _train_step(layer, randn(4, 6, 12, seed=25, dtype=D))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = randn(7, 3, 12, seed=26, dtype=D)  # another shape: a compression would resize the bases
+    if how == "eval":
+        layer.eval()
+        y = layer(x)
+    else:
+        with torch.no_grad():
+            y = layer(x)
+    after = layer.state_dict()
+    for key, value in state.items():
+        assert torch.equal(after[key], value), key
+    assert int(layer.step) == 1
+    w = layer.left @ layer.right if layer.left is not None else layer.weight
+    torch.testing.assert_close(y, x @ w.T + layer.bias, atol=1e-12, rtol=0)
+
+
+def test_eval_forward_is_the_low_rank_product_without_a_dense_weight():
+    layer = _layer(I_, O_, rank=4).eval()
+    detector = ShapeDetector({(O_, I_), (I_, O_)}, {O_ * I_})
+    with detector:
+        layer(randn(B_, N_, I_))
+    assert detector.hits == []
+
+
+# ---------------------------------------------------------------------------- errors and repr
+def test_wrong_feature_size_is_named():
+    layer = _layer(12, 10, rank=4)
+    for train in (True, False):
+        layer.train(train)
+        with pytest.raises(ValueError, match=r"input has 11 features.*expects 12"):
+            layer(torch.randn(2, 3, 11))
+
+
+def test_training_input_dims_and_empty_inputs_are_rejected():
+    layer = _layer(12, 10, rank=4)
+    with pytest.raises(ValueError, match="2 to 4 dims"):
+        layer(torch.randn(2, 2, 2, 2, 12))
+    with pytest.raises(ValueError, match="2 to 4 dims"):
+        layer(torch.randn(12))
+    with pytest.raises(ValueError, match="empty input"):
+        layer(torch.randn(0, 3, 12))
+
+
+def test_rank_larger_than_the_layer_is_rejected():
+    with pytest.raises(ValueError, match=r"rank 11 is larger than the layer allows, min\(O, I\) = 10"):
+        WASILinear.from_module(dense_linear(12, 10), WASIConfig(rank=11))
+    with pytest.raises(ValueError, match="rank 11"):
+        WASILinear.from_module(dense_linear(12, 10), WASIConfig(), rank=11)
+
+
+def test_unsupported_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"cannot wrap Conv2d: supported layers are torch\.nn\.Linear"):
+        WASILinear.from_module(nn.Conv2d(3, 4, 3), WASIConfig())
+
+
+def test_from_module_reuses_bias_and_dense_weight_and_freezing():
+    lin = dense_linear(12, 10)
+    layer = WASILinear.from_module(lin, WASIConfig(mode="activations-only"))
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    frozen = dense_linear(12, 10)
+    frozen.weight.requires_grad_(False)
+    layer = WASILinear.from_module(frozen, WASIConfig(rank=3))
+    assert not layer.left.requires_grad and not layer.right.requires_grad
+
+
+def test_extra_repr_tells_rank_mode_and_eps():
+    text = repr(_layer(12, 10, eps=0.7, activation_rank=(2, 3, 4)))
+    for part in ("in_features=12", "out_features=10", "rank=", "mode=factored", "eps=0.7",
+                 "activation_rank=(2, 3, 4)", "bias=True"):
+        assert part in text, part
+
+
+def test_every_state_that_affects_the_numbers_is_in_the_state_dict():
+    layer = _layer(12, 10, rank=4, activation_eps=0.8)
+    _train_step(layer, randn(4, 6, 12))
+    keys = set(layer.state_dict())
+    assert {"left", "right", "bias", "seed", "step", "backward_seen", "activation_ranks",
+            "basis_0", "basis_1", "basis_2", "basis_3"} <= keys
+    assert int(layer.step) == 1 and layer.activation_ranks[:3].gt(0).all() and layer.activation_ranks[3] == 0
