@@ -24,8 +24,7 @@ def _final_model(out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["wasi", "vanilla"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, method):
-    # SGD: Adam's normalisation would magnify last-bit differences of near-zero gradients
-    run = dict(method=method, optimizer="sgd", lr=0.05)
+    run = dict(method=method)
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
     original = Run._train_step
@@ -44,14 +43,8 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, method):
 
     straight, resumed = _final_model(tmp_path / "straight"), _final_model(tmp_path / "cut")
     assert straight.keys() == resumed.keys()
-    # CPU BLAS kernels round differently with the memory alignment of their operands, so a
-    # resumed process can differ from an uninterrupted one in the last bits, never more
     for key in straight:
-        assert straight[key].shape == resumed[key].shape, key
-        if straight[key].is_floating_point():
-            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-5, msg=key)
-        else:
-            assert torch.equal(straight[key], resumed[key]), key
+        assert torch.equal(straight[key], resumed[key]), key
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r["type"] == "train"]
     assert train_steps == [4, 8, 12]  # logged once each: the interrupted run's extras were dropped
