@@ -185,8 +185,9 @@ class Run:
         dataset = load_dataset(s.data, cache_dir=s.cache_dir)
         self.classes = list(dataset.classes)
         train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
+        _import_libraries(s.method)
         self.meter = PeakMemory(self.device)
-        self.meter.reset()  # the baseline: data loaded, no model yet
+        self.meter.reset()  # the baseline: data loaded, libraries imported, no model yet
         bundle = build_model(s.model, num_classes=len(self.classes), arch=s.arch)
         if bundle.kind != dataset.kind:
             raise RunError(f"model {s.model!r} takes {bundle.kind} inputs but data {s.data!r} is {dataset.kind}")
@@ -485,6 +486,17 @@ class Run:
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def _import_libraries(method: str) -> None:
+    # imported before the baseline, so a method is not charged for loading its library's code
+    import transformers  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
+    if method == "lora":
+        import peft  # noqa: F401
+    elif method == "galore":
+        import galore_torch  # noqa: F401
 
 
 def _as_tuple(value):
