@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="train a ViT from scratch (dense) and save it for `wasi train --model DIR`")
     _add_run_arguments(pretrain, with_method=False)
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    from wasi.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,149 @@
+"""``wasi bench``: the subcommand's arguments and its handler (no measuring in here)."""
+
+from __future__ import annotations
+
+import argparse
+
+from wasi.bench.settings import QUICK, BenchSettings
+from wasi.training.methods import METHODS
+
+_INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
+         "galore_rank", "max_length", "inference_batches", "threads")
+_FLOATS = ("lr", "spectrum_decay", "timeout")
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``wasi`` command's subparsers; returns its parser.
+
+    The parser's ``func`` default is :func:`cmd_bench`, which returns an exit code and raises
+    ``wasi.cli.UsageError`` listing every configuration error at once.
+    """
+    parser = subparsers.add_parser(
+        "bench", help="measure every method side by side (memory, time, accuracy), one process per run",
+        description="Run each (method, eps) in a fresh process on the same model, data, batch and seed, "
+                    "interleaved over repeats; write results.json, results.md and plots to --out.",
+    )
+    parser.add_argument("--model", default=None, help="as for `wasi train` (--quick: vit-micro)")
+    parser.add_argument("--data", default=None,
+                        help="synthetic (random inputs, no accuracy) or a `wasi train` dataset "
+                             "(--quick: synthetic)")
+    parser.add_argument("--out", required=True, help="output folder: results.json, results.md, *.png, runs/")
+    parser.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(METHODS)}")
+    parser.add_argument("--eps", default=None,
+                        help="comma-separated energy thresholds of the WASI methods "
+                             "(default 0.4,0.6,0.8,0.9)")
+    parser.add_argument("--target", default=None,
+                        help="layers to adapt: mlp (default), attention, all-linear")
+    parser.add_argument("--batch-size", default=None, help="default 32")
+    parser.add_argument("--steps", default=None,
+                        help="training steps per run (default 20; the first 2 are warm-up)")
+    parser.add_argument("--repeats", default=None,
+                        help="interleaved repeats; medians are reported (default 3)")
+    parser.add_argument("--train-epochs", default=None,
+                        help="also train each method this many epochs (first repeat) for its test accuracy")
+    parser.add_argument("--rank", default=None,
+                        help="explicit weight rank of every WASI layer (instead of eps)")
+    parser.add_argument("--activation-rank", default=None,
+                        help="explicit Tucker rank per mode (instead of eps)")
+    parser.add_argument("--lora-rank", default=None, help="default 8")
+    parser.add_argument("--galore-rank", default=None, help="default 64")
+    parser.add_argument("--optimizer", default=None, help="adamw (default) or sgd")
+    parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
+    parser.add_argument("--seed", default=None, help="default 0")
+    parser.add_argument("--max-length", default=None, help="tokens per text (default 128)")
+    parser.add_argument("--spectrum-decay", default=None,
+                        help="power-law exponent given to a randomly initialised model's linear weights "
+                             "(default 0.5; 0 keeps the flat random spectrum)")
+    parser.add_argument("--inference-batches", default=None,
+                        help="timed inference batches per run (default 5)")
+    parser.add_argument("--threads", default=None, help="torch threads in each run (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
+    parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
+    parser.add_argument("--cache-dir", default=None, help="dataset cache")
+    parser.add_argument("--timeout", default=None, help="seconds one run may take (default 3600)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny preset: vit-micro, synthetic data, 5 steps, 1 repeat, every method, "
+                             "eps 0.5,0.9 (under a minute on 2 CPU cores)")
+    parser.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    # the invocation, rebuilt from what was given (sys.argv is not ours when called as a library)
+    words = ["wasi", "bench"]
+    for name, value in vars(args).items():
+        if name in ("func", "command") or value is None or value is False:
+            continue
+        words += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return words
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Build and validate the settings; every problem is reported together.
+
+    Raises:
+        wasi.cli.UsageError: one or more invalid arguments.
+    """
+    from wasi.cli import UsageError
+
+    errors: list[str] = []
+    values: dict = dict(QUICK) if args.quick else {}
+    for name in _INTS + _FLOATS:
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        try:
+            values[name] = int(raw) if name in _INTS else float(raw)
+        except ValueError:
+            kind = "an integer" if name in _INTS else "a number"
+            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
+    if "timeout" in values:
+        values["timeout_s"] = values.pop("timeout")
+    if args.eps is not None:
+        try:
+            values["eps"] = tuple(float(e) for e in args.eps.split(",") if e.strip())
+        except ValueError:
+            errors.append(f"--eps {args.eps!r}: must be comma-separated numbers")
+    if args.methods is not None:
+        values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for name in ("model", "data"):
+        if name not in values:
+            errors.append(f"--{name} is required (or use --quick)")
+            values[name] = "?"
+    if "device" not in values:
+        import torch
+
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = BenchSettings(out=args.out, quick=args.quick, command=_command_line(args), **values)
+    if errors:  # missing model/data would only repeat themselves below
+        errors += [e for e in settings.validate() if not e.startswith(("--model '?'", "--data '?'"))]
+    else:
+        errors += settings.validate()
+    if errors:
+        raise UsageError("\n  ".join(["invalid arguments:", *errors]))
+    return settings
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The ``bench`` handler: validate, run every measurement, write the report.
+
+    Returns:
+        0 when every run succeeded, 1 when some failed (they are listed in results.md).
+
+    Raises:
+        wasi.cli.UsageError: invalid arguments, or an output folder that cannot be written.
+    """
+    from wasi.bench.runner import run_bench
+    from wasi.cli import UsageError
+
+    settings = settings_from_args(args)
+    try:
+        result = run_bench(settings)
+    except OSError as err:
+        raise UsageError(f"--out {settings.out!r}: {err.strerror or err}") from None
+    except KeyboardInterrupt:
+        return 130
+    return 0 if not result["failed"] else 1

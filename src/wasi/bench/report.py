@@ -1,0 +1,240 @@
+"""A benchmark's report: medians over repeats, ratios to vanilla, results.json/.md and plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from wasi.bench.runner import run_name
+
+# measured fields whose median over repeats is reported
+MEDIAN_FIELDS = (
+    "peak_memory_mb", "setup_peak_mb", "train_peak_mb", "weights_mb", "buffers_mb", "gradients_mb",
+    "optimizer_state_mb", "saved_activation_mb", "other_mb", "train_step_s_median", "inference_ms_per_batch",
+    "inference_ms_per_sample", "test_accuracy", "best_val_accuracy", "loss_last",
+)
+# ratio = method / vanilla, lower is better for every one
+RATIO_FIELDS = ("peak_memory_mb", "train_peak_mb", "saved_activation_mb", "train_step_s_median",
+                "inference_ms_per_sample")
+BREAKDOWN = (("weights_mb", "weights"), ("buffers_mb", "buffers"), ("gradients_mb", "gradients"),
+             ("optimizer_state_mb", "optimizer state"), ("saved_activation_mb", "saved activations"),
+             ("other_mb", "other: peak - sum of the others"))
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: list[dict], pairs: list[tuple[str, float | None]]) -> list[dict]:
+    """One row per (method, eps): medians over the successful repeats and ratios to vanilla.
+
+    Args:
+        records: the worker records of every repeat.
+        pairs: the (method, eps) pairs, in report order.
+
+    Returns:
+        Rows with ``method``, ``eps``, ``repeats_ok``, ``errors``, the median of every
+        ``MEDIAN_FIELDS`` entry, ``ratio_to_vanilla`` (method median / vanilla median, None
+        without a vanilla run), ``analytic`` (WASI methods, from the first successful repeat;
+        ``analytic_ratio`` = WASI / dense of the wrapped layers) and ``layers``.
+    """
+    rows = []
+    for method, eps in pairs:
+        mine = [r for r in records if r["method"] == method and r["eps"] == eps]
+        ok = [r for r in mine if not r.get("error")]
+        row = {"method": method, "eps": eps, "name": run_name(method, eps), "repeats_ok": len(ok),
+               "errors": [r["error"] for r in mine if r.get("error")]}
+        for key in MEDIAN_FIELDS:
+            row[key] = _median([r.get(key) for r in ok])
+        first = ok[0] if ok else {}
+        row["analytic"] = first.get("analytic")
+        ratio = (row["analytic"] or {}).get("memory_ratio")
+        row["analytic_ratio"] = 1 / ratio if ratio else None
+        row["layers"] = first.get("layers")
+        row["trainable_params"] = first.get("trainable_params")
+        rows.append(row)
+    vanilla = next((r for r in rows if r["method"] == "vanilla" and r["repeats_ok"]), None)
+    for row in rows:
+        row["ratio_to_vanilla"] = {
+            key: (row[key] / vanilla[key] if vanilla and row[key] is not None and vanilla[key] else None)
+            for key in RATIO_FIELDS
+        }
+    return rows
+
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(results: dict) -> str:
+    """The results.md text: settings, the table of medians, ranks, failures."""
+    s = results["settings"]
+    v, m = results["versions"], results["machine"]
+    rows = results["summary"]
+    lines = [
+        "# wasi bench", "",
+        f"`{results['command']}`", "",
+        f"- model `{s['model']}`, data `{s['data']}`, batch {s['batch_size']}, {s['steps']} steps "
+        f"(median step time skips {min(2, s['steps'] - 1)} warm-up), target `{s['target']}`, optimizer "
+        f"{s['optimizer']} lr {s['lr']:g}, seed {s['seed']}, device {s['device']}",
+        f"- {results['repeats']} interleaved repeat(s), each run in a fresh process; medians over repeats; "
+        "ratios are method / vanilla of this benchmark (lower is better)",
+        f"- torch {v['torch']}, wasi {v['wasi']}, python {v['python']}; {m['platform']}, "
+        f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
+        + (f", {m['cuda']}" if m.get("cuda") else ""),
+        "- measured peak: process peak above the baseline taken after the data is loaded and before the "
+        "model is built (CPU: VmHWM; CUDA: max_memory_allocated). `train-phase peak` re-arms the peak after "
+        "the model, method and optimizer are set up (same baseline). Analytic = the paper-style count "
+        "(weights + saved inputs of the wrapped layers only), WASI / dense.",
+    ]
+    if s["data"] == "synthetic" and s["spectrum_decay"] > 0:
+        lines.append("- synthetic data; a randomly initialised model's linear weights get a power-law "
+                     f"spectrum s_j ~ j^-{s['spectrum_decay']:g} (same Frobenius norm), see "
+                     "`wasi.bench.synthetic`")
+    lines += ["", "| method | eps | peak MB | ÷ vanilla | train-phase peak MB | ÷ vanilla | saved act MB | "
+              "÷ vanilla | step s | ÷ vanilla | inference ms/sample | ÷ vanilla | test acc | "
+              "analytic ÷ dense |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r["ratio_to_vanilla"]
+        if not r["repeats_ok"]:
+            lines.append(f"| {r['method']} | {_fmt(r['eps'], 'g')} | failed |" + " |" * 11)
+            continue
+        lines.append(
+            f"| {r['method']} | {_fmt(r['eps'], 'g')} | {_fmt(r['peak_memory_mb'])} | "
+            f"{_fmt(q['peak_memory_mb'], '.2f', 'x')} | {_fmt(r['train_peak_mb'])} | "
+            f"{_fmt(q['train_peak_mb'], '.2f', 'x')} | {_fmt(r['saved_activation_mb'], '.2f')} | "
+            f"{_fmt(q['saved_activation_mb'], '.3f', 'x')} | {_fmt(r['train_step_s_median'], '.4f')} | "
+            f"{_fmt(q['train_step_s_median'], '.2f', 'x')} | {_fmt(r['inference_ms_per_sample'], '.3f')} | "
+            f"{_fmt(q['inference_ms_per_sample'], '.2f', 'x')} | {_fmt(r['test_accuracy'], '.4f')} | "
+            f"{_fmt(r['analytic_ratio'], '.3f', 'x')} |"
+        )
+    lines += ["", "## Memory breakdown (MB, medians)", "",
+              "Sizes of what a step holds; they are not all alive at once (saved activations are freed "
+              "during backward while gradients appear; optimizer state is created at the first step), so "
+              "`other` = train-phase peak - the rest is negative when they do not coexist and positive for "
+              "temporaries (optimizer and clipping workspaces, allocator slack).", "",
+              "| method | eps | weights | buffers | gradients | optimizer state | saved activations | "
+              "other | train-phase peak |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["repeats_ok"]:
+            lines.append(f"| {r['method']} | {_fmt(r['eps'], 'g')} | "
+                         + " | ".join(_fmt(r[k]) for k, _ in BREAKDOWN) + f" | {_fmt(r['train_peak_mb'])} |")
+    analytic = [r for r in rows if r["analytic"]]
+    if analytic:
+        lines += ["", "## Analytic accounting of the wrapped layers (paper-style, not measured)", "",
+                  "| method | eps | weights MB dense → WASI | saved inputs MB dense → WASI | "
+                  "fwd GFLOPs dense → WASI | bwd GFLOPs dense → WASI | inference GFLOPs dense → WASI |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in analytic:
+            a = r["analytic"]
+            lines.append(
+                f"| {r['method']} | {_fmt(r['eps'], 'g')} | "
+                f"{a['weight_dense_mb']:.1f} → {a['weight_wasi_mb']:.1f} | "
+                f"{a['activation_dense_mb']:.2f} → {a['activation_wasi_mb']:.2f} | "
+                + " | ".join(f"{a[f'{k}_gflops_dense']:.2f} → {a[f'{k}_gflops_wasi']:.2f}"
+                             for k in ("forward", "backward", "inference")) + " |"
+            )
+    lines += _rank_tables(rows)
+    failures = [(r["name"], e) for r in rows for e in r["errors"]]
+    if failures:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{name}`: {error.splitlines()[0]}" for name, error in failures]
+    plots = results.get("plots") or []
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _rank_tables(rows: list[dict]) -> list[str]:
+    lines = []
+    for eps in sorted({r["eps"] for r in rows if r["layers"]}):
+        with_layers = [r for r in rows if r["eps"] == eps and r["layers"]]
+        lines += ["", f"## Ranks at eps {eps:g} (weight rank k; activation Tucker ranks)", "",
+                  "| layer | shape (O, I) | " + " | ".join(r["method"] for r in with_layers) + " |",
+                  "|---|---|" + "---|" * len(with_layers)]
+        for i, layer in enumerate(with_layers[0]["layers"]):
+            cells = []
+            for r in with_layers:
+                x = r["layers"][i]
+                k = "dense" if x["rank"] is None else f"k={x['rank']}"
+                act = "exact" if not x["activation_ranks"] else "x".join(map(str, x["activation_ranks"]))
+                cells.append(f"{k}; {act}")
+            shape = f"({layer['shape'][0]}, {layer['shape'][1]})"
+            lines.append(f"| {layer['name']} | {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    """Write the PNG plots into ``out``; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["summary"] if r["repeats_ok"]]
+    if not rows:
+        return []
+    names = [r["name"] for r in rows]
+    written = []
+    width = max(6.0, 0.55 * len(rows) + 2)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(2 * width, 4.5))
+    for ax, key, label in ((ax1, "train_step_s_median", "training step (s, median)"),
+                           (ax2, "inference_ms_per_sample", "inference (ms per sample, median)")):
+        ax.bar(range(len(rows)), [r[key] or 0 for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(out / "time.png", dpi=100)
+    plt.close(fig)
+    written.append("time.png")
+
+    fig, ax = plt.subplots(figsize=(width, 5))
+    bottom = [0.0] * len(rows)
+    for key, label in BREAKDOWN:
+        values = [max(0.0, r[key] or 0.0) for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.plot(range(len(rows)), [r["peak_memory_mb"] or 0 for r in rows], "k_", markersize=18,
+            label="whole-run peak")
+    ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("MB above baseline")
+    ax.set_title("what a step holds (not all alive at once) vs the measured peak")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=100)
+    plt.close(fig)
+    written.append("memory.png")
+
+    scored = [r for r in rows if r["test_accuracy"] is not None]
+    if scored:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        points = sorted((r["peak_memory_mb"], r["test_accuracy"], r["name"]) for r in scored)
+        for x, y, name in points:
+            ax.scatter(x, y)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front, best = [], -1.0
+        for x, y, _ in points:  # the Pareto front: no cheaper run is as accurate
+            if y > best:
+                front.append((x, y))
+                best = y
+        ax.plot(*zip(*front), "k--", linewidth=0.8, label="Pareto front")
+        ax.set(xlabel="measured peak memory (MB)", ylabel="test accuracy", title="accuracy vs memory")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=100)
+        plt.close(fig)
+        written.append("pareto.png")
+    return written
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    """Write results.json, the plots and results.md into ``out``; returns the paths."""
+    results["plots"] = plot(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return [out / "results.json", out / "results.md", *(out / p for p in results["plots"])]

@@ -1,0 +1,137 @@
+"""The settings of a benchmark: typed, validated all at once, with the ``--quick`` preset."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from wasi.training.methods import METHODS, WASI_MODES
+
+DEFAULT_EPS = (0.4, 0.6, 0.8, 0.9)
+TARGETS = ("mlp", "attention", "all-linear")
+DEVICES = ("cpu", "cuda")
+
+# ``--quick``: a tiny model, few steps, one repeat, every method: about a minute on 2 CPU cores
+QUICK = {
+    "model": "vit-micro",
+    "data": "synthetic",
+    "eps": (0.5, 0.9),
+    "batch_size": 32,
+    "steps": 5,
+    "repeats": 1,
+    "inference_batches": 3,
+}
+
+
+@dataclass
+class BenchSettings:
+    """Everything a benchmark depends on. ``validate`` lists every problem at once."""
+
+    model: str
+    data: str
+    out: str
+    methods: tuple[str, ...] = METHODS
+    eps: tuple[float, ...] = DEFAULT_EPS
+    target: str = "mlp"
+    batch_size: int = 32
+    steps: int = 20
+    repeats: int = 3
+    train_epochs: int | None = None
+    seed: int = 0
+    optimizer: str = "adamw"
+    lr: float | None = None
+    rank: int | None = None
+    activation_rank: int | None = None
+    lora_rank: int = 8
+    galore_rank: int = 64
+    max_length: int = 128
+    spectrum_decay: float = 0.5
+    inference_batches: int = 5
+    threads: int | None = None
+    device: str = "cpu"
+    arch: str | None = None
+    cache_dir: str | None = None
+    timeout_s: float = 3600.0
+    quick: bool = False
+    command: list[str] = field(default_factory=list)
+
+    def validate(self) -> list[str]:
+        from wasi.training.loop import DATA_NAMES, DEFAULT_LR
+        from wasi.training.models import MODEL_NAMES
+
+        from wasi.bench.synthetic import SYNTHETIC
+
+        errors = []
+        if self.model not in MODEL_NAMES and not Path(self.model).exists():
+            errors.append(f"--model {self.model!r}: not one of {list(MODEL_NAMES)} nor an existing path")
+        if self.data not in (SYNTHETIC, *DATA_NAMES) and not Path(self.data).exists():
+            errors.append(
+                f"--data {self.data!r}: not one of {[SYNTHETIC, *DATA_NAMES]} nor an existing folder or file"
+            )
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            errors.append(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        if not self.methods:
+            errors.append("--methods: give at least one method")
+        if len(set(self.methods)) != len(self.methods):
+            errors.append(f"--methods {','.join(self.methods)}: a method is listed twice")
+        bad_eps = [e for e in self.eps if math.isnan(e) or not 0 < e <= 1]
+        if bad_eps:
+            errors.append(f"--eps {bad_eps}: every value must be in (0, 1]")
+        if not self.eps and any(m in WASI_MODES for m in self.methods):
+            errors.append("--eps: give at least one value for the WASI methods")
+        if self.target not in TARGETS:
+            errors.append(f"--target {self.target!r}: choose one of {list(TARGETS)}")
+        for name in ("batch_size", "steps", "repeats", "lora_rank", "galore_rank", "max_length",
+                     "inference_batches"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        for name in ("train_epochs", "rank", "activation_rank", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+        if self.seed < 0:
+            errors.append(f"--seed {self.seed}: must be non-negative")
+        if self.optimizer not in DEFAULT_LR:
+            errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
+        elif "galore" in self.methods and self.optimizer != "adamw":
+            errors.append("--methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
+        if self.lr is not None and (math.isnan(self.lr) or self.lr <= 0):
+            errors.append(f"--lr {self.lr}: must be positive")
+        if math.isnan(self.spectrum_decay) or self.spectrum_decay < 0:
+            errors.append(
+                f"--spectrum-decay {self.spectrum_decay}: must be >= 0 (0 keeps the random weights)"
+            )
+        if self.train_epochs is not None and self.data == SYNTHETIC:
+            errors.append("--train-epochs needs a real dataset: synthetic data has no test accuracy")
+        if self.device.split(":")[0] not in DEVICES:
+            errors.append(f"--device {self.device!r}: choose cpu or cuda")
+        elif self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                errors.append(f"--device {self.device}: CUDA is not available on this machine")
+        if not self.timeout_s > 0:
+            errors.append(f"--timeout {self.timeout_s}: must be positive seconds")
+        return errors
+
+    @property
+    def learning_rate(self) -> float:
+        from wasi.training.loop import DEFAULT_LR
+
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-4)
+
+    def runs(self) -> list[tuple[str, float | None]]:
+        """The (method, eps) pairs of one repeat: eps only varies the WASI methods."""
+        pairs: list[tuple[str, float | None]] = []
+        for method in self.methods:
+            pairs += [(method, e) for e in self.eps] if method in WASI_MODES else [(method, None)]
+        return pairs
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["methods"] = list(self.methods)
+        data["eps"] = list(self.eps)
+        data["lr"] = self.learning_rate
+        return data

@@ -1,0 +1,351 @@
+"""One benchmark run, in its own process: ``python -m wasi.bench.worker SPEC.json RECORD.json``.
+
+The process prepares the data, sets the memory baseline, then builds the model, applies the
+method, trains ``steps`` steps on fixed batches and writes one JSON record: the measured
+process peak and its breakdown, step and inference times, and (WASI methods) the analytic,
+paper-style accounting, kept in its own field. Failures are recorded, never raised: the
+record's ``error`` says what went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MB = 2**20
+
+
+def _tensor_bytes(objects: Any, seen: set[int]) -> int:
+    # walk optimizer state: tensors, containers, and objects holding tensors (GaLore's projector)
+    if isinstance(objects, torch.Tensor):
+        storage = objects.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(objects, dict):
+        return sum(_tensor_bytes(v, seen) for v in objects.values())
+    if isinstance(objects, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in objects)
+    if hasattr(objects, "__dict__") and not isinstance(objects, type):
+        return sum(_tensor_bytes(v, seen) for v in vars(objects).values())
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors the optimizer keeps (moments, projectors), each storage once."""
+    return _tensor_bytes(list(optimizer.state.values()), set())
+
+
+def warm_up(spec: dict) -> None:
+    """Run the method twice on a throwaway tiny ViT, before the baseline.
+
+    Libraries and kernels load lazily on first use (peft, galore_torch, the ``torch._dynamo``
+    that an optimizer's first step imports: about 70 MB resident, LAPACK for the SVD and QR,
+    the oneDNN primitives): loaded here, their code stays out of the measured peak.
+    """
+    from wasi.models import build_vit
+    from wasi.training.loop import GRAD_CLIP
+    from wasi.training.methods import MethodOptions, apply_method, build_optimizer
+
+    method = spec["method"]
+    state = torch.get_rng_state()
+    model = build_vit("vit-micro", num_classes=4, channels=3)
+    options = MethodOptions(eps=0.8, target=spec["target"], lora_rank=2, galore_rank=2, seed=0)
+    model = apply_method(model, method, options, head="head")
+    optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    torch.set_rng_state(state)
+
+
+def _real_batches(spec: dict, inputs, count: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    from wasi.data import load_dataset, split_stratified
+    from wasi.training.loop import _batch, _make_split
+    from wasi.training.models import ModelBundle
+
+    dataset = load_dataset(spec["data"], cache_dir=spec.get("cache_dir"))
+    if dataset.kind != inputs.kind:
+        raise ValueError(
+            f"model {spec['model']!r} takes {inputs.kind} inputs but data {spec['data']!r} is {dataset.kind}"
+        )
+    train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=spec["seed"])
+    shape_only = ModelBundle(None, inputs.kind, tokenizer=inputs.tokenizer, image_size=inputs.image_size,
+                             channels=inputs.channels)
+    split = _make_split(train, shape_only, spec["max_length"])
+    order = torch.randperm(split.size, generator=torch.Generator().manual_seed(spec["seed"]))
+    bs = spec["batch_size"]
+    pad = inputs.tokenizer.pad_token_id if inputs.tokenizer is not None else 0
+    batches = []
+    for b in range(count):
+        idx = order[(b * bs) % split.size:][:bs]
+        if len(idx) < bs:  # a small dataset: wrap around
+            idx = torch.cat([idx, order[: bs - len(idx)]])
+        batches.append(_batch(split, idx, pad, torch.device("cpu")))
+    return batches, len(dataset.classes)
+
+
+def _layer_ranks(model: torch.nn.Module) -> list[dict]:
+    from wasi.convert import wasi_layers
+
+    return [
+        {"name": name, "shape": [layer.out_features, layer.in_features], "rank": layer.rank,
+         "activation_ranks": list(layer.last_activation_ranks) if layer.last_activation_ranks else None,
+         "input_shape": list(layer.last_input_shape) if layer.last_input_shape else None}
+        for name, layer in wasi_layers(model)
+    ]
+
+
+def _analytic(model: torch.nn.Module) -> dict:
+    from wasi.memory import summary
+
+    table = summary(model)
+    totals = table.totals()
+    size = table.bytes_per_element
+    out = {f"{key}_mb": totals[key] * size / MB
+           for key in ("weight_dense", "weight_wasi", "activation_dense", "activation_wasi")}
+    out["memory_ratio"] = totals["memory_ratio"]  # dense / WASI, weights + saved inputs of the wrapped layers
+    for key in ("forward", "backward", "inference"):
+        out[f"{key}_gflops_dense"] = totals[f"{key}_flops_dense"] / 1e9
+        out[f"{key}_gflops_wasi"] = totals[f"{key}_flops_wasi"] / 1e9
+    return out
+
+
+def measure(spec: dict) -> dict:
+    """Run one (method, eps) measurement as ``spec`` describes; returns the record.
+
+    Args:
+        spec: the settings of the run (see ``wasi.bench.runner.worker_spec``).
+
+    Returns:
+        The record; its ``error`` is set, and the measurements missing, when the run failed.
+    """
+    from wasi.bench.synthetic import (
+        SYNTHETIC, SYNTHETIC_CLASSES, decay_spectrum, input_spec, synthetic_batches,
+    )
+    from wasi.memory import count_saved_tensors
+    from wasi.models import VIT_PRESETS
+    from wasi.training.loop import GRAD_CLIP
+    from wasi.training.measure import PeakMemory, median
+    from wasi.training.methods import WASI_MODES, MethodOptions, apply_method, build_optimizer, target_layers
+    from wasi.training.models import build_model
+
+    wall = time.perf_counter()
+    method, steps, bs = spec["method"], spec["steps"], spec["batch_size"]
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    warm_up(spec)
+    torch.manual_seed(spec["seed"])
+
+    # ---- data first: the baseline excludes it
+    inputs = input_spec(spec["model"], spec.get("arch"))
+    count = max(1, min(steps, 4))
+    if spec["data"] == SYNTHETIC:
+        batches = synthetic_batches(inputs, batch_size=bs, count=count, seed=spec["seed"],
+                                    max_length=spec["max_length"])
+        num_classes = SYNTHETIC_CLASSES
+    else:
+        batches, num_classes = _real_batches(spec, inputs, count)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    meter = PeakMemory(device)
+    meter.reset()  # the baseline: libraries and data loaded, no model yet
+
+    # ---- model, method, optimizer
+    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"))
+    shaped = []
+    if spec["model"] in VIT_PRESETS and spec["spectrum_decay"] > 0:  # random weights only
+        shaped = decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"],
+                                skip=(bundle.head,))
+    ranks = None
+    if spec.get("rank") is not None and method in WASI_MODES:
+        ranks = {}
+        for path in target_layers(bundle.model, spec["target"]):
+            weight = bundle.model.get_submodule(path).weight
+            ranks[path] = min(spec["rank"], *weight.shape)
+    options = MethodOptions(eps=spec["eps"] if spec["eps"] is not None else 0.8,
+                            activation_rank=spec.get("activation_rank"), target=spec["target"],
+                            lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
+                            ranks=ranks)
+    model = apply_method(bundle.model, method, options, head=bundle.head).to(device)
+    bundle.model = model
+    optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    setup_peak = meter.peak_mb()
+
+    # ---- training steps: the peak from here on is the training phase's
+    phase = PeakMemory(device)
+    phase.reset()
+    offset = phase.baseline_mb - meter.baseline_mb
+    model.train()
+    times, losses = [], []
+    saved_bytes = grad_bytes = 0
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)  # no stale gradient lives through the forward
+        if step == 0:  # counted on the warm-up step, which the median skips
+            with count_saved_tensors(model) as counter:
+                loss = F.cross_entropy(bundle.logits(batch), batch["labels"])
+            saved_bytes = counter.bytes
+        else:
+            loss = F.cross_entropy(bundle.logits(batch), batch["labels"])
+        loss.backward()
+        if step == steps - 1:
+            grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
+        optimizer.step()
+        losses.append(loss.item())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    train_peak = phase.peak_mb() + offset
+    peak = max(setup_peak, train_peak)
+    warmup = min(2, steps - 1)
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    opt_state = optimizer_state_bytes(optimizer)
+    analytic = layers = None
+    if method in WASI_MODES:
+        analytic = _analytic(model)
+        layers = _layer_ranks(model)
+
+    # ---- inference: eval mode, no autograd, same batches
+    model.eval()
+    runs = spec["inference_batches"]
+    inf_times = []
+    with torch.no_grad():
+        bundle.logits(batches[0])  # warm-up
+        for i in range(runs):
+            batch = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            bundle.logits(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            inf_times.append(time.perf_counter() - t0)
+    ms_batch = 1000 * median(inf_times)
+
+    pieces = weights + buffers + grad_bytes + opt_state + saved_bytes
+    record = {
+        "peak_memory_mb": peak,
+        "setup_peak_mb": setup_peak,
+        "train_peak_mb": train_peak,
+        "baseline_mb": meter.baseline_mb,
+        "weights_mb": weights / MB,
+        "buffers_mb": buffers / MB,
+        "gradients_mb": grad_bytes / MB,
+        "optimizer_state_mb": opt_state / MB,
+        "saved_activation_mb": saved_bytes / MB,
+        "other_mb": train_peak - pieces / MB,  # temporaries, allocator slack, library workspaces
+        "train_step_s_median": median(times[warmup:]),
+        "train_step_s": times,
+        "warmup_steps": warmup,
+        "inference_ms_per_batch": ms_batch,
+        "inference_ms_per_sample": ms_batch / bs,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trainable_params": sum(p.numel() for p in trainable),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "spectrum_decayed_layers": len(shaped),
+        "analytic": analytic,
+        "layers": layers,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if not all(math.isfinite(v) for v in losses):
+        record["warning"] = f"non-finite loss {losses}"
+    del model, optimizer, bundle, batches
+    if spec.get("train_out"):
+        record.update(_train_for_accuracy(spec))
+    record["wall_s"] = time.perf_counter() - wall
+    return record
+
+
+def _train_for_accuracy(spec: dict) -> dict:
+    # the training loop on the real data: test accuracy for the Pareto plot
+    from wasi.models import VIT_PRESETS
+    from wasi.training.loop import TrainSettings, run_training
+
+    model = spec["model"]
+    out = Path(spec["train_out"])
+    if model in VIT_PRESETS and spec["spectrum_decay"] > 0:
+        model = str(_shaped_model_folder(spec, out.parent / f"{model}-spectrum"))
+    settings = TrainSettings(
+        model=model, data=spec["data"], out=str(out), method=spec["method"],
+        eps=spec["eps"] if spec["eps"] is not None else 0.8, activation_rank=spec.get("activation_rank"),
+        target=spec["target"], epochs=spec["train_epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+        optimizer=spec["optimizer"], seed=spec["seed"], max_length=spec["max_length"],
+        arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
+        galore_rank=spec["galore_rank"], device=spec["device"],
+    )
+    summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
+    return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],
+            "train_summary": str(out / "summary.json")}
+
+
+def _shaped_model_folder(spec: dict, folder: Path) -> Path:
+    # the same decayed-spectrum weights the measurement used, as a folder the loop loads
+    from wasi.bench.synthetic import decay_spectrum
+    from wasi.training.models import build_model, save_pretrained_vit
+
+    if not (folder / "model.safetensors").is_file():
+        bundle = build_model(spec["model"], num_classes=2)
+        decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"], skip=(bundle.head,))
+        tmp = folder.with_name(folder.name + f".tmp{id(bundle)}")
+        save_pretrained_vit(bundle.model, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another run wrote it first
+            pass
+    return folder
+
+
+def run(spec: dict) -> dict:
+    """:func:`measure`, with any failure turned into the record's ``error``."""
+    base = {key: spec.get(key) for key in ("method", "eps", "repeat", "model", "data", "batch_size", "steps",
+                                           "seed", "target", "optimizer", "lr")}
+    base["test_accuracy"] = None
+    base["error"] = None
+    try:
+        base.update(measure(spec))
+    except Exception as err:  # noqa: BLE001 - one method failing must not stop the others
+        base["error"] = f"{type(err).__name__}: {err}"
+        base["traceback"] = traceback.format_exc()
+        print(base["traceback"], file=sys.stderr, flush=True)
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m wasi.bench.worker SPEC.json RECORD.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    record = run(spec)
+    out = Path(argv[1])
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+    return 0 if record["error"] is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``wasi bench``: the quick preset end to end, argument errors, the synthetic spectrum, the report maths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from wasi.bench import add_bench_parser
+from wasi.bench.report import summarize
+from wasi.bench.synthetic import decay_spectrum, spectrum_rank
+from wasi.cli import UsageError
+from wasi.training.methods import METHODS, WASI_MODES
+
+
+def _bench(argv: list[str]) -> int:
+    # through the real CLI once `bench` is wired into wasi.cli; through our parser until then
+    from wasi.cli import build_parser, main
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "bench" in commands.choices:
+        return main(["bench", *argv])
+    parser = argparse.ArgumentParser(prog="wasi")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def _parse(argv: list[str]):
+    from wasi.bench.command import settings_from_args
+
+    parser = argparse.ArgumentParser(prog="wasi")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return settings_from_args(parser.parse_args(["bench", *argv]))
+
+
+def test_quick_bench_writes_every_method_and_the_report(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _bench(["--quick", "--eps", "0.8", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["failed"] == []
+    assert {r["method"] for r in results["records"]} == set(METHODS)
+    for key in ("torch", "wasi", "python"):
+        assert results["versions"][key]
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch_threads"] >= 1
+    assert results["command"].startswith("wasi bench") and results["repeats"] == 1
+    measured = ("peak_memory_mb", "train_peak_mb", "weights_mb", "gradients_mb", "optimizer_state_mb",
+                "saved_activation_mb", "train_step_s_median", "inference_ms_per_sample")
+    for record in results["records"]:
+        assert record["error"] is None, record["error"]
+        assert (record["eps"] == 0.8) == (record["method"] in WASI_MODES)
+        for key in measured:
+            assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] >= 0, key
+        assert record["peak_memory_mb"] > 0 and record["test_accuracy"] is None
+        assert record["threads"] >= 1
+        if record["method"] in WASI_MODES:  # analytic accounting, kept apart from the measurements
+            assert record["analytic"]["memory_ratio"] > 1 and record["layers"]
+        else:
+            assert record["analytic"] is None
+    rows = {r["method"]: r for r in results["summary"]}
+    assert rows["vanilla"]["ratio_to_vanilla"]["peak_memory_mb"] == pytest.approx(1.0)
+    for row in rows.values():
+        for key, ratio in row["ratio_to_vanilla"].items():
+            assert isinstance(ratio, float) and ratio > 0, (row["name"], key)
+    assert rows["lora"]["trainable_params"] < rows["vanilla"]["trainable_params"]
+    assert rows["wasi"]["weights_mb"] < rows["vanilla"]["weights_mb"]  # factored weights really are smaller
+    assert rows["wasi"]["analytic_ratio"] < 1
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+    for png in ("memory.png", "time.png"):
+        assert (out / png).stat().st_size > 1000
+    assert not (out / "pareto.png").exists()  # no accuracy on synthetic data
+    assert "weight rank per layer" in capsys.readouterr().out
+
+
+def test_every_argument_error_is_reported_at_once():
+    with pytest.raises(UsageError) as err:
+        _parse(["--model", "no-such-model", "--data", "synthetic", "--methods", "vanilla,magic,galore",
+                "--eps", "0.5,1.5", "--steps", "0", "--repeats", "two", "--optimizer", "sgd",
+                "--train-epochs", "1", "--target", "heads", "--out", "x"])
+    text = str(err.value)
+    for expected in ("--model 'no-such-model'", "magic", "--eps [1.5]", "--steps 0", "--repeats 'two'",
+                     "galore needs --optimizer adamw", "--train-epochs needs a real dataset",
+                     "--target 'heads'"):
+        assert expected in text, expected
+
+
+def test_model_and_data_are_required_without_quick():
+    with pytest.raises(UsageError, match="--model is required.*\n.*--data is required"):
+        _parse(["--out", "x"])
+
+
+def test_quick_preset_yields_to_explicit_values():
+    settings = _parse(["--quick", "--steps", "7", "--methods", "vanilla,wasi", "--out", "x"])
+    chosen = (settings.model, settings.data, settings.repeats, settings.steps)
+    assert chosen == ("vit-micro", "synthetic", 1, 7)
+    assert settings.runs() == [("vanilla", None), ("wasi", 0.5), ("wasi", 0.9)]
+
+
+def test_decay_spectrum_is_a_seeded_power_law_of_the_same_norm():
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 32))
+
+    a, b = model(), model()
+    norms = [m.weight.norm().item() for m in a if isinstance(m, nn.Linear)]
+    decay_spectrum(a, alpha=0.5, seed=3, skip=())
+    decay_spectrum(b, alpha=0.5, seed=3, skip=())
+    for i, layer in enumerate(m for m in a if isinstance(m, nn.Linear)):
+        s = torch.linalg.svdvals(layer.weight.double())  # (m,)
+        expected = torch.arange(1, len(s) + 1, dtype=torch.float64) ** -0.5
+        assert torch.allclose(s / s[0], expected, atol=1e-4)
+        assert layer.weight.norm().item() == pytest.approx(norms[i], rel=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert spectrum_rank(768, 0.5, 0.4) < spectrum_rank(768, 0.5, 0.8) < spectrum_rank(768, 0.5, 0.9) < 768
+
+
+def test_summary_takes_medians_and_ratios_to_vanilla():
+    def record(method, eps, repeat, peak, error=None):
+        base = {"method": method, "eps": eps, "repeat": repeat, "error": error}
+        return base if error else {**base, "peak_memory_mb": peak, "train_peak_mb": peak,
+                                   "saved_activation_mb": 1.0, "train_step_s_median": 0.1,
+                                   "inference_ms_per_sample": 2.0}
+
+    records = [record("vanilla", None, 1, 100.0), record("vanilla", None, 2, 120.0),
+               record("vanilla", None, 3, 90.0), record("wasi", 0.8, 1, 40.0), record("wasi", 0.8, 2, 60.0),
+               record("wasi", 0.8, 3, 0, error="boom")]
+    rows = summarize(records, [("vanilla", None), ("wasi", 0.8)])
+    assert rows[0]["peak_memory_mb"] == 100.0 and rows[1]["peak_memory_mb"] == 50.0
+    assert rows[1]["ratio_to_vanilla"]["peak_memory_mb"] == pytest.approx(0.5)
+    assert rows[1]["repeats_ok"] == 2 and rows[1]["errors"] == ["boom"]
+    assert summarize(records[3:5], [("wasi", 0.8)])[0]["ratio_to_vanilla"]["peak_memory_mb"] is None
