@@ -42,7 +42,7 @@ def _settings(args: argparse.Namespace, **fixed):
     fields = {
         "model": args.model, "data": args.data, "out": args.out, "target": args.target,
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
-        "device": args.device, "method": getattr(args, "method", "vanilla"),
+        "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
         **{k: v for k, v in values.items() if v is not None},
     }
     fields.update(fixed)
@@ -87,6 +87,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     if with_method:
         parser.add_argument("--method", default="wasi",
                             help="vanilla, checkpointing, lora, galore, asi, wsi, wasi-reference, wasi (default)")
+        parser.add_argument("--plan", default=None,
+                            help="per-layer ranks from `wasi calibrate` (JSON); the WASI methods but wsi")
     parser.add_argument("--eps", default=0.8, help="energy threshold of the WASI methods (default 0.8)")
     parser.add_argument("--activation-rank", default=None,
                         help="fixed Tucker rank per mode (default: ranks from --eps)")
@@ -136,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     from wasi.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from wasi.calibrate import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return parser
 
 

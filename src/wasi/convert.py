@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from wasi.config import WASIConfig
 from wasi.modules import WASILinear, is_conv1d, is_wrappable
+
+if TYPE_CHECKING:
+    from wasi.calibrate import Plan
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -91,6 +94,7 @@ def convert(
     filter_fn: FilterFn | None = None,
     ranks: dict[str, int] | None = None,
     initialise: bool = True,
+    plan: Plan | None = None,
 ) -> nn.Module:
     """Replace the selected linear layers of ``model`` by :class:`WASILinear`, in place.
 
@@ -104,12 +108,17 @@ def convert(
         filter_fn: optional selector of the layers to wrap.
         ranks: per-layer weight ranks by path (overrides ``config.eps`` / ``config.rank``).
         initialise: False skips the SVD; the factors are left for a checkpoint to fill.
+        plan: a :class:`wasi.calibrate.Plan` (docs WASI.md section 8): converts exactly its
+            layers (unless ``filter_fn`` is given), with its weight ranks where it has them
+            (``ranks`` entries win), then gives each layer its planned activation ranks
+            (:func:`wasi.calibrate.apply_plan`). Needs ``config.activation_rank=None``.
 
     Returns:
         The same model.
 
     Raises:
-        ValueError: the model is already converted, or nothing matches.
+        ValueError: the model is already converted, or nothing matches; with a plan: the
+            model lacks planned layers, the config fixes activation ranks or keeps exact inputs.
         TypeError: ``config`` is not a :class:`WASIConfig`.
     """
     config = WASIConfig() if config is None else config
@@ -121,6 +130,21 @@ def convert(
             f"model is already converted ({len(existing)} WASI layers, e.g. {existing[0][0]!r}); "
             "call wasi.unconvert first to convert it again"
         )
+    if plan is not None:
+        if config.activation_rank is not None or not config.compress_activations:
+            raise ValueError(
+                f"a plan sets activation ranks: convert with activation_rank=None and a mode that compresses "
+                f"activations, got activation_rank={config.activation_rank!r}, mode={config.mode!r}"
+            )
+        planned = {layer.name for layer in plan.layers}
+        wrappable = {n for n, m in model.named_modules() if n and is_wrappable(m)}
+        if planned - wrappable:
+            raise ValueError(f"the plan names layers this model lacks: {sorted(planned - wrappable)[:6]}")
+        if filter_fn is None:
+
+            def filter_fn(module: nn.Module, fqn: str) -> bool:
+                return fqn in planned
+        ranks = {**plan.weight_ranks(), **(ranks or {})}
     chosen = select_layers(model, config, filter_fn)
     if not chosen:
         linears = [n for n, m in model.named_modules() if n and is_wrappable(m)]
@@ -142,6 +166,10 @@ def convert(
             initialise=initialise,
         )
         _set_submodule(model, fqn, layer)
+    if plan is not None:
+        from wasi.calibrate import apply_plan
+
+        apply_plan(model, plan)
     return model
 
 

@@ -59,6 +59,7 @@ class TrainSettings:
     galore_rank: int = 64
     device: str = "cpu"
     export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
+    plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
 
     def validate(self) -> list[str]:
         errors = []
@@ -92,6 +93,14 @@ class TrainSettings:
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             errors.append(f"--device {self.device}: CUDA is not available on this machine")
+        if self.plan is not None:
+            if not Path(self.plan).is_file():
+                errors.append(f"--plan {self.plan!r}: no such file (write one with `wasi calibrate`)")
+            if self.method not in ("asi", "wasi-reference", "wasi"):
+                errors.append(f"--plan needs a WASI method that compresses activations (asi, wasi-reference, "
+                              f"wasi), got --method {self.method}")
+            if self.activation_rank is not None:
+                errors.append("--plan and --activation-rank are exclusive: the plan sets the activation ranks")
         return errors
 
     @property
@@ -200,9 +209,15 @@ class Run:
                                None if self.train.tokens is None else self.train.tokens[: s.max_train_samples])
         self.val = _make_split(val, bundle, s.max_length)
         self.test = _make_split(test, bundle, s.max_length)
+        plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
-                                lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed)
-        self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
+                                lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan)
+        try:
+            self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
+        except ValueError as err:
+            if plan is None:
+                raise
+            raise RunError(f"--plan {s.plan}: {err}") from None
         self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
         self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
         self.total_steps = s.steps or (s.epochs or 1) * self.batches_per_epoch
@@ -210,6 +225,23 @@ class Run:
             self.optimizer, T_max=self.total_steps, eta_min=0.1 * s.learning_rate
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _load_plan(self):
+        if self.s.plan is None:
+            return None
+        from wasi.calibrate import Plan
+
+        try:
+            plan = Plan.from_json(self.s.plan)
+        except (OSError, ValueError) as err:
+            raise RunError(f"--plan: {err}") from None
+        batch = plan.layers[0].input_shape[0]
+        if batch != self.s.batch_size:
+            self.print(f"note: the plan was calibrated at batch {batch}, this run uses {self.s.batch_size}: "
+                       "its memory estimate is for the calibration batch")
+        self.print(f"plan {self.s.plan}: {len(plan.layers)} layers, {plan.memory_mb:.2f} MB of saved "
+                   f"activations, summed gradient error {plan.error:.3f}")
+        return plan
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

@@ -6,6 +6,7 @@ Every method takes the same model and the same target layers; they differ only h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ class MethodOptions:
     galore_update_gap: int = 200
     seed: int = 0
     ranks: dict | None = None  # per-layer weight ranks
+    plan: Any = None  # a wasi.calibrate.Plan: per-layer activation (and weight) ranks
 
 
 def target_layers(model: nn.Module, target: str) -> list[str]:
@@ -72,7 +74,7 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head:
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
         )
-        convert(model, config, ranks=options.ranks)
+        convert(model, config, ranks=options.ranks, plan=options.plan)
     return model
 
 

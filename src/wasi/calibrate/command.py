@@ -1,0 +1,171 @@
+"""``wasi calibrate``: the subcommand's arguments and its handler (no maths in here)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_INTS = ("batches", "batch_size", "max_length", "seed")
+_FLOATS = ("budget_mb", "weight_budget_mb", "eps")
+DEFAULT_GRID = "0.4,0.5,0.6,0.7,0.8,0.9"
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``calibrate`` on the ``wasi`` command's subparsers; returns its parser.
+
+    The parser's ``func`` default is :func:`cmd_calibrate`, which returns an exit code and
+    raises ``wasi.cli.UsageError`` listing every configuration error at once.
+    """
+    parser = subparsers.add_parser(
+        "calibrate", help="choose per-layer WASI ranks for a memory budget from a few real batches",
+        description="Measure, on the first training batches, each target layer's activation memory and "
+                    "weight-gradient error per candidate energy, pick one candidate per layer minimising the "
+                    "summed error within --budget-mb (a knapsack), print the plan and write it as JSON.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="as for `wasi train`: minilm, a ViT preset, a folder, a file")
+    parser.add_argument("--data", required=True,
+                        help="as for `wasi train`: spam, fashion-mnist, digits, a path")
+    parser.add_argument("--out", required=True, help="the plan's JSON file")
+    parser.add_argument("--budget-mb", default=None,
+                        help="activation memory of the target layers, MB (2**20 bytes); "
+                             "default: ranks from --eps")
+    parser.add_argument("--weight-budget-mb", default=None,
+                        help="also choose weight ranks: memory of the factors L, R, MB "
+                             "(default: leave to --eps)")
+    parser.add_argument("--eps-grid", default=DEFAULT_GRID,
+                        help=f"candidate energies (default {DEFAULT_GRID})")
+    parser.add_argument("--eps", default=0.8,
+                        help="energy of every layer when no --budget-mb is given (default 0.8)")
+    parser.add_argument("--batches", default=4,
+                        help="calibration batches: the first of the training order (default 4)")
+    parser.add_argument("--batch-size", default=32, help="the training batch size (default 32)")
+    parser.add_argument("--max-length", default=128, help="tokens per text (default 128)")
+    parser.add_argument("--target", default="mlp", help="layers: mlp (default), attention, all-linear")
+    parser.add_argument("--seed", default=0, help="the training seed (split, order, new head); default 0")
+    parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
+    parser.add_argument("--cache-dir", default=None, help="dataset cache folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda")
+    parser.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    values, errors = {}, []
+    for name in _INTS + _FLOATS:
+        raw = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
+        if raw is None:
+            values[name] = None
+            continue
+        try:
+            value = int(raw) if name in _INTS else float(raw)
+        except (TypeError, ValueError):
+            errors.append(f"{flag} {raw!r}: must be {'an integer' if name in _INTS else 'a number'}")
+            values[name] = None
+            continue
+        if name in _FLOATS and (not math.isfinite(value) or value <= 0 or (name == "eps" and value > 1)):
+            errors.append(f"{flag} {raw}: must be {'in (0, 1]' if name == 'eps' else 'a positive number'}")
+        elif name in _INTS and value < (0 if name == "seed" else 1):
+            kind = "non-negative" if name == "seed" else "positive"
+            errors.append(f"{flag} {raw}: must be a {kind} integer")
+        values[name] = value
+    try:
+        grid = tuple(float(v) for v in str(args.eps_grid).split(",") if v.strip())
+        if not grid or any(not 0 < v <= 1 for v in grid):
+            raise ValueError
+        values["eps_grid"] = grid
+    except ValueError:
+        errors.append(f"--eps-grid {args.eps_grid!r}: must be comma-separated numbers in (0, 1]")
+    if args.target not in ("mlp", "attention", "all-linear"):
+        errors.append(f"--target {args.target!r}: choose mlp, attention or all-linear")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        errors.append(f"--device {args.device}: CUDA is not available on this machine")
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        errors.append(f"--out {args.out!r} is a folder; give the plan's file name")
+    return values, errors
+
+
+class _Positional(tuple):
+    """Positional model inputs that also carry the labels the loss needs (image models)."""
+
+    labels: torch.Tensor
+
+
+def _image_loss(output: torch.Tensor, batch: _Positional) -> torch.Tensor:
+    return F.cross_entropy(output, batch.labels)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate on the first ``--batches`` training batches and write the plan.
+
+    Raises:
+        wasi.cli.UsageError: bad arguments (all listed), unusable data or model, or a budget
+            below the minimum (the message states it).
+    """
+    from wasi.calibrate import calibrate
+    from wasi.cli import UsageError
+    from wasi.config import WASIConfig
+    from wasi.data import DataError, load_dataset, split_stratified
+    from wasi.training.loop import _batch, _epoch_order, _make_split
+    from wasi.training.models import ModelError, build_model
+
+    values, errors = _parse(args)
+    if errors:
+        raise UsageError("\n  ".join(["invalid arguments:", *errors]))
+    seed, bs, count = values["seed"], values["batch_size"], values["batches"]
+    device = torch.device(args.device)
+    try:
+        # the same order of seeding and loading as `wasi train`, so the new head is the one it trains
+        torch.manual_seed(seed)
+        random.seed(seed)
+        import numpy as np
+
+        np.random.seed(seed)
+        dataset = load_dataset(args.data, cache_dir=args.cache_dir)
+        train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=seed)
+        bundle = build_model(args.model, num_classes=len(dataset.classes), arch=args.arch)
+    except (DataError, ModelError) as err:
+        raise UsageError(str(err)) from None
+    if bundle.kind != dataset.kind:
+        raise UsageError(f"model {args.model!r} takes {bundle.kind} inputs but data {args.data!r} "
+                         f"is {dataset.kind}")
+    order = _epoch_order(len(train), seed, 0)[: count * bs]  # the first batches `wasi train` will see
+    if len(order) < count * bs:
+        count = max(1, len(order) // bs)
+        order = order[: count * bs]
+    split = _make_split(train.subset(order), bundle, values["max_length"])
+    pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
+    batches = []
+    for b in range(count):
+        batch = _batch(split, torch.arange(b * bs, min((b + 1) * bs, split.size)), pad_id, device)
+        if bundle.kind == "image":
+            positional = _Positional((batch["images"],))
+            positional.labels = batch["labels"]
+            batch = positional
+        batches.append(batch)
+    model = bundle.model.to(device)
+    config = WASIConfig(eps=values["eps"], target=args.target)
+    try:
+        plan = calibrate(
+            model, batches, budget_mb=values["budget_mb"], eps_grid=values["eps_grid"], config=config,
+            loss_fn=_image_loss if bundle.kind == "image" else None,
+            weight_budget_mb=values["weight_budget_mb"],
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(plan)
+    plan.to_json(args.out)
+    print(f"plan written to {args.out} ({count} batches of {bs}); train with "
+          f"`wasi train --model {args.model} --data {args.data} --batch-size {bs} --plan {args.out}`")
+    return 0
+
+
+__all__ = ["add_calibrate_parser", "cmd_calibrate"]
