@@ -1,6 +1,7 @@
 """WASI: train and serve transformers with low-rank weights and Tucker-compressed activations."""
 
 from wasi.checkpoint import CheckpointError, load, save
+from wasi.calibrate import Plan, apply_plan, calibrate  # noqa: E402  (wasi.calibrate is the function)
 from wasi.config import WASIConfig
 from wasi.convert import convert, unconvert, wasi_layers
 from wasi.memory import count_saved_tensors, summary
@@ -18,6 +19,9 @@ __all__ = [
     "load",
     "wasi_layers",
     "count_saved_tensors",
+    "calibrate",
+    "apply_plan",
+    "Plan",
     "CheckpointError",
     "__version__",
 ]
