@@ -5,7 +5,7 @@ from wasi.calibrate import Plan, apply_plan, calibrate  # noqa: E402  (wasi.cali
 from wasi.config import WASIConfig
 from wasi.convert import convert, unconvert, wasi_layers
 from wasi.memory import count_saved_tensors, summary
-from wasi.modules import WASILinear
+from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,8 @@ __all__ = [
     "calibrate",
     "apply_plan",
     "Plan",
+    "NonFiniteError",
+    "set_nonfinite_policy",
     "CheckpointError",
     "__version__",
 ]

@@ -68,9 +68,10 @@ class WASILinearFunction(torch.autograd.Function):
             if need_w:
                 grad_w = (m @ v.T).to(ctx.weight_dtype)  # (O, I): only for a dense weight
             if need_l:
-                grad_l = (m @ (right @ v).T).to(left.dtype)  # (O, c) @ (c, k) -> (O, k)
+                # a float16 input keeps its core in float32 (modules.py): compute in m's dtype
+                grad_l = (m @ (right.to(m.dtype) @ v).T).to(left.dtype)  # (O, c) @ (c, k) -> (O, k)
             if need_r:
-                grad_r = ((left.T @ m) @ v.T).to(right.dtype)  # (k, c) @ (c, I) -> (k, I)
+                grad_r = ((left.to(m.dtype).T @ m) @ v.T).to(right.dtype)  # (k, c) @ (c, I) -> (k, I)
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (O,)
         return (grad_x, grad_w, grad_l, grad_r, grad_b, None, None) + (None,) * len(bases)

@@ -2,39 +2,86 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from wasi.config import CONFIG_VERSION, WASIConfig
-from wasi.convert import convert, wasi_layers
+from wasi.convert import _set_submodule, convert, wasi_layers
+from wasi.modules import WASILinear, dense_weight_of
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "wasi_config.json"
+_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the given model."""
 
 
+# ---------------------------------------------------------------------------- durable files
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make renames inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(*paths: Path) -> None:
+    """Delete leftover temporary files, ignoring the ones already gone."""
+    for path in paths:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (converted) to the folder ``path``.
 
     The folder gets ``model.safetensors`` (the whole ``state_dict``: factors, bases, counters,
-    every other layer) and ``wasi_config.json`` (format version, config, per-layer ranks).
-    Each file is written to a temporary name and renamed, so an interrupted save leaves the
-    previous checkpoint whole.
+    every other layer) and ``wasi_config.json`` (format version, config, per-layer ranks, and
+    the SHA-256 of the weights file, checked by :func:`load`). Each file is written to a
+    temporary name, flushed to disk (fsync) and renamed, and the folder is synced: a save that
+    fails (disk full) or is killed leaves the previous checkpoint whole and removes its
+    temporary files. A crash between the two renames (microseconds) leaves files that do not
+    match, which :func:`load` reports through the checksum instead of loading them.
 
     Returns:
         The folder path.
 
     Raises:
         ValueError: the model has no WASI layer.
+        OSError: the folder cannot be created or written (its message names the folder and
+            says whether the previous checkpoint is unchanged).
     """
     layers = wasi_layers(model)
     if not layers:
@@ -43,7 +90,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     if len(configs) != 1:
         raise ValueError("all WASI layers of a saved model must share one WASIConfig")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"wasi.save: cannot create the folder {str(folder)!r}: "
+                                 f"{err.strerror or err}") from None
     meta = {
         "format": "wasi",
         "version": CONFIG_VERSION,
@@ -60,13 +111,27 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     weights_tmp = folder / (WEIGHTS_FILE + ".tmp")
     config_tmp = folder / (CONFIG_FILE + ".tmp")
-    save_model(model, str(weights_tmp), metadata={"format": "pt"})
-    config_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    for tmp in (weights_tmp, config_tmp):
-        with open(tmp, "rb") as handle:
+    replaced = False
+    try:
+        save_model(model, str(weights_tmp), metadata={"format": "pt"})
+        fsync_file(weights_tmp)
+        meta["weights_sha256"] = sha256_file(weights_tmp)
+        with open(config_tmp, "w") as handle:
+            handle.write(json.dumps(meta, indent=2) + "\n")
+            handle.flush()
             os.fsync(handle.fileno())
-    os.replace(weights_tmp, folder / WEIGHTS_FILE)
-    os.replace(config_tmp, folder / CONFIG_FILE)
+        os.replace(weights_tmp, folder / WEIGHTS_FILE)
+        replaced = True
+        os.replace(config_tmp, folder / CONFIG_FILE)
+        fsync_dir(folder)
+    except BaseException as err:
+        remove_quietly(weights_tmp, config_tmp)
+        if isinstance(err, OSError):
+            state = ("the weights were replaced but not the config: save again" if replaced
+                     else "the checkpoint already there is unchanged")
+            raise OSError(err.errno, f"wasi.save: writing {str(folder)!r} failed: {err.strerror or err}; "
+                                     f"{state}") from err
+        raise
     return folder
 
 
@@ -77,12 +142,17 @@ def read_config(path: str | os.PathLike) -> tuple[WASIConfig, dict]:
         FileNotFoundError: no checkpoint in ``path``.
         CheckpointError: not a WASI checkpoint, a newer format, or an invalid config.
     """
+    config, layers, _ = _read_meta(path, stacklevel=3)
+    return config, layers
+
+
+def _read_meta(path: str | os.PathLike, stacklevel: int = 4) -> tuple[WASIConfig, dict, dict]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no WASI checkpoint in {str(path)!r}: {CONFIG_FILE} is missing")
     try:
         meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != "wasi":
         raise CheckpointError(f"{file} is not a WASI checkpoint config")
@@ -96,18 +166,34 @@ def read_config(path: str | os.PathLike) -> tuple[WASIConfig, dict]:
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: invalid config: {err}") from None
     if unknown:
-        warnings.warn(f"{file}: ignoring unknown config keys {unknown}", stacklevel=2)
+        warnings.warn(f"{file}: ignoring unknown config keys {unknown}", stacklevel=stacklevel)
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{file}: the layer table is missing")
-    return config, layers
+    for name, info in layers.items():
+        if not (isinstance(info, dict) and _positive_int(info.get("in_features"))
+                and _positive_int(info.get("out_features"))
+                and (info.get("rank") is None or _positive_int(info.get("rank")))):
+            raise CheckpointError(f"{file}: the entry of layer {name!r} is malformed: {info!r}")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise CheckpointError(f"{file}: weights_sha256 must be a string, got {digest!r}")
+    return config, layers, meta
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Convert a fresh (dense) ``model`` like the saved one and restore its state, in place.
 
-    ``model`` must have the saved architecture. Its linear layers at the saved paths are
-    wrapped with the saved config and ranks (no SVD), then every tensor is loaded strictly.
+    ``model`` must have the saved architecture. Everything is checked before the model is
+    touched: the config file, the weights file's SHA-256 (when the checkpoint records it),
+    and the safetensors header's keys and shapes against the state the converted model will
+    have. Only then are the linear layers at the saved paths wrapped with the saved config and
+    ranks (no SVD) and every tensor loaded strictly. A load that fails leaves the model
+    unconverted.
 
     Returns:
         The same model.
@@ -115,12 +201,20 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         FileNotFoundError: no checkpoint in ``path``.
         CheckpointError: the checkpoint does not fit the model (missing, unexpected or
-            mis-shaped keys, layers not found), or is corrupt.
+            mis-shaped keys, layers not found), or is corrupt (checksum, header).
     """
-    config, layers = read_config(path)
+    config, layers, meta = _read_meta(path)
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no WASI checkpoint in {str(path)!r}: {WEIGHTS_FILE} is missing")
+    digest = meta.get("weights_sha256")
+    if digest is not None:
+        actual = sha256_file(weights)
+        if actual != digest:
+            raise CheckpointError(
+                f"{weights} is corrupt or truncated: its SHA-256 {actual[:12]}... differs from the "
+                f"{digest[:12]}... recorded at save (the file changed, or was not written completely)"
+            )
     names = {n for n, _ in model.named_modules()}
     absent = sorted(set(layers) - names)
     if absent:
@@ -138,26 +232,75 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"layer {name}: the model has shape {shape}, the checkpoint "
                 f"({info['out_features']}, {info['in_features']})"
             )
+    _check_header(model, config, layers, weights)
+    originals = {name: model.get_submodule(name) for name in layers}
     wanted = set(layers)
-    convert(
-        model,
-        config,
-        filter_fn=lambda _m, fqn: fqn in wanted,
-        ranks={n: info["rank"] for n, info in layers.items() if info.get("rank") is not None},
-        initialise=False,
-    )
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except SafetensorError as err:
+        convert(
+            model,
+            config,
+            filter_fn=lambda _m, fqn: fqn in wanted,
+            ranks={n: info["rank"] for n, info in layers.items() if info.get("rank") is not None},
+            initialise=False,
+        )
+        try:
+            missing, unexpected = load_model(model, str(weights), strict=False)
+        except SafetensorError as err:
+            raise CheckpointError(f"{weights} is corrupt or truncated: {err}") from None
+        except RuntimeError as err:
+            raise CheckpointError(f"{weights} does not fit the model: {err}") from None
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{weights} does not match the model: "
+                f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
+            )
+    except BaseException:
+        for name, module in originals.items():  # leave the model as it came
+            _set_submodule(model, name, module)
+        raise
+    return model
+
+
+def _check_header(model: nn.Module, config: WASIConfig, layers: dict, weights: Path) -> None:
+    """Compare the safetensors header with the state ``model`` will have once converted.
+
+    Reads only the header (names, shapes, metadata), not the tensors; the layers are built on
+    the meta device, so the check costs no memory.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle, not a dict
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
+            aliases = dict(handle.metadata() or {})  # tied tensors save_model left out: name -> kept name
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is corrupt or truncated: {err}") from None
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not fit the model: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if k.rpartition(".")[0] not in layers}
+    for name, info in layers.items():
+        module = model.get_submodule(name)
+        try:
+            weight, _ = dense_weight_of(module)
+            skeleton = WASILinear(
+                info["in_features"], info["out_features"], config=config, rank=info.get("rank"),
+                bias=getattr(module, "bias", None) is not None, device="meta", dtype=weight.dtype,
+            )
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"layer {name}: {err}") from None
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    missing = [k for k in expected if k not in shapes and aliases.get(k) not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match the model: "
             f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
         )
-    return model
+    # in the model's order; activation bases take the checkpoint's shape (they follow the batch)
+    wrong = [f"size mismatch for {key}: the checkpoint has shape {shapes[key]}, the model {shape}"
+             for key, shape in expected.items()
+             if key in shapes and shapes[key] != shape and not key.rpartition(".")[2].startswith("basis_")]
+    if wrong:
+        raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(wrong))
 
 
-__all__ = ["save", "load", "read_config", "CheckpointError", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = ["save", "load", "read_config", "CheckpointError", "WEIGHTS_FILE", "CONFIG_FILE", "sha256_file",
+           "fsync_file", "fsync_dir"]

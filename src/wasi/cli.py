@@ -42,7 +42,7 @@ def _settings(args: argparse.Namespace, **fixed):
     fields = {
         "model": args.model, "data": args.data, "out": args.out, "target": args.target,
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
-        "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
+        "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None), "skip_nonfinite": args.skip_nonfinite,
         **{k: v for k, v in values.items() if v is not None},
     }
     fields.update(fixed)
@@ -101,6 +101,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
     parser.add_argument("--seed", default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip the optimizer step of a batch whose loss or gradients are NaN/inf "
+                             "(counted as skipped_steps) instead of stopping the run")
     parser.add_argument("--checkpoint-every", default=100, help="steps between checkpoints")
     parser.add_argument("--log-every", default=20, help="steps between metric lines")
     parser.add_argument("--max-length", default=128, help="tokens per text (default 128)")

@@ -2,12 +2,95 @@
 
 Section numbers refer to docs WASI.md. Subspace maths runs in float32 (float64 stays
 float64) whatever the input dtype, so bf16/fp16 training keeps well-conditioned bases.
+
+Scale: every power step, range finder and Gram product multiplies its operands by a power of
+two ``~ 1 / max|x|`` (exact in floating point, so ordinary inputs give bitwise the same bases)
+so that ``X X^T`` never forms at the input's scale: activations of 1e30 (whose square
+overflows float32) or 1e-30 (whose square underflows) give the same bases as activations of 1.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import Tensor
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf where WASI needs finite numbers (an input, a gradient, a weight); names the layer."""
+
+
+def value_range(x: Tensor) -> Tensor:
+    """``[min, max]`` of ``x`` as a 2-element tensor: one pass, no copy of ``x``.
+
+    NaN anywhere makes both NaN and an inf shows in one of them, so ``isfinite`` of the result
+    tells whether ``x`` is finite, and its largest magnitude is the scale of ``x``.
+    """
+    low, high = torch.aminmax(x.detach())
+    return torch.stack([low, high])  # (2,)
+
+
+def _exponent_limit(dtype: torch.dtype) -> int:
+    return math.frexp(torch.finfo(dtype).max)[1] - 1  # 127 for float32, 1023 for float64
+
+
+def unit_scale(x: Tensor) -> Tensor:
+    """The power of two ``2^-e`` with ``max|x| * 2^-e`` in [0.5, 1), as a 0-dim tensor.
+
+    Multiplying by it is exact. It is 1 for an all-zero or non-finite ``x`` (nothing to scale)
+    and is clamped so that it never over- or underflows ``x``'s dtype. No host sync; see
+    :func:`pow2_scale` for the same from a known peak.
+
+    Args:
+        x: any floating tensor (not empty).
+    """
+    peak = value_range(x).abs().amax()  # max |x|, a 0-dim tensor
+    _, exponent = torch.frexp(peak)  # peak = mantissa * 2^exponent, mantissa in [0.5, 1)
+    limit = _exponent_limit(x.dtype)
+    exponent = exponent.clamp(-limit, limit)
+    return torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), -exponent)
+
+
+def pow2_scale(peak: float, dtype: torch.dtype = torch.float32) -> float:
+    """:func:`unit_scale` as a Python float, from ``peak = max|x|`` already on the host."""
+    if not math.isfinite(peak) or peak == 0.0:
+        return 1.0
+    limit = _exponent_limit(dtype)
+    return math.ldexp(1.0, -min(max(math.frexp(abs(peak))[1], -limit), limit))
+
+
+def is_finite(*tensors: Tensor) -> bool:
+    """True when every tensor is free of NaN and inf (one host sync for all of them)."""
+    bounds = [b for t in tensors if t.numel() for b in torch.aminmax(t.detach())]
+    if not bounds:
+        return True
+    if len({b.dtype for b in bounds}) > 1:
+        bounds = [b.double() for b in bounds]
+    return all(math.isfinite(v) for v in torch.stack(bounds).tolist())
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator, *, dtype: torch.dtype,
+                       device: torch.device | str | None = None) -> Tensor:
+    """A random ``(rows, cols)`` basis with orthonormal columns, without LAPACK.
+
+    The fallback when QR or SVD fails: Gaussian columns from ``generator`` (the layer's own,
+    never the global RNG), orthonormalised by classical Gram-Schmidt applied twice, in float64.
+
+    Args:
+        rows, cols: the shape, ``cols <= rows``.
+        generator: the random source.
+        dtype, device: of the result.
+    """
+    g = torch.randn(rows, cols, generator=generator, device=generator.device, dtype=torch.float64)
+    q = torch.zeros_like(g)  # (rows, cols)
+    for j in range(cols):
+        v = g[:, j]  # (rows,)
+        for _ in range(2):  # "twice is enough" (Giraud et al.) for orthogonality to rounding
+            v = v - q[:, :j] @ (q[:, :j].T @ v)  # (rows, j) @ (j,) -> (rows,)
+        q[:, j] = v / v.norm()
+    return q.to(device=device, dtype=dtype).contiguous()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +133,7 @@ def orth(matrix: Tensor) -> Tensor:
     Returns:
         ``(m, r)`` with orthonormal columns, in the compute dtype.
     """
+    # LAPACK's Householder QR is itself safe from over- and underflow: no scaling needed
     q, r = torch.linalg.qr(matrix.to(compute_dtype(matrix.dtype)))  # (m, r), (r, r)
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)  # (r,)
     # QR's Q is column-major; a basis loaded from a checkpoint is row-major, and the matmuls
@@ -64,20 +148,42 @@ def qr_positive(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return q * signs, r * signs[:, None]
 
 
-def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = None) -> tuple[Tensor, Tensor]:
+def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = None,
+                name: str = "weight") -> tuple[Tensor, Tensor]:
     """Truncated SVD init of the weight factors (section 3).
+
+    The SVD runs in the compute dtype; should it fail to converge or return NaN/inf, it is
+    retried in float64 with a warning. Energies are taken from singular values scaled by a
+    power of two, so a weight of 1e30 or 1e-30 gets the rank a weight of 1 gets.
 
     Args:
         weight: ``(O, I)``.
         eps: energy threshold picking the rank (used when ``rank`` is None).
         rank: explicit rank.
+        name: what to call the weight in messages (the layer's path).
 
     Returns:
         ``L: (O, k)`` with orthonormal columns and ``R = diag(s_k) V_k^T: (k, I)``, in the
         compute dtype.
+
+    Raises:
+        NonFiniteError: the weight contains NaN or inf.
+        torch.linalg.LinAlgError: the SVD fails in float64 too.
     """
-    u, s, vh = torch.linalg.svd(weight.to(compute_dtype(weight.dtype)), full_matrices=False)
-    k = rank if rank is not None else energy_rank(s.square(), eps)
+    dtype = compute_dtype(weight.dtype)
+    w = weight.to(dtype)  # (O, I)
+    if not is_finite(w):
+        raise NonFiniteError(f"{name}: the weight contains NaN or inf; it cannot be factorised")
+    try:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (O, m), (m,), (m, I)
+        good = is_finite(u, s, vh)
+    except torch.linalg.LinAlgError:
+        good = False
+    if not good:
+        warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
+                      stacklevel=2)
+        u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
+    k = rank if rank is not None else energy_rank((s * unit_scale(s)).square(), eps)
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
@@ -94,8 +200,9 @@ def track_weight_subspace(weight: Tensor, left: Tensor) -> tuple[Tensor, Tensor]
         ``L: (O, k)`` and ``R: (k, I)`` in the compute dtype.
     """
     w = weight.to(compute_dtype(weight.dtype))
-    q = w.T @ left.to(w.dtype)  # (I, k)
-    new_left = orth(w @ q)  # (O, k)
+    scale = unit_scale(w)  # 2^-e: keeps W W^T L from overflowing for huge weights
+    q = w.T @ (left.to(w.dtype) * scale)  # (I, k)
+    new_left = orth(w @ (q * scale))  # (O, k): the span of W W^T L
     return new_left, new_left.T @ w  # (O, k), (k, I)
 
 
@@ -116,48 +223,77 @@ def mode_product(x: Tensor, basis: Tensor, mode: int) -> Tensor:
     return torch.tensordot(x, basis, dims=([mode], [0]))
 
 
-def power_step(x: Tensor, mode: int, basis: Tensor) -> Tensor:
+def power_step(x: Tensor, mode: int, basis: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
     """One warm-started subspace-iteration step for one mode (section 4).
 
-    ``U_n = orth(X_(n) @ (X_(n)^T @ U_prev))``.
+    ``U_n = orth(X_(n) @ (X_(n)^T @ U_prev))``, each product taken with ``U_prev`` scaled by
+    ``scale = 2^-e ~ 1 / max|X|`` so that ``X X^T`` (1e60 for activations of 1e30) never forms.
 
     Args:
         x: the activation, ``(d_1, ..., d_m)`` in the compute dtype.
         mode: which mode; basis: previous ``U_n``, ``(d_n, r)``.
+        scale: ``unit_scale(x)`` (or ``pow2_scale``) when the caller has it: saves a pass over ``x``.
 
     Returns:
         The new ``U_n``, ``(d_n, r)``.
     """
+    scale = unit_scale(x) if scale is None else scale
     others = [i for i in range(x.dim()) if i != mode]
-    z = mode_product(x, basis, mode)  # (prod others..., r)
+    z = mode_product(x, basis * scale, mode)  # (prod others..., r), entries of order 1
+    z.mul_(scale)  # exact: a power of two
     y = torch.tensordot(x, z, dims=(others, list(range(len(others)))))  # (d_n, r)
     return orth(y)
 
 
-def range_finder(x: Tensor, mode: int, rank: int, generator: torch.Generator) -> Tensor:
+def range_finder(x: Tensor, mode: int, rank: int, generator: torch.Generator, *,
+                 scale: Tensor | float | None = None) -> Tensor:
     """Cold start of a mode's basis: ``U_n = orth(X_(n) @ Omega)``, Gaussian ``Omega``.
 
     Args:
         x: the activation in the compute dtype; mode: which mode; rank: columns wanted.
         generator: the layer's own generator (never the global RNG).
+        scale: ``unit_scale(x)`` (or ``pow2_scale``) when the caller has it: saves a pass over ``x``.
 
     Returns:
         ``(d_n, rank)`` orthonormal.
     """
+    scale = unit_scale(x) if scale is None else scale
     other_shape = [d for i, d in enumerate(x.shape) if i != mode]
     omega = torch.randn(
         (*other_shape, rank), generator=generator, device=generator.device, dtype=x.dtype
     ).to(x.device)  # (prod others..., r)
+    omega.mul_(scale)  # exact: keeps X @ Omega in range for huge activations
     others = [i for i in range(x.dim()) if i != mode]
     y = torch.tensordot(x, omega, dims=(others, list(range(len(others)))))  # (d_n, r)
     return orth(y)
 
 
-def mode_energies(x: Tensor, mode: int) -> Tensor:
-    """Eigenvalues of ``X_(n) X_(n)^T`` in decreasing order (an exact HOSVD's energies)."""
+def mode_energies(x: Tensor, mode: int, *, scale_free: bool = False) -> Tensor:
+    """Eigenvalues of ``X_(n) X_(n)^T`` in decreasing order (an exact HOSVD's energies).
+
+    Args:
+        x: ``(d_1, ..., d_m)``; mode: which mode.
+        scale_free: scale ``x`` by a power of two first (a copy of ``x``), so that the Gram
+            product neither overflows (activations of 1e30) nor underflows (1e-30); the
+            energies are then relative, which is all :func:`energy_rank` needs. Should
+            ``eigvalsh`` fail, it is retried in float64.
+
+    Returns:
+        ``(d_n,)``, non-negative.
+    """
+    if scale_free:
+        x = x * unit_scale(x)  # (d_1, ..., d_m), largest entry in [0.5, 1)
     others = [i for i in range(x.dim()) if i != mode]
     gram = torch.tensordot(x, x, dims=(others, others))  # (d_n, d_n)
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # (d_n,)
+    if not scale_free:
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # (d_n,)
+    try:
+        values = torch.linalg.eigvalsh(gram)
+        if not is_finite(values):
+            raise torch.linalg.LinAlgError("non-finite eigenvalues")
+    except torch.linalg.LinAlgError:
+        values = torch.linalg.eigvalsh(gram.double()).to(gram.dtype)
+    return values.flip(0).clamp_min(0)  # (d_n,)
 
 
 def tucker_core(x: Tensor, bases: list[Tensor]) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +12,12 @@ from torch import Tensor, nn
 from wasi import functional as WF
 from wasi.autograd import wasi_linear
 from wasi.config import WASIConfig
+from wasi.functional import NonFiniteError
 
 MAX_MODES = 4  # inputs of 2, 3 or 4 dims: (B, I), (B, N, I), (B, H, W, C)
+
+# What a training forward / backward does with NaN or inf (see ``set_nonfinite_policy``)
+NONFINITE_POLICIES = ("raise", "skip", "off")
 
 
 class WASILinear(nn.Module):
@@ -26,6 +32,14 @@ class WASILinear(nn.Module):
     Training (``self.training and torch.is_grad_enabled()``) tracks the subspaces and saves
     the input as a Tucker core plus bases (section 4; exact input in ``weights-only``).
     Eval or no-grad: the plain low-rank forward ``(x @ R^T) @ L^T + b``, no compression.
+
+    Non-finite numbers (attribute ``nonfinite``, see :func:`set_nonfinite_policy`): by default
+    (``"raise"``) a training forward whose input, or whose layer parameters, hold NaN or inf
+    raises :class:`NonFiniteError` naming the layer before it changes any state, and so does a
+    backward whose output gradient (the gradient reaching this layer) is non-finite. ``"skip"`` lets a non-finite input
+    through (the output is NaN, the step is for the caller to skip) without touching the bases,
+    ranks or counters; ``"off"`` checks nothing (no host sync; a non-finite input then spoils the
+    activation bases).
 
     Build it with :meth:`from_module`, or through :func:`wasi.convert`.
     """
@@ -79,6 +93,8 @@ class WASILinear(nn.Module):
                 self.register_buffer(f"basis_{n}", torch.empty(0, 0, device=device))
         self.last_input_shape: tuple[int, ...] | None = None
         self.last_activation_ranks: tuple[int, ...] | None = None
+        self.nonfinite = "raise"
+        self._warned: set[str] = set()  # fallbacks already reported (once per layer and kind)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -118,7 +134,7 @@ class WASILinear(nn.Module):
         left = right = None
         if config.factor_weights and (initialise or rank is None):
             with torch.no_grad():
-                left, right = WF.svd_factors(weight.detach(), eps=config.eps, rank=rank)
+                left, right = WF.svd_factors(weight.detach(), eps=config.eps, rank=rank, name=label)
             rank = left.shape[1]
         bias = module.bias
         layer = cls(
@@ -152,19 +168,25 @@ class WASILinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        """Args: x ``(..., I)``. Returns ``(..., O)``.
+        """Args: x ``(..., I)``, floating point, of the layer's dtype. Returns ``(..., O)``.
 
         Raises:
             ValueError: the feature size does not match, or a training input is empty or
                 has a number of dims other than 2 to 4.
+            TypeError: the input is not floating point, or its dtype differs from the layer's.
+            NonFiniteError: (policy ``"raise"``) the training input holds NaN or inf; (any
+                policy but ``"off"``) the layer's parameters hold NaN or inf.
+            NotImplementedError: a training forward under ``torch.autocast``.
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self._label()}: input has {x.shape[-1]} features in its last dim (shape "
                 f"{tuple(x.shape)}), the layer expects {self.in_features}"
             )
+        training = self.training and torch.is_grad_enabled()
+        self._check_dtype(x, training)
         self.last_input_shape = tuple(x.shape)
-        if not (self.training and torch.is_grad_enabled()):
+        if not training:
             return self._inference(x)
         if not 2 <= x.dim() <= MAX_MODES:
             raise ValueError(
@@ -173,12 +195,19 @@ class WASILinear(nn.Module):
             )
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: empty input of shape {tuple(x.shape)}")
+        dense = self.weight if self.config.mode != "weights-only" else None
+        scale = None
+        if self.nonfinite != "off":
+            scale = self._check_finite(x)
+            if scale is None:
+                # policy "skip": no state changes; the exact input is saved, the output is NaN
+                return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias)
         self._track_weight_subspace()
-        core, bases = self._compress(x) if self.config.compress_activations else (None, ())
+        core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
         self.step += 1
-        return wasi_linear(
+        y = wasi_linear(
             x,
-            weight=self.weight if self.config.mode != "weights-only" else None,
+            weight=dense,
             left=self.left,
             right=self.right,
             bias=self.bias,
@@ -186,6 +215,68 @@ class WASILinear(nn.Module):
             bases=tuple(bases),
             notify=self.backward_seen,
         )
+        if self.nonfinite == "raise" and y.requires_grad:
+            y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
+        return y
+
+    def _check_dtype(self, x: Tensor, training: bool) -> None:
+        own = (self.left if self.left is not None else self.weight).dtype
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self._label()}: input dtype {x.dtype} is not floating point; the layer computes in {own} "
+                f"(cast the input, e.g. x.to({own}))"
+            )
+        if torch.is_autocast_enabled(x.device.type):
+            if training:
+                raise NotImplementedError(
+                    f"{self._label()}: training under torch.autocast is not supported; cast the model "
+                    "instead (e.g. model.to(torch.bfloat16)): the subspace maths runs in float32 anyway"
+                )
+            return  # autocast casts the operands of the inference matmuls
+        if x.dtype != own:
+            raise TypeError(
+                f"{self._label()}: input dtype {x.dtype} does not match the layer's {own}; cast the "
+                f"input (x.to({own})) or the model (model.to({x.dtype}))"
+            )
+
+    def _check_finite(self, x: Tensor) -> float | None:
+        """Check the input and the parameters with one pass over each and one host sync.
+
+        Returns the input's power-of-two scale (:func:`functional.pow2_scale`), or None for a
+        non-finite input under policy "skip".
+
+        Raises:
+            NonFiniteError: non-finite parameters, or input under policy "raise".
+        """
+        params = [(n, p) for n, p in self._parameters.items() if p is not None]
+        bounds = [*torch.aminmax(x.detach())]  # NaN shows in both, inf in one: no copy of x
+        for _, p in params:
+            bounds.extend(torch.aminmax(p.detach()))
+        if len({b.dtype for b in bounds}) > 1:
+            bounds = [b.double() for b in bounds]
+        values = torch.stack(bounds).tolist()  # the one host sync
+        bad = [n for i, (n, _) in enumerate(params) if not all(map(math.isfinite, values[2 + 2 * i: 4 + 2 * i]))]
+        if bad:
+            raise NonFiniteError(
+                f"{self._label()}: the layer's parameter {', '.join(repr(n) for n in bad)} holds NaN or inf "
+                "(an optimizer step applied non-finite gradients?); skipping steps cannot recover it, "
+                "restore a checkpoint"
+            )
+        low, high = values[:2]
+        if math.isfinite(low) and math.isfinite(high):
+            return WF.pow2_scale(max(-low, high), WF.compute_dtype(x.dtype))
+        if self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"{self._label()}: the training input (shape {tuple(x.shape)}) holds NaN or inf; the "
+                "layer's state is unchanged. Fix the data or learning rate, or skip such steps "
+                "(wasi.modules.set_nonfinite_policy(model, 'skip'), or `wasi train --skip-nonfinite`)"
+            )
+        return None
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{self._label()}: {message}", RuntimeWarning, stacklevel=3)
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.left is not None:
@@ -196,8 +287,19 @@ class WASILinear(nn.Module):
     @torch.no_grad()
     def _track_weight_subspace(self) -> None:
         mode = self.config.mode
+        checking = self.nonfinite != "off"
         if mode == "reference":
-            left, right = WF.track_weight_subspace(self.weight, self.left)  # section 3
+            try:
+                left, right = WF.track_weight_subspace(self.weight, self.left)  # section 3
+                good = not checking or WF.is_finite(left, right)
+            except torch.linalg.LinAlgError:
+                good = False
+            if not good:
+                # keep the previous (orthonormal) L and project the weight on it
+                self._warn_once("weight-qr", "QR of the weight subspace failed or gave NaN/inf; keeping "
+                                "the previous basis L for this step (warned once per layer)")
+                left = self.left.to(WF.compute_dtype(self.left.dtype))  # (O, k)
+                right = left.T @ self.weight.to(left.dtype)  # (k, I)
             if int(self.step) == 0 or bool(self.backward_seen):
                 self.left.copy_(left)  # in place: no graph still holds the previous factors
                 self.right.copy_(right)
@@ -211,29 +313,60 @@ class WASILinear(nn.Module):
             every = self.config.reorth_every
             # only after a backward: a graph still waiting for its backward keeps the factors
             if every and bool(self.backward_seen) and int(self.step) % every == 0:
-                q, r = WF.qr_positive(self.left)  # L = Q R_qr, section 6
-                self.right.copy_(r @ self.right.to(r.dtype))  # (k, k) @ (k, I): L R unchanged
-                self.left.copy_(q)
+                try:
+                    q, r = WF.qr_positive(self.left)  # L = Q R_qr, section 6
+                    good = not checking or WF.is_finite(q, r)
+                except torch.linalg.LinAlgError:
+                    good = False
+                if good:
+                    self.right.copy_(r @ self.right.to(r.dtype))  # (k, k) @ (k, I): L R unchanged
+                    self.left.copy_(q)
+                else:  # L R stays as it is, only less well conditioned until the next try
+                    self._warn_once("reorth-qr", "the QR re-orthonormalisation of L failed or gave NaN/inf; "
+                                    "skipped (warned once per layer)")
                 self.backward_seen.fill_(False)
 
     # ------------------------------------------------------------------ activation subspace
     @torch.no_grad()
-    def _compress(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _compress(self, x: Tensor, scale: float | None = None) -> tuple[Tensor, list[Tensor]]:
+        # subspace maths in float32 (float64 stays float64) whatever the input dtype
         xc = x.detach().to(WF.compute_dtype(x.dtype))  # (d_1, ..., d_m)
+        scale = WF.unit_scale(xc) if scale is None else scale  # 2^-e ~ 1 / max|x|
         ranks = self._activation_ranks(xc)
-        bases = []
+        bases: list[Tensor | None] = []
         for n, r in enumerate(ranks):
             previous = getattr(self, f"basis_{n}")
-            if tuple(previous.shape) == (xc.shape[n], r):
-                basis = WF.power_step(xc, n, previous.to(xc.dtype))  # warm start, section 4
-            else:
-                # first step, or the batch size / sequence length changed: cold restart
-                basis = WF.range_finder(xc, n, r, self._generator(n))
-            self._buffers[f"basis_{n}"] = basis  # kept in the compute dtype for the next warm start
+            try:
+                if tuple(previous.shape) == (xc.shape[n], r):
+                    basis = WF.power_step(xc, n, previous.to(xc.dtype), scale=scale)  # warm start, section 4
+                else:
+                    # first step, or the batch size / sequence length changed: cold restart
+                    basis = WF.range_finder(xc, n, r, self._generator(n), scale=scale)
+            except torch.linalg.LinAlgError:
+                basis = None
             bases.append(basis)
+        if self.nonfinite != "off" and (any(b is None for b in bases) or not _finite_bases(bases)):
+            bases = [self._fallback_basis(b, xc, n, r) for n, (b, r) in enumerate(zip(bases, ranks))]
+        for n, basis in enumerate(bases):
+            self._buffers[f"basis_{n}"] = basis  # kept in the compute dtype for the next warm start
         core = WF.tucker_core(xc, bases)  # (r_1, ..., r_m)
         self.last_activation_ranks = tuple(ranks)
-        return core.to(x.dtype), [b.to(x.dtype) for b in bases]
+        # float16 cannot hold a core entry (up to ||X||_F) nor the backward's products: keep float32
+        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        return core.to(saved), [b.to(saved) for b in bases]
+
+    def _fallback_basis(self, basis: Tensor | None, x: Tensor, mode: int, rank: int) -> Tensor:
+        # a QR that failed or returned NaN/inf on a finite input: keep the previous basis when it
+        # fits, else draw a random orthonormal one from the layer's own generator
+        if basis is not None and WF.is_finite(basis):
+            return basis
+        self._warn_once("activation-qr", f"QR of the mode-{mode} activation basis failed or gave NaN/inf; "
+                        "using the previous or a random orthonormal basis (warned once per layer)")
+        previous = getattr(self, f"basis_{mode}")
+        if tuple(previous.shape) == (x.shape[mode], rank) and WF.is_finite(previous):
+            return previous.to(x.dtype)
+        generator = self._generator(mode, stream=1)
+        return WF.random_orthonormal(x.shape[mode], rank, generator, dtype=x.dtype, device=x.device)
 
     def _activation_ranks(self, x: Tensor) -> list[int]:
         wanted = self.config.activation_rank
@@ -251,7 +384,7 @@ class WASILinear(nn.Module):
             stored = self.activation_ranks
             if not (bool((stored[:dims] > 0).all()) and bool((stored[dims:] == 0).all())):
                 eps = self.config.effective_activation_eps
-                measured = [WF.energy_rank(WF.mode_energies(x, n), eps) for n in range(dims)]
+                measured = [self._energy_rank(x, n, eps) for n in range(dims)]
                 stored.zero_()
                 stored[:dims] = torch.tensor(measured)
             ranks = stored[:dims].tolist()
@@ -259,9 +392,19 @@ class WASILinear(nn.Module):
         # a rank cannot exceed the mode nor the product of the other modes
         return [max(1, min(r, d, total // d)) for r, d in zip(ranks, x.shape)]
 
-    def _generator(self, mode: int) -> torch.Generator:
+    def _energy_rank(self, x: Tensor, mode: int, eps: float) -> int:
+        try:
+            return WF.energy_rank(WF.mode_energies(x, mode, scale_free=True), eps)
+        except torch.linalg.LinAlgError:
+            self._warn_once("energy", f"the mode-{mode} energies could not be computed; using the full "
+                            "rank of that mode (warned once per layer)")
+            return x.shape[mode]
+
+    def _generator(self, mode: int, stream: int = 0) -> torch.Generator:
         # the layer's own generator, seeded from its seed, step and mode: never the global RNG
         seed = (int(self.seed) * 1_000_003 + int(self.step) * MAX_MODES + mode) % (2**63 - 1)
+        if stream:
+            seed = (seed * 6_364_136_223_846_793_005 + stream) % (2**63 - 1)  # an independent stream
         return torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------ state
@@ -305,6 +448,54 @@ class WASILinear(nn.Module):
         return ", ".join(parts)
 
 
+def _finite_bases(bases: list[Tensor]) -> bool:
+    # orthonormal columns: their sum is bounded, so it is finite exactly when every entry is
+    return math.isfinite(torch.stack([b.sum() for b in bases]).sum().item())
+
+
+class _GradientCheck:
+    """Tensor hook on a layer's output: a NaN/inf output gradient raises, naming the layer."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __call__(self, grad: Tensor) -> None:
+        if not WF.is_finite(grad):
+            raise NonFiniteError(
+                f"{self.label}: the gradient reaching this layer in backward holds NaN or inf (the loss or "
+                "a layer after this one produced it). Lower the learning rate, or skip such steps "
+                "(wasi.modules.set_nonfinite_policy(model, 'skip') and check the gradients before "
+                "optimizer.step(), or `wasi train --skip-nonfinite`)"
+            )
+
+
+def set_nonfinite_policy(model: nn.Module, policy: str) -> nn.Module:
+    """Set what every WASI layer of ``model`` does with NaN or inf while training.
+
+    Args:
+        model: a converted model (or a single :class:`WASILinear`).
+        policy: ``"raise"`` (default of new layers): a non-finite training input, parameter or
+            gradient raises :class:`NonFiniteError` naming the layer, before any state changes.
+            ``"skip"``: a non-finite input flows through to a NaN output and loss, leaving the
+            layer's bases, ranks and counters untouched, and backward does not check gradients;
+            the caller skips the optimizer step (``wasi train --skip-nonfinite`` does). Non-finite
+            parameters still raise: no skipped step can repair them. ``"off"``: no checks and no
+            host sync (e.g. under ``torch.compile``); non-finite inputs then spoil the bases.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: unknown policy.
+    """
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"non-finite policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    for module in model.modules():
+        if isinstance(module, WASILinear):
+            module.nonfinite = policy
+    return model
+
+
 def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
     """The ``(O, I)`` weight of a supported linear layer and its kind ("linear" or "conv1d").
 
@@ -331,4 +522,5 @@ def is_wrappable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-__all__ = ["WASILinear", "dense_weight_of", "is_wrappable", "MAX_MODES"]
+__all__ = ["WASILinear", "NonFiniteError", "set_nonfinite_policy", "NONFINITE_POLICIES", "dense_weight_of",
+           "is_wrappable", "MAX_MODES"]

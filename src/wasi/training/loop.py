@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -18,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wasi.checkpoint import fsync_dir, remove_quietly
 from wasi.memory import count_saved_tensors
+from wasi.modules import NonFiniteError, set_nonfinite_policy
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import METHODS, WASI_MODES, MethodOptions, apply_method, build_optimizer
 from wasi.training.models import MODEL_NAMES, ModelBundle, build_model, save_pretrained_vit
 
 DATA_NAMES = ("spam", "fashion-mnist", "digits")
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
 DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
 GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 
@@ -59,6 +62,7 @@ class TrainSettings:
     galore_rank: int = 64
     device: str = "cpu"
     export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
+    skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
 
     def validate(self) -> list[str]:
@@ -91,6 +95,8 @@ class TrainSettings:
             errors.append(f"--seed {self.seed}: must be non-negative")
         if self.target not in ("mlp", "attention", "all-linear"):
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
+        if not isinstance(self.skip_nonfinite, bool):
+            errors.append(f"--skip-nonfinite {self.skip_nonfinite!r}: must be true or false")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             errors.append(f"--device {self.device}: CUDA is not available on this machine")
         if self.plan is not None:
@@ -110,7 +116,8 @@ class TrainSettings:
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for volatile in ("resume", "log_every", "checkpoint_every", "out", "cache_dir", "device"):
+        for volatile in ("resume", "log_every", "checkpoint_every", "out", "cache_dir", "device",
+                         "skip_nonfinite"):
             keep.pop(volatile)
         return keep
 
@@ -177,6 +184,7 @@ class Run:
         self.loss_history: list[tuple[int, float]] = []
         self.step_times: list[float] = []
         self.saved_activation_bytes: int | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     # ---------------- setup
     def _setup(self) -> None:
@@ -218,6 +226,9 @@ class Run:
             if plan is None:
                 raise
             raise RunError(f"--plan {s.plan}: {err}") from None
+        # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
+        # step to be skipped here
+        set_nonfinite_policy(self.model, "skip" if s.skip_nonfinite else "raise")
         self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
         self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
         self.total_steps = s.steps or (s.epochs or 1) * self.batches_per_epoch
@@ -259,7 +270,14 @@ class Run:
         return self.out / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> None:
-        """Write the whole run state atomically (temporary file, fsync, rename)."""
+        """Write the whole run state durably: temporary file, fsync, rename, fsync of the folder.
+
+        The state carries the SHA-256 of its contents, checked on resume. A failed write (disk
+        full) removes the temporary file and leaves the previous checkpoint byte-identical.
+
+        Raises:
+            RunError: the checkpoint could not be written.
+        """
         np_state = np.random.get_state()
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -274,32 +292,54 @@ class Run:
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             },
             "trainer": {"best_val": self.best_val, "val_history": self.val_history,
-                        "loss_history": self.loss_history},
+                        "loss_history": self.loss_history, "skipped_steps": self.skipped_steps},
         }
-        tmp = self._checkpoint_path().with_suffix(".pt.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self._checkpoint_path())
+        state["sha256"] = state_digest(state)
+        path = self._checkpoint_path()
+        tmp = path.with_suffix(".pt.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.out)
+        except BaseException as err:
+            remove_quietly(tmp)
+            if isinstance(err, OSError):
+                previous = "the previous checkpoint is unchanged" if path.is_file() else "there is no checkpoint yet"
+                raise RunError(f"could not write the checkpoint {path} at step {self.step}: "
+                               f"{err.strerror or err}; {previous}") from None
+            raise
 
     def _resume(self) -> None:
         path = self._checkpoint_path()
+        remove_quietly(path.with_suffix(".pt.tmp"))  # left by a run killed while saving
         if not path.is_file():
             raise RunError(f"--resume: no checkpoint at {path}")
         try:
             state = torch.load(path, map_location=self.device, weights_only=self.s.method != "galore")
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets one message
-            raise RunError(f"--resume: cannot read {path}: {err}") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"--resume: {path} has checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]  # one line for the CLI
+            raise RunError(f"--resume: cannot read {path} (truncated or corrupt?): {reason}") from None
+        if not isinstance(state, dict) or state.get("format") not in (1, CHECKPOINT_FORMAT):
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise RunError(f"--resume: {path} has checkpoint format {found!r}, expected {CHECKPOINT_FORMAT}")
+        if state["format"] >= 2:
+            recorded = state.pop("sha256", None)
+            if recorded != state_digest(state):
+                raise RunError(f"--resume: {path} is corrupt: its contents do not match the SHA-256 "
+                               "recorded when it was written")
         saved = state["settings"]
         diff = {k: (saved.get(k), v) for k, v in self.s.fingerprint().items() if saved.get(k) != v}
         if diff:
             text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise RunError(f"--resume: the settings differ from the checkpoint's ({text})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise RunError(f"--resume: {path} does not fit this model: {err}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(tuple(_as_tuple(state["rng"]["python"])))
@@ -312,6 +352,7 @@ class Run:
         self.best_val = trainer["best_val"]
         self.val_history = trainer["val_history"]
         self.loss_history = [tuple(x) for x in trainer["loss_history"]]
+        self.skipped_steps = trainer.get("skipped_steps", 0)
         self._truncate_metrics(self.step)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
 
@@ -321,10 +362,20 @@ class Run:
             handle.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
+        # keep the records up to ``step``; a line cut short by a killed run is dropped
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(k + "\n" for k in kept))
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                    kept.append(line)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
 
     # ---------------- evaluation
     @torch.no_grad()
@@ -373,25 +424,46 @@ class Run:
         self.batch_index = 0
 
     # ---------------- training
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> float | None:
+        """One optimizer step; returns the loss, or None for a step skipped as non-finite.
+
+        A NaN/inf loss or gradient norm is caught before the optimizer step: it stops the run
+        with a RunError (the last checkpoint stays good), or with ``skip_nonfinite`` the step is
+        skipped (no parameter or optimizer-state change; the scheduler still advances, so the
+        learning rate stays a function of the step) and counted.
+        """
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)  # last step's gradients must not live through the forward
-        if self.saved_activation_bytes is None:
-            with count_saved_tensors(self.model) as counter:
+        try:
+            if self.saved_activation_bytes is None:
+                with count_saved_tensors(self.model) as counter:
+                    loss = F.cross_entropy(self._logits(batch), batch["labels"])
+                self.saved_activation_bytes = counter.bytes
+            else:
                 loss = F.cross_entropy(self._logits(batch), batch["labels"])
-            self.saved_activation_bytes = counter.bytes
-        else:
-            loss = F.cross_entropy(self._logits(batch), batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP)
+            value = loss.item()
+            problem = None if math.isfinite(value) else f"the loss is {value}"
+            if problem is None:
+                loss.backward()
+                norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP))
+                problem = None if math.isfinite(norm) else f"the gradient norm is {norm}"
+        except NonFiniteError as err:
+            raise RunError(f"step {self.step + 1}: {err}") from None
+        if problem is not None:
+            if not self.s.skip_nonfinite:
+                raise RunError(f"step {self.step + 1}: {problem}; nothing was updated. Lower --lr, check the "
+                               "data, or pass --skip-nonfinite to skip such steps")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.skipped_steps += 1
+            self._metric({"type": "skip", "step": self.step + 1, "epoch": self.epoch + 1, "reason": problem,
+                          "skipped_steps": self.skipped_steps})
+            return None
         self.optimizer.step()
         self.scheduler.step()
-        value = loss.item()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_times.append(time.perf_counter() - t0)
-        if not math.isfinite(value):
-            raise RunError(f"the loss became {value} at step {self.step + 1}; lower --lr")
         return value
 
     def _loop(self) -> None:
@@ -411,20 +483,25 @@ class Run:
             loss = self._train_step(_batch(self.train, idx, self.pad_id, self.device))
             self.step += 1
             self.batch_index += 1
-            window.append(loss)
+            if loss is not None:  # None: skipped as non-finite
+                window.append(loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch + 1)
+            bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", epoch=self.epoch + 1)
             if self.step % self.s.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 rate = len(window) * bs / max(now - window_start, 1e-9)
-                mean = sum(window) / len(window)
-                self.loss_history.append((self.step, mean))
+                mean = sum(window) / len(window) if window else None
+                if mean is not None:
+                    self.loss_history.append((self.step, mean))
                 self._metric({"type": "train", "step": self.step, "epoch": self.epoch + 1, "loss": mean,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                              "skipped_steps": self.skipped_steps})
                 if not interactive:
                     per_step = (now - run_start) / max(self.step - start_step, 1)
                     eta = per_step * (self.total_steps - self.step)
-                    self.print(f"step {self.step}/{self.total_steps} epoch {self.epoch + 1} loss {mean:.4f} "
+                    shown = "skipped" if mean is None else f"{mean:.4f}"
+                    skipped = f" ({self.skipped_steps} skipped)" if self.skipped_steps else ""
+                    self.print(f"step {self.step}/{self.total_steps} epoch {self.epoch + 1} loss {shown}{skipped} "
                                f"{rate:.1f} samples/s eta {eta:.0f}s")
                 window, window_start = [], now
             if self.batch_index >= self.batches_per_epoch:
@@ -465,6 +542,7 @@ class Run:
             "test_accuracy": test_accuracy,
             "best_val_accuracy": self.best_val,
             "train_steps": self.step,
+            "skipped_steps": self.skipped_steps,
             "epochs": self.epoch,
             "peak_memory_mb": peak,
             "saved_activation_mb": (self.saved_activation_bytes or 0) / 2**20,
@@ -484,8 +562,9 @@ class Run:
         self._export()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot()
+        step_s = summary["train_step_s_median"]  # None when a resumed run had no step left to take
         self.print(f"test accuracy {test_accuracy:.4f}; peak memory {peak:.1f} MB; median step "
-                   f"{summary['train_step_s_median']:.4f} s; summary in {self.out / 'summary.json'}")
+                   f"{'n/a' if step_s is None else f'{step_s:.4f} s'}; summary in {self.out / 'summary.json'}")
         return summary
 
     def _export(self) -> None:
@@ -530,6 +609,40 @@ def _import_libraries(method: str) -> None:
         import peft  # noqa: F401
     elif method == "galore":
         import galore_torch  # noqa: F401
+
+
+def state_digest(state) -> str:
+    """Hex SHA-256 of a checkpoint's contents (tensors by dtype, shape and bytes; the rest by value).
+
+    Computed from the objects, not the file, so it can travel inside the file it checks: save
+    stores it, resume recomputes it from what ``torch.load`` returned.
+    """
+    digest = hashlib.sha256()
+    _digest_into(digest, state)
+    return digest.hexdigest()
+
+
+def _digest_into(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _digest_into(digest, key)
+            _digest_into(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest_into(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    elif hasattr(value, "__dict__"):  # an optimizer's helper object (GaLore's projector)
+        digest.update(f"O{type(value).__qualname__}".encode())
+        _digest_into(digest, vars(value))
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _as_tuple(value):
