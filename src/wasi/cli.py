@@ -22,28 +22,34 @@ _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint
 _FLOATS = ("eps", "lr")
 
 
+def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Convert the named options given as strings; returns the values given and one error per bad value."""
+    values, errors = {}, []
+    for name in (*ints, *floats):
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        if not isinstance(raw, str):
+            values[name] = raw
+            continue
+        try:
+            values[name] = int(raw) if name in ints else float(raw)
+        except ValueError:
+            kind = "an integer" if name in ints else "a number"
+            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
+    return values, errors
+
+
 def _settings(args: argparse.Namespace, **fixed):
     """Build the run settings; every bad value is reported, together, as a UsageError."""
     from wasi.training.loop import TrainSettings
 
-    errors = []
-    values = {}
-    for name in _INTS + _FLOATS:
-        raw = getattr(args, name)
-        if raw is None or not isinstance(raw, str):
-            values[name] = raw
-            continue
-        try:
-            values[name] = int(raw) if name in _INTS else float(raw)
-        except ValueError:
-            kind = "an integer" if name in _INTS else "a number"
-            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
-            values[name] = None
+    values, errors = parse_numbers(args, _INTS, _FLOATS)
     fields = {
         "model": args.model, "data": args.data, "out": args.out, "target": args.target,
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
-        "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None), "skip_nonfinite": args.skip_nonfinite,
-        **{k: v for k, v in values.items() if v is not None},
+        "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
+        "skip_nonfinite": args.skip_nonfinite, **values,
     }
     fields.update(fixed)
     settings = TrainSettings(**fields)

@@ -84,19 +84,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     Raises:
         wasi.cli.UsageError: one or more invalid arguments.
     """
-    from wasi.cli import UsageError
+    from wasi.cli import UsageError, parse_numbers
 
-    errors: list[str] = []
     values: dict = dict(QUICK) if args.quick else {}
-    for name in _INTS + _FLOATS:
-        raw = getattr(args, name)
-        if raw is None:
-            continue
-        try:
-            values[name] = int(raw) if name in _INTS else float(raw)
-        except ValueError:
-            kind = "an integer" if name in _INTS else "a number"
-            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
+    parsed, errors = parse_numbers(args, _INTS, _FLOATS)
+    values.update(parsed)
     if "timeout" in values:
         values["timeout_s"] = values.pop("timeout")
     if args.eps is not None:

@@ -57,25 +57,17 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
-    values, errors = {}, []
-    for name in _INTS + _FLOATS:
-        raw = getattr(args, name)
+    from wasi.cli import parse_numbers
+
+    parsed, errors = parse_numbers(args, _INTS, _FLOATS)
+    values = {name: parsed.get(name) for name in _INTS + _FLOATS}
+    for name, value in parsed.items():
         flag = f"--{name.replace('_', '-')}"
-        if raw is None:
-            values[name] = None
-            continue
-        try:
-            value = int(raw) if name in _INTS else float(raw)
-        except (TypeError, ValueError):
-            errors.append(f"{flag} {raw!r}: must be {'an integer' if name in _INTS else 'a number'}")
-            values[name] = None
-            continue
         if name in _FLOATS and (not math.isfinite(value) or value <= 0 or (name == "eps" and value > 1)):
-            errors.append(f"{flag} {raw}: must be {'in (0, 1]' if name == 'eps' else 'a positive number'}")
+            errors.append(f"{flag} {value}: must be {'in (0, 1]' if name == 'eps' else 'a positive number'}")
         elif name in _INTS and value < (0 if name == "seed" else 1):
             kind = "non-negative" if name == "seed" else "positive"
-            errors.append(f"{flag} {raw}: must be a {kind} integer")
-        values[name] = value
+            errors.append(f"{flag} {value}: must be a {kind} integer")
     try:
         grid = tuple(float(v) for v in str(args.eps_grid).split(",") if v.strip())
         if not grid or any(not 0 < v <= 1 for v in grid):

@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from wasi.checkpoint import fsync_dir, remove_quietly
 from wasi.memory import count_saved_tensors
