@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import itertools
 import json
 import math
@@ -445,12 +444,7 @@ def test_cli_reports_every_bad_argument_at_once(tmp_path):
     assert all(flag in text for flag in ("--budget-mb", "--batches", "--eps-grid", "--out"))
 
 
-# ---------------------------------------------------------------------------- integration (once wired in)
-def _convert_takes_plan() -> bool:
-    return "plan" in inspect.signature(wasi.convert).parameters
-
-
-@pytest.mark.skipif(not _convert_takes_plan(), reason="wasi.convert has no plan= yet")
+# ---------------------------------------------------------------------------- integration
 def test_convert_with_a_plan_wraps_its_layers_with_its_ranks():
     model, batches = tiny(), id_batches(1)
     with warnings.catch_warnings():
@@ -468,7 +462,6 @@ def test_convert_with_a_plan_wraps_its_layers_with_its_ranks():
         wasi.convert(tiny(), WASIConfig(activation_rank=3), plan=plan)
 
 
-@pytest.mark.skipif(not _convert_takes_plan(), reason="wasi train has no --plan yet")
 def test_train_with_a_plan_from_the_cli(tmp_path):
     from wasi.cli import main
 

@@ -343,11 +343,7 @@ def test_cli_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_pat
 def test_cli_skip_nonfinite_flag_reaches_the_settings(tmp_path, capsys):
     from wasi.cli import _settings
 
-    try:
-        args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path), "--skip-nonfinite"])
-    except SystemExit:
-        capsys.readouterr()
-        pytest.skip("cli.py has no --skip-nonfinite flag yet")
+    args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path), "--skip-nonfinite"])
     assert _settings(args).skip_nonfinite is True
     args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path)])
     assert _settings(args).skip_nonfinite is False
