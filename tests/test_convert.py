@@ -279,3 +279,14 @@ def test_conversion_is_in_place_and_returns_the_model():
     with torch.no_grad():
         torch.testing.assert_close(model(images), original(images), atol=1e-5, rtol=1e-5)
     assert wasi.unconvert(model) is model
+
+
+def test_convert_and_unconvert_keep_each_layer_in_its_mode():
+    from wasi.models import build_vit
+
+    model = build_vit("vit-micro", num_classes=3).eval()
+    wasi.convert(model, wasi.WASIConfig(target="all-linear"))
+    assert all(not layer.training for _, layer in wasi.wasi_layers(model))
+    model.blocks[0].mlp.fc1.train()
+    wasi.unconvert(model)
+    assert model.blocks[0].mlp.fc1.training and not model.blocks[0].mlp.fc2.training

@@ -165,6 +165,7 @@ def convert(
             name=fqn,
             initialise=initialise,
         )
+        layer.train(model.get_submodule(fqn).training)  # the replaced layer's mode, not a fresh module's
         _set_submodule(model, fqn, layer)
     if plan is not None:
         from wasi.calibrate import apply_plan
@@ -210,6 +211,7 @@ def unconvert(model: nn.Module) -> nn.Module:
                 if layer.bias is not None:
                     dense.bias = layer.bias
             dense.weight.requires_grad_(trainable)
+        dense.train(layer.training)
         _set_submodule(model, fqn, dense)
     return model
 

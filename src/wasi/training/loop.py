@@ -228,6 +228,7 @@ class Run:
         # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
         # step to be skipped here
         set_nonfinite_policy(self.model, "skip" if s.skip_nonfinite else "raise")
+        self.model.train()  # transformers' from_pretrained hands the model over in eval mode
         self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
         self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
         self.total_steps = s.steps or (s.epochs or 1) * self.batches_per_epoch
