@@ -49,7 +49,7 @@ def _settings(args: argparse.Namespace, **fixed):
         "model": args.model, "data": args.data, "out": args.out, "target": args.target,
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
         "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
-        "skip_nonfinite": args.skip_nonfinite, **values,
+        "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False), **values,
     }
     fields.update(fixed)
     settings = TrainSettings(**fields)
@@ -107,6 +107,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
     parser.add_argument("--seed", default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--recompute", action="store_true",
+                        help="WASI methods with weight factors: rebuild the MLP activation's input (and a ViT's "
+                             "attention q, k, v) from the low-rank code X R^T in backward instead of storing them")
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip the optimizer step of a batch whose loss or gradients are NaN/inf "
                              "(counted as skipped_steps) instead of stopping the run")

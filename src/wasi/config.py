@@ -49,6 +49,13 @@ class WASIConfig:
         seed: seed of the layers' own random generators (range finder).
         reorth_every: factored modes re-orthonormalise ``L`` by QR every this many training
             steps (0 never).
+        recompute_from_code: let a converted linear absorb the parameter-free function that
+            follows it in a known layout (the activation after ``fc1``,
+            ``intermediate.dense``, ``c_fc`` or ``gate_proj``; the attention core after our
+            ViT's ``qkv``): the layer saves its small code ``X R^T`` and rebuilds the
+            function's input from it in backward, instead of that function storing its
+            ``(..., O)`` input (the GELU input; the attention's q, k, v and output). Exact
+            (same gradients); modes with weight factors.
 
     Raises:
         ValueError: naming the field and the value when a field is invalid.
@@ -62,6 +69,7 @@ class WASIConfig:
     target: str = "mlp"
     seed: int = 0
     reorth_every: int = 1
+    recompute_from_code: bool = False
 
     def __post_init__(self) -> None:
         _check_fraction("eps", self.eps)
@@ -96,6 +104,16 @@ class WASIConfig:
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ValueError(
                 f"WASIConfig.reorth_every must be a non-negative integer, got {self.reorth_every!r}"
+            )
+
+        if not isinstance(self.recompute_from_code, bool):
+            raise ValueError(
+                f"WASIConfig.recompute_from_code must be True or False, got {self.recompute_from_code!r}"
+            )
+        if self.recompute_from_code and self.mode == "activations-only":
+            raise ValueError(
+                "WASIConfig.recompute_from_code rebuilds inputs from the weight factors' code X R^T; "
+                "mode 'activations-only' keeps a dense weight (use 'factored', 'reference' or 'weights-only')"
             )
 
     @property

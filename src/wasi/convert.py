@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -87,6 +88,60 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# (linear, activation) attribute pairs of MLP layouts whose forward applies the activation to
+# the linear's output and nothing else: our ViT and timm (fc1, act), BERT-style encoders
+# (intermediate: dense, intermediate_act_fn), GPT-2 (c_fc, act), LLaMA-style gated MLPs
+# (gate_proj, act_fn); and our ViT's attention (qkv, core)
+FUSABLE_SITES = (
+    ("fc1", "act"), ("dense", "intermediate_act_fn"), ("c_fc", "act"), ("gate_proj", "act_fn"), ("qkv", "core"),
+)
+_TORCH_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU)
+_TRANSFORMERS_ACTIVATIONS = frozenset({
+    "AccurateGELUActivation", "ClippedGELUActivation", "FastGELUActivation", "GELUActivation", "GELUTanh",
+    "LaplaceActivation", "MishActivation", "NewGELUActivation", "PytorchGELUTanh", "QuickGELUActivation",
+    "ReLUSquaredActivation", "SiLUActivation",
+})
+
+
+def is_fusable_activation(module: object) -> bool:
+    """True for a parameter-free module a WASI layer can absorb: an elementwise activation, or
+    a module marked ``wasi_fusable = True`` (a deterministic function of its one input)."""
+    if not isinstance(module, nn.Module) or any(True for _ in module.parameters()):
+        return False
+    if isinstance(module, _TORCH_ACTIVATIONS) or getattr(module, "wasi_fusable", False) is True:
+        return True
+    cls = type(module)
+    return cls.__module__.startswith("transformers.activations") and cls.__name__ in _TRANSFORMERS_ACTIVATIONS
+
+
+def fuse_activations(model: nn.Module) -> list[str]:
+    """Move each activation that follows a WASI layer in a known MLP layout into that layer.
+
+    The parent's activation attribute becomes ``nn.Identity`` and the layer applies the
+    activation itself, saving ``X R^T`` instead of the activation's input
+    (``WASIConfig.recompute_from_code``). :func:`unconvert` puts the activations back.
+
+    Returns:
+        The paths of the layers that received an activation.
+    """
+    fused = []
+    for path, parent in list(model.named_modules()):
+        for linear_name, act_name in FUSABLE_SITES:
+            layer = getattr(parent, linear_name, None)
+            act = getattr(parent, act_name, None)
+            if (
+                isinstance(layer, WASILinear)
+                and layer.activation is None
+                and layer.left is not None
+                and is_fusable_activation(act)
+            ):
+                layer.activation = act
+                layer.activation_site = act_name
+                setattr(parent, act_name, nn.Identity())
+                fused.append(f"{path}.{linear_name}" if path else linear_name)
+    return fused
+
+
 def convert(
     model: nn.Module,
     config: WASIConfig | None = None,
@@ -167,6 +222,13 @@ def convert(
         )
         layer.train(model.get_submodule(fqn).training)  # the replaced layer's mode, not a fresh module's
         _set_submodule(model, fqn, layer)
+    if config.recompute_from_code and not fuse_activations(model):
+        warnings.warn(
+            "recompute_from_code=True but no converted layer is followed by a known activation "
+            f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if plan is not None:
         from wasi.calibrate import apply_plan
 
@@ -213,7 +275,11 @@ def unconvert(model: nn.Module) -> nn.Module:
             dense.weight.requires_grad_(trainable)
         dense.train(layer.training)
         _set_submodule(model, fqn, dense)
+        if layer.activation is not None:  # give the parent its activation back
+            parent_name = fqn.rpartition(".")[0]
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, layer.activation_site, layer.activation)
     return model
 
 
-__all__ = ["convert", "unconvert", "select_layers", "target_matches", "wasi_layers", "is_conv1d"]
+__all__ = ["convert", "unconvert", "fuse_activations", "is_fusable_activation", "select_layers", "target_matches", "wasi_layers", "is_conv1d"]

@@ -91,6 +91,10 @@ class WASILinear(nn.Module):
             self.register_buffer("activation_ranks", torch.zeros(MAX_MODES, dtype=torch.int64, device=device))
             for n in range(MAX_MODES):
                 self.register_buffer(f"basis_{n}", torch.empty(0, 0, device=device))
+        # an elementwise activation fused into the layer (WASIConfig.recompute_from_code):
+        # its input is rebuilt from the code X R^T in backward; site is the parent's attribute
+        self.activation: nn.Module | None = None
+        self.activation_site: str | None = None
         self.last_input_shape: tuple[int, ...] | None = None
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
@@ -201,7 +205,8 @@ class WASILinear(nn.Module):
             scale = self._check_finite(x)
             if scale is None:
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
-                return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias)
+                y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias)
+                return y if self.activation is None else self.activation(y)
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
         self.step += 1
@@ -214,6 +219,7 @@ class WASILinear(nn.Module):
             core=core,
             bases=tuple(bases),
             notify=self.backward_seen,
+            activation=self.activation,
         )
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
@@ -280,8 +286,10 @@ class WASILinear(nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.left is not None:
-            return F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., k) -> (..., O)
-        return F.linear(x, self.weight, self.bias)
+            y = F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., k) -> (..., O)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if self.activation is None else self.activation(y)
 
     # ------------------------------------------------------------------ weight subspace
     @torch.no_grad()
@@ -445,6 +453,8 @@ class WASILinear(nn.Module):
                 else f"activation_eps={self.config.effective_activation_eps}"
             )
         parts.append(f"bias={self.bias is not None}")
+        if self.activation is not None:
+            parts.append(f"fused_activation={self.activation_site}")
         return ", ".join(parts)
 
 

@@ -89,6 +89,9 @@ def markdown(results: dict) -> str:
         "the model, method and optimizer are set up (same baseline). Analytic = the paper-style count "
         "(weights + saved inputs of the wrapped layers only), WASI / dense.",
     ]
+    if s.get("recompute"):
+        lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
+                     "attention q, k, v) from the low-rank code in backward instead of storing them")
     if s["data"] == "synthetic" and s["spectrum_decay"] > 0:
         lines.append("- synthetic data; a randomly initialised model's linear weights get a power-law "
                      f"spectrum s_j ~ j^-{s['spectrum_decay']:g} (same Frobenius norm), see "

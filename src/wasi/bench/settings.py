@@ -43,6 +43,7 @@ class BenchSettings:
     lr: float | None = None
     rank: int | None = None
     activation_rank: int | None = None
+    recompute: bool = False
     lora_rank: int = 8
     galore_rank: int = 64
     max_length: int = 128

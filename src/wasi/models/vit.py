@@ -35,6 +35,27 @@ VIT_PRESETS: dict[str, ViTShape] = {
 }
 
 
+class AttentionCore(nn.Module):
+    """Multi-head attention of packed ``(B, N, 3 D)`` query/key/value to ``(B, N, D)``.
+
+    Parameter-free and a function of its input only, so a WASI ``qkv`` layer can absorb it
+    (``WASIConfig.recompute_from_code``) and rebuild ``q, k, v`` from its small code in backward.
+    """
+
+    wasi_fusable = True
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        b, n, d3 = qkv.shape
+        d = d3 // 3
+        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d/h)
+        return out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -42,14 +63,11 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.core = AttentionCore(heads)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)  # (B, N, 3, h, d/h)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d/h)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d/h)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+        return self.proj(self.core(self.qkv(x)))  # (B, N, D) -> (B, N, 3D) -> (B, N, D)
 
 
 class MLP(nn.Module):

@@ -61,6 +61,7 @@ class TrainSettings:
     galore_rank: int = 64
     device: str = "cpu"
     export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
+    recompute: bool = False  # rebuild activation/attention inputs from the low-rank code (WASI methods)
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
 
@@ -94,6 +95,11 @@ class TrainSettings:
             errors.append(f"--seed {self.seed}: must be non-negative")
         if self.target not in ("mlp", "attention", "all-linear"):
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
+        if not isinstance(self.recompute, bool):
+            errors.append(f"--recompute {self.recompute!r}: must be true or false")
+        elif self.recompute and self.method not in ("wsi", "wasi-reference", "wasi"):
+            errors.append(f"--recompute rebuilds inputs from the weight factors: it needs --method wsi, "
+                          f"wasi-reference or wasi, got --method {self.method}")
         if not isinstance(self.skip_nonfinite, bool):
             errors.append(f"--skip-nonfinite {self.skip_nonfinite!r}: must be true or false")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -218,7 +224,8 @@ class Run:
         self.test = _make_split(test, bundle, s.max_length)
         plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
-                                lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan)
+                                lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
+                                recompute=s.recompute)
         try:
             self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
         except ValueError as err:

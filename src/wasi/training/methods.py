@@ -34,6 +34,7 @@ class MethodOptions:
     seed: int = 0
     ranks: dict | None = None  # per-layer weight ranks
     plan: Any = None  # a wasi.calibrate.Plan: per-layer activation (and weight) ranks
+    recompute: bool = False  # WASIConfig.recompute_from_code, for the WASI methods with weight factors
 
 
 def target_layers(model: nn.Module, target: str) -> list[str]:
@@ -73,6 +74,7 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head:
         config = WASIConfig(
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
+            recompute_from_code=options.recompute and WASI_MODES[method] != "activations-only",
         )
         convert(model, config, ranks=options.ranks, plan=options.plan)
     return model

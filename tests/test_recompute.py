@@ -1,0 +1,159 @@
+"""WASIConfig.recompute_from_code: the fused activation / attention core is exact and saves less."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import wasi
+from wasi import WASIConfig
+from wasi.autograd import wasi_linear
+from wasi.cli import main
+from wasi.convert import fuse_activations, is_fusable_activation
+from wasi.memory import count_saved_tensors
+from wasi.models import build_vit
+from wasi.models.vit import AttentionCore
+from wasi.training.loop import TrainSettings, run_training
+
+BATCH = 4
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return build_vit("vit-micro", 10)
+
+
+def _images(model: nn.Module) -> torch.Tensor:
+    s = model.shape
+    return torch.randn(BATCH, s.channels, s.image_size, s.image_size, generator=torch.Generator().manual_seed(1))
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    model.train()
+    with count_saved_tensors(model) as counter:
+        out = model(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, counter.bytes
+
+
+@pytest.mark.parametrize("mode", ["factored", "reference", "weights-only"])
+@pytest.mark.parametrize("target", ["mlp", "all-linear"])
+def test_same_outputs_and_gradients_with_fewer_saved_bytes(mode, target):
+    base = _vit()
+    x = _images(base)
+    results = {}
+    for recompute in (False, True):
+        model = copy.deepcopy(base)
+        wasi.convert(model, WASIConfig(eps=0.8, target=target, mode=mode, activation_rank=3,
+                                       recompute_from_code=recompute))
+        results[recompute] = _step(model, x)
+    (out0, grads0, saved0), (out1, grads1, saved1) = results[False], results[True]
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+    shape = base.shape
+    tokens = BATCH * (1 + (shape.image_size // shape.patch_size) ** 2)
+    gelu_inputs = shape.depth * tokens * shape.mlp_dim * 4  # bytes of the (B, N, H) float32 GELU inputs
+    # the GELU inputs are gone; what the layers keep instead, the code X R^T, is smaller
+    assert saved0 - saved1 > 0.5 * gelu_inputs, (saved0, saved1)
+
+
+def test_attention_core_is_absorbed_by_qkv_and_given_back():
+    model = _vit()
+    wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", recompute_from_code=True))
+    block = model.blocks[0]
+    assert isinstance(block.attn.core, nn.Identity) and isinstance(block.mlp.act, nn.Identity)
+    assert isinstance(block.attn.qkv.activation, AttentionCore)
+    assert isinstance(block.mlp.fc1.activation, nn.GELU)
+    assert "fused_activation=core" in repr(block.attn.qkv)
+    model.eval()
+    x = _images(model)
+    with torch.no_grad():
+        fused = model(x)
+        wasi.unconvert(model)
+        dense = model(x)
+    assert isinstance(model.blocks[0].attn.core, AttentionCore)
+    assert isinstance(model.blocks[0].mlp.act, nn.GELU)
+    torch.testing.assert_close(dense, fused, rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_round_trip_fuses_again(tmp_path):
+    model = _vit()
+    wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, recompute_from_code=True))
+    x = _images(model)
+    _step(model, x)
+    wasi.save(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "wasi_config.json").read_text())["config"]["recompute_from_code"] is True
+    restored = wasi.load(_vit(), tmp_path / "ckpt")
+    assert isinstance(restored.blocks[0].mlp.act, nn.Identity)
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+
+
+def test_bert_intermediate_gelu_is_fused(minilm, minilm_batch):
+    wasi.convert(minilm, WASIConfig(eps=0.8, activation_rank=4, recompute_from_code=True))
+    layer = minilm.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate.intermediate_act_fn, nn.Identity)
+    assert type(layer.intermediate.dense.activation).__name__ == "GELUActivation"
+    minilm.train()
+    minilm(**minilm_batch).loss.backward()
+    assert layer.intermediate.dense.left.grad is not None
+    wasi.unconvert(minilm)
+    assert type(minilm.bert.encoder.layer[0].intermediate.intermediate_act_fn).__name__ == "GELUActivation"
+
+
+def test_nothing_to_fuse_warns():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    with pytest.warns(RuntimeWarning, match="nothing was fused"):
+        wasi.convert(model, WASIConfig(eps=0.9, target="all-linear", recompute_from_code=True))
+    assert isinstance(model[1], nn.GELU)
+
+
+def test_fuse_skips_layers_without_factors_and_parametrised_activations():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(8, 16)
+            self.act = nn.PReLU()  # has a parameter: not a pure function of its input
+
+    model = Block()
+    wasi.convert(model, WASIConfig(eps=0.9, target="all-linear"))
+    assert fuse_activations(model) == []
+    assert not is_fusable_activation(nn.PReLU()) and not is_fusable_activation(nn.Linear(2, 2))
+    assert is_fusable_activation(nn.GELU(approximate="tanh")) and is_fusable_activation(AttentionCore(2))
+    assert not is_fusable_activation(torch.tanh)  # a function, not a module
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"recompute_from_code": True, "mode": "activations-only"}, "activations-only"),
+    ({"recompute_from_code": "yes"}, "recompute_from_code must be True or False"),
+])
+def test_config_errors_name_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        WASIConfig(**bad)
+
+
+def test_functional_entry_needs_factors():
+    with pytest.raises(ValueError, match="left and right"):
+        wasi_linear(torch.randn(2, 3), weight=torch.randn(4, 3), activation=torch.relu)
+
+
+def test_train_cli_recompute(tmp_path, capsys):
+    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "bad"),
+                 "--method", "lora", "--recompute"])
+    assert code == 2
+    assert "--recompute rebuilds inputs from the weight factors" in capsys.readouterr().err
+    settings = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path / "run"), method="wasi", steps=3,
+                             batch_size=32, max_train_samples=100, eval_batch_size=128, recompute=True)
+    summary = run_training(settings, print_fn=lambda _m: None)
+    assert summary["train_steps"] == 3
+    config = json.loads((tmp_path / "run" / "model" / "wasi_config.json").read_text())["config"]
+    assert config["recompute_from_code"] is True
