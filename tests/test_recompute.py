@@ -157,3 +157,18 @@ def test_train_cli_recompute(tmp_path, capsys):
     assert summary["train_steps"] == 3
     config = json.loads((tmp_path / "run" / "model" / "wasi_config.json").read_text())["config"]
     assert config["recompute_from_code"] is True
+
+
+def test_summary_counts_the_saved_code():
+    base = _vit()
+    x = _images(base)
+    costs = {}
+    for recompute in (False, True):
+        model = copy.deepcopy(base)
+        wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, recompute_from_code=recompute))
+        _step(model, x)
+        costs[recompute] = {c.name: c for c in wasi.summary(model).layers}
+    fc1 = "blocks.0.mlp.fc1"
+    layer_rank, tokens = costs[True][fc1].rank, x.shape[0] * 17
+    assert costs[True][fc1].activation_wasi - costs[False][fc1].activation_wasi == tokens * layer_rank
+    assert costs[True]["blocks.0.mlp.fc2"].activation_wasi == costs[False]["blocks.0.mlp.fc2"].activation_wasi
