@@ -172,3 +172,63 @@ def test_summary_counts_the_saved_code():
     layer_rank, tokens = costs[True][fc1].rank, x.shape[0] * 17
     assert costs[True][fc1].activation_wasi - costs[False][fc1].activation_wasi == tokens * layer_rank
     assert costs[True]["blocks.0.mlp.fc2"].activation_wasi == costs[False]["blocks.0.mlp.fc2"].activation_wasi
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_checkpointing_replays_the_step(recompute):
+    base = _vit()
+    x = _images(base)
+    runs = {}
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", activation_eps=0.9, recompute_from_code=recompute))
+        model.checkpointing = checkpointing
+        steps = []
+        for _ in range(2):
+            model.zero_grad()
+            out, grads, saved = _step(model, x)
+            steps.append((out, grads, saved))
+        runs[checkpointing] = (model, steps)
+    (plain, plain_steps), (ckpt, ckpt_steps) = runs[False], runs[True]
+    # the recomputed forward neither advances the counters nor moves the subspaces
+    assert int(ckpt.blocks[0].mlp.fc1.step) == int(plain.blocks[0].mlp.fc1.step) == 2
+    for (out0, grads0, saved0), (out1, grads1, saved1) in zip(plain_steps, ckpt_steps):
+        torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+        for name in grads0:
+            torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert saved1 < saved0  # only the block inputs are kept
+    torch.testing.assert_close(ckpt.blocks[1].mlp.fc2.basis_0, plain.blocks[1].mlp.fc2.basis_0)
+
+
+def test_minilm_checkpointing_with_wasi_matches_without(minilm, minilm_batch):
+    from wasi.training.methods import MethodOptions, apply_method
+
+    grads, steps, saved = {}, {}, {}
+    for checkpointing in (False, True):
+        model = copy.deepcopy(minilm)
+        options = MethodOptions(eps=0.8, checkpointing=checkpointing, recompute=True)
+        model = apply_method(model, "wasi", options, head="classifier").train()
+        with count_saved_tensors(model) as counter:
+            loss = model(**minilm_batch).loss
+        saved[checkpointing] = counter.bytes
+        loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        steps[checkpointing] = int(model.bert.encoder.layer[0].intermediate.dense.step)
+    assert steps == {False: 1, True: 1}
+    assert saved[True] < 0.5 * saved[False]  # checkpointing is on: only the layer inputs are kept
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_and_bench_take_checkpointing(tmp_path):
+    settings = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path / "run"), method="lora", steps=2,
+                             batch_size=32, max_train_samples=64, eval_batch_size=128, checkpointing=True)
+    assert run_training(settings, print_fn=lambda _m: None)["train_steps"] == 2
+    assert main(["bench", "--quick", "--methods", "vanilla,wasi", "--eps", "0.9", "--checkpointing", "--recompute",
+                 "--out", str(tmp_path / "bench")]) == 0
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["settings"]["checkpointing"] is True
+    by_method = {r["method"]: r for r in results["records"]}
+    assert by_method["vanilla"]["checkpointing"] is True and by_method["vanilla"]["recompute"] is False
+    assert by_method["wasi"]["recompute"] is True
+    assert "`--checkpointing`" in (tmp_path / "bench" / "results.md").read_text()

@@ -49,7 +49,8 @@ def _settings(args: argparse.Namespace, **fixed):
         "model": args.model, "data": args.data, "out": args.out, "target": args.target,
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
         "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
-        "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False), **values,
+        "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False),
+        "checkpointing": getattr(args, "checkpointing", False), **values,
     }
     fields.update(fixed)
     settings = TrainSettings(**fields)
@@ -107,6 +108,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
     parser.add_argument("--seed", default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing on top of --method (each block's inputs are stored and "
+                             "the block recomputed in backward; WASI layers replay the step's bases)")
     parser.add_argument("--recompute", action="store_true",
                         help="WASI methods with weight factors: rebuild the MLP activation's input (and a ViT's "
                              "attention q, k, v) from the low-rank code X R^T in backward instead of storing them")

@@ -200,6 +200,12 @@ class WASILinear(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: empty input of shape {tuple(x.shape)}")
         dense = self.weight if self.config.mode != "weights-only" else None
+        if torch._C._current_graph_task_id() != -1 and self.config.compress_activations:
+            # a training forward inside a backward pass: activation checkpointing recomputing this
+            # layer. Replay this step: same factors and bases, no tracking, no counter.
+            replay = self._replay(x, dense)
+            if replay is not None:
+                return replay
         scale = None
         if self.nonfinite != "off":
             scale = self._check_finite(x)
@@ -224,6 +230,21 @@ class WASILinear(nn.Module):
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
         return y
+
+    def _replay(self, x: Tensor, dense: Tensor | None) -> Tensor | None:
+        """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
+        bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
+        if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
+            (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
+        ]:
+            return None
+        with torch.no_grad():
+            core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
+        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        return wasi_linear(
+            x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
+            bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
+        )
 
     def _check_dtype(self, x: Tensor, training: bool) -> None:
         own = (self.left if self.left is not None else self.weight).dtype

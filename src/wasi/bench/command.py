@@ -61,6 +61,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
     parser.add_argument("--cache-dir", default=None, help="dataset cache")
     parser.add_argument("--timeout", default=None, help="seconds one run may take (default 3600)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing on top of every method (as `wasi train --checkpointing`)")
     parser.add_argument("--recompute", action="store_true",
                         help="the WASI methods with weight factors (wsi, wasi-reference, wasi) rebuild the MLP "
                              "activation's input and a ViT's attention q, k, v from the low-rank code (as `wasi "
@@ -102,6 +104,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             errors.append(f"--eps {args.eps!r}: must be comma-separated numbers")
     if args.recompute:
         values["recompute"] = True
+    if args.checkpointing:
+        values["checkpointing"] = True
     if args.methods is not None:
         values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir"):

@@ -89,6 +89,8 @@ def markdown(results: dict) -> str:
         "the model, method and optimizer are set up (same baseline). Analytic = the paper-style count "
         "(weights + saved inputs of the wrapped layers only), WASI / dense.",
     ]
+    if s.get("checkpointing"):
+        lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")
     if s.get("recompute"):
         lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
                      "attention q, k, v) from the low-rank code in backward instead of storing them")

@@ -34,7 +34,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
         "batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed,
         "target": settings.target, "optimizer": settings.optimizer, "lr": settings.learning_rate,
         "rank": settings.rank, "activation_rank": settings.activation_rank,
-        "recompute": settings.recompute, "lora_rank": settings.lora_rank,
+        "recompute": settings.recompute, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,
         "spectrum_decay": settings.spectrum_decay, "inference_batches": settings.inference_batches,
         "threads": settings.threads, "device": settings.device, "arch": settings.arch,

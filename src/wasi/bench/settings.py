@@ -44,6 +44,7 @@ class BenchSettings:
     rank: int | None = None
     activation_rank: int | None = None
     recompute: bool = False
+    checkpointing: bool = False
     lora_rank: int = 8
     galore_rank: int = 64
     max_length: int = 128

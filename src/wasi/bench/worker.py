@@ -183,7 +183,8 @@ def measure(spec: dict) -> dict:
     options = MethodOptions(eps=spec["eps"] if spec["eps"] is not None else 0.8,
                             activation_rank=spec.get("activation_rank"), target=spec["target"],
                             lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
-                            ranks=ranks, recompute=spec.get("recompute", False))
+                            ranks=ranks, recompute=spec.get("recompute", False),
+                            checkpointing=spec.get("checkpointing", False))
     model = apply_method(bundle.model, method, options, head=bundle.head).to(device)
     bundle.model = model
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
@@ -269,6 +270,7 @@ def measure(spec: dict) -> dict:
         "layers": layers,
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "checkpointing": method == "checkpointing" or bool(spec.get("checkpointing")),
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and WASI_MODES[method] != "activations-only",
     }
     if not all(math.isfinite(v) for v in losses):
@@ -297,6 +299,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and spec["method"] in ("wsi", "wasi-reference", "wasi"),
+        checkpointing=spec.get("checkpointing", False),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
     return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],

@@ -61,6 +61,7 @@ class TrainSettings:
     galore_rank: int = 64
     device: str = "cpu"
     export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
+    checkpointing: bool = False  # activation checkpointing on top of --method
     recompute: bool = False  # rebuild activation/attention inputs from the low-rank code (WASI methods)
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
@@ -95,6 +96,8 @@ class TrainSettings:
             errors.append(f"--seed {self.seed}: must be non-negative")
         if self.target not in ("mlp", "attention", "all-linear"):
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
+        if not isinstance(self.checkpointing, bool):
+            errors.append(f"--checkpointing {self.checkpointing!r}: must be true or false")
         if not isinstance(self.recompute, bool):
             errors.append(f"--recompute {self.recompute!r}: must be true or false")
         elif self.recompute and self.method not in ("wsi", "wasi-reference", "wasi"):
@@ -225,7 +228,7 @@ class Run:
         plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
-                                recompute=s.recompute)
+                                recompute=s.recompute, checkpointing=s.checkpointing)
         try:
             self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
         except ValueError as err:

@@ -35,6 +35,7 @@ class MethodOptions:
     ranks: dict | None = None  # per-layer weight ranks
     plan: Any = None  # a wasi.calibrate.Plan: per-layer activation (and weight) ranks
     recompute: bool = False  # WASIConfig.recompute_from_code, for the WASI methods with weight factors
+    checkpointing: bool = False  # activation checkpointing on top of any method
 
 
 def target_layers(model: nn.Module, target: str) -> list[str]:
@@ -43,7 +44,9 @@ def target_layers(model: nn.Module, target: str) -> list[str]:
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    if hasattr(model, "gradient_checkpointing_enable"):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "checkpointing"):
         model.checkpointing = True
@@ -59,9 +62,9 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    if method == "checkpointing":
+    if method == "checkpointing" or options.checkpointing:
         _enable_checkpointing(model)
-    elif method == "lora":
+    if method == "lora":
         from peft import LoraConfig, get_peft_model
 
         layers = target_layers(model, options.target)
