@@ -224,6 +224,12 @@ def test_train_and_bench_take_checkpointing(tmp_path):
     settings = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path / "run"), method="lora", steps=2,
                              batch_size=32, max_train_samples=64, eval_batch_size=128, checkpointing=True)
     assert run_training(settings, print_fn=lambda _m: None)["train_steps"] == 2
+    assert main(["bench", "--quick", "--methods", "vanilla,wasi,lora+checkpointing,wasi+checkpointing", "--eps",
+                 "0.9", "--out", str(tmp_path / "mixed")]) == 0
+    mixed = {(r["method"], r["eps"]): r for r in json.loads((tmp_path / "mixed" / "results.json").read_text())["records"]}
+    assert set(mixed) == {("vanilla", None), ("wasi", 0.9), ("lora+checkpointing", None), ("wasi+checkpointing", 0.9)}
+    assert [mixed[k]["checkpointing"] for k in sorted(mixed)] == [True, False, False, True]  # lora+, vanilla, wasi, wasi+
+    assert mixed[("wasi+checkpointing", 0.9)]["saved_activation_mb"] < mixed[("wasi", 0.9)]["saved_activation_mb"]
     assert main(["bench", "--quick", "--methods", "vanilla,wasi", "--eps", "0.9", "--checkpointing", "--recompute",
                  "--out", str(tmp_path / "bench")]) == 0
     results = json.loads((tmp_path / "bench" / "results.json").read_text())

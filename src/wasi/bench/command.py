@@ -28,7 +28,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="synthetic (random inputs, no accuracy) or a `wasi train` dataset "
                              "(--quick: synthetic)")
     parser.add_argument("--out", required=True, help="output folder: results.json, results.md, *.png, runs/")
-    parser.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(METHODS)}")
+    parser.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(METHODS)}; a method "
+                        "with the suffix +checkpointing (e.g. lora+checkpointing) runs with activation checkpointing")
     parser.add_argument("--eps", default=None,
                         help="comma-separated energy thresholds of the WASI methods "
                              "(default 0.4,0.6,0.8,0.9)")

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wasi.training.methods import METHODS, WASI_MODES
+from wasi.training.methods import METHODS, WASI_MODES, split_method
 
 DEFAULT_EPS = (0.4, 0.6, 0.8, 0.9)
 TARGETS = ("mlp", "attention", "all-linear")
@@ -71,7 +71,7 @@ class BenchSettings:
             errors.append(
                 f"--data {self.data!r}: not one of {[SYNTHETIC, *DATA_NAMES]} nor an existing folder or file"
             )
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if split_method(m)[0] not in METHODS]
         if unknown:
             errors.append(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         if not self.methods:
@@ -81,7 +81,7 @@ class BenchSettings:
         bad_eps = [e for e in self.eps if math.isnan(e) or not 0 < e <= 1]
         if bad_eps:
             errors.append(f"--eps {bad_eps}: every value must be in (0, 1]")
-        if not self.eps and any(m in WASI_MODES for m in self.methods):
+        if not self.eps and any(split_method(m)[0] in WASI_MODES for m in self.methods):
             errors.append("--eps: give at least one value for the WASI methods")
         if self.target not in TARGETS:
             errors.append(f"--target {self.target!r}: choose one of {list(TARGETS)}")
@@ -128,7 +128,8 @@ class BenchSettings:
         """The (method, eps) pairs of one repeat: eps only varies the WASI methods."""
         pairs: list[tuple[str, float | None]] = []
         for method in self.methods:
-            pairs += [(method, e) for e in self.eps] if method in WASI_MODES else [(method, None)]
+            wasi_method = split_method(method)[0] in WASI_MODES
+            pairs += [(method, e) for e in self.eps] if wasi_method else [(method, None)]
         return pairs
 
     def to_dict(self) -> dict:

@@ -55,12 +55,13 @@ def warm_up(spec: dict) -> None:
     """
     from wasi.models import build_vit
     from wasi.training.loop import GRAD_CLIP
-    from wasi.training.methods import MethodOptions, apply_method, build_optimizer
+    from wasi.training.methods import MethodOptions, apply_method, build_optimizer, split_method
 
-    method = spec["method"]
+    method, checkpointing = split_method(spec["method"])
     state = torch.get_rng_state()
     model = build_vit("vit-micro", num_classes=4, channels=3)
-    options = MethodOptions(eps=0.8, target=spec["target"], lora_rank=2, galore_rank=2, seed=0)
+    options = MethodOptions(eps=0.8, target=spec["target"], lora_rank=2, galore_rank=2, seed=0,
+                            checkpointing=checkpointing or spec.get("checkpointing", False))
     model = apply_method(model, method, options, head="head")
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=1e-4)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -144,11 +145,14 @@ def measure(spec: dict) -> dict:
     from wasi.models import VIT_PRESETS
     from wasi.training.loop import GRAD_CLIP
     from wasi.training.measure import PeakMemory, median
-    from wasi.training.methods import WASI_MODES, MethodOptions, apply_method, build_optimizer, target_layers
+    from wasi.training.methods import (
+        WASI_MODES, MethodOptions, apply_method, build_optimizer, split_method, target_layers,
+    )
     from wasi.training.models import build_model
 
     wall = time.perf_counter()
-    method, steps, bs = spec["method"], spec["steps"], spec["batch_size"]
+    (method, checkpointing), steps, bs = split_method(spec["method"]), spec["steps"], spec["batch_size"]
+    checkpointing = checkpointing or bool(spec.get("checkpointing"))
     device = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -184,7 +188,7 @@ def measure(spec: dict) -> dict:
                             activation_rank=spec.get("activation_rank"), target=spec["target"],
                             lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
                             ranks=ranks, recompute=spec.get("recompute", False),
-                            checkpointing=spec.get("checkpointing", False))
+                            checkpointing=checkpointing)
     model = apply_method(bundle.model, method, options, head=bundle.head).to(device)
     bundle.model = model
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
@@ -270,7 +274,7 @@ def measure(spec: dict) -> dict:
         "layers": layers,
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "checkpointing": method == "checkpointing" or bool(spec.get("checkpointing")),
+        "checkpointing": method == "checkpointing" or checkpointing,
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and WASI_MODES[method] != "activations-only",
     }
     if not all(math.isfinite(v) for v in losses):
@@ -286,20 +290,22 @@ def _train_for_accuracy(spec: dict) -> dict:
     # the training loop on the real data: test accuracy for the Pareto plot
     from wasi.models import VIT_PRESETS
     from wasi.training.loop import TrainSettings, run_training
+    from wasi.training.methods import split_method
 
+    method, checkpointing = split_method(spec["method"])
     model = spec["model"]
     out = Path(spec["train_out"])
     if model in VIT_PRESETS and spec["spectrum_decay"] > 0:
         model = str(_shaped_model_folder(spec, out.parent / f"{model}-spectrum"))
     settings = TrainSettings(
-        model=model, data=spec["data"], out=str(out), method=spec["method"],
+        model=model, data=spec["data"], out=str(out), method=method,
         eps=spec["eps"] if spec["eps"] is not None else 0.8, activation_rank=spec.get("activation_rank"),
         target=spec["target"], epochs=spec["train_epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
         optimizer=spec["optimizer"], seed=spec["seed"], max_length=spec["max_length"],
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],
-        recompute=spec.get("recompute", False) and spec["method"] in ("wsi", "wasi-reference", "wasi"),
-        checkpointing=spec.get("checkpointing", False),
+        recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
+        checkpointing=checkpointing or spec.get("checkpointing", False),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
     return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],

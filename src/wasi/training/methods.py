@@ -21,6 +21,14 @@ WASI_MODES = {
     "wasi": "factored",
 }
 METHODS = ("vanilla", "checkpointing", "lora", "galore", *WASI_MODES)
+CHECKPOINTED = "+checkpointing"  # a method name suffix: that method with activation checkpointing
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """``"lora+checkpointing"`` -> ``("lora", True)``; ``"wasi"`` -> ``("wasi", False)``."""
+    if name.endswith(CHECKPOINTED):
+        return name[: -len(CHECKPOINTED)], True
+    return name, False
 
 
 @dataclass(frozen=True)
