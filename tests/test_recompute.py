@@ -174,14 +174,16 @@ def test_summary_counts_the_saved_code():
     assert costs[True]["blocks.0.mlp.fc2"].activation_wasi == costs[False]["blocks.0.mlp.fc2"].activation_wasi
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_activation_checkpointing_replays_the_step(recompute):
+@pytest.mark.parametrize("mode, recompute", [("factored", False), ("factored", True), ("weights-only", True),
+                                             ("reference", False)])
+def test_activation_checkpointing_replays_the_step(mode, recompute):
     base = _vit()
     x = _images(base)
     runs = {}
     for checkpointing in (False, True):
         model = copy.deepcopy(base)
-        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", activation_eps=0.9, recompute_from_code=recompute))
+        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", mode=mode, recompute_from_code=recompute,
+                                       activation_eps=None if mode == "weights-only" else 0.9))
         model.checkpointing = checkpointing
         steps = []
         for _ in range(2):
@@ -197,7 +199,10 @@ def test_activation_checkpointing_replays_the_step(recompute):
         for name in grads0:
             torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
         assert saved1 < saved0  # only the block inputs are kept
-    torch.testing.assert_close(ckpt.blocks[1].mlp.fc2.basis_0, plain.blocks[1].mlp.fc2.basis_0)
+    if mode != "weights-only":
+        torch.testing.assert_close(ckpt.blocks[1].mlp.fc2.basis_0, plain.blocks[1].mlp.fc2.basis_0)
+    layer = ckpt.blocks[0].mlp.fc1
+    torch.testing.assert_close(layer.left.detach(), plain.blocks[0].mlp.fc1.left.detach())
 
 
 def test_minilm_checkpointing_with_wasi_matches_without(minilm, minilm_batch):

@@ -200,7 +200,7 @@ class WASILinear(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: empty input of shape {tuple(x.shape)}")
         dense = self.weight if self.config.mode != "weights-only" else None
-        if torch._C._current_graph_task_id() != -1 and self.config.compress_activations:
+        if torch._C._current_graph_task_id() != -1:
             # a training forward inside a backward pass: activation checkpointing recomputing this
             # layer. Replay this step: same factors and bases, no tracking, no counter.
             replay = self._replay(x, dense)
@@ -233,6 +233,9 @@ class WASILinear(nn.Module):
 
     def _replay(self, x: Tensor, dense: Tensor | None) -> Tensor | None:
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
+        if not self.config.compress_activations:  # weights-only: the exact input, no tracking
+            return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
+                               notify=self.backward_seen, activation=self.activation)
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
             (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
