@@ -18,7 +18,7 @@ from torch import nn
 import wasi
 from wasi import WASIConfig
 from wasi import functional as WF
-from wasi.calibrate import Plan, apply_plan, calibrate, knapsack
+from wasi.calibrate import RANK_GRID, Plan, apply_plan, calibrate, knapsack
 from wasi.calibrate.command import add_calibrate_parser
 from wasi.calibrate.measure import default_loss, mode_eigh
 from wasi.cli import UsageError
@@ -171,6 +171,9 @@ def test_error_and_memory_tables_match_a_direct_computation(dropout):
         for eps in GRID:
             ranks = tuple(min(WF.energy_rank(e, eps), d) for e, d in zip(energies, x0.shape))
             expected_ranks.setdefault(ranks, eps)
+        for rank in RANK_GRID:  # uniform ranks, clipped to the modes, after the energies
+            total = x0.numel()
+            expected_ranks.setdefault(tuple(max(1, min(rank, d, total // d)) for d in x0.shape), None)
         assert {c.ranks: c.eps for c in layer.activation_candidates} == expected_ranks
         for cand in layer.activation_candidates:
             errors = []
@@ -220,7 +223,8 @@ def test_budget_above_the_maximum_warns_flags_and_takes_the_largest():
     assert plan.budget_above_max
     for layer in plan.layers:
         assert layer.memory_bytes == max(c.bytes for c in layer.activation_candidates)
-        assert layer.activation.eps == max(c.eps for c in layer.activation_candidates)
+        largest = max(c.bytes for c in layer.activation_candidates)
+        assert layer.error == min(c.error for c in layer.activation_candidates if c.bytes == largest)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inside = plan.replan(budget_mb=plan.max_memory_mb * 0.7)

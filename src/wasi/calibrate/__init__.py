@@ -34,6 +34,9 @@ from wasi.config import WASIConfig
 from wasi.convert import FilterFn, select_layers, wasi_layers
 
 EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the paper's sweep (docs WASI.md section 10)
+# uniform Tucker ranks (the same rank in every mode, clipped) measured beside the energies: an
+# energy spends rank where the spectrum is, which is not always where the gradient error is
+RANK_GRID = (4, 8, 16, 32, 64, 128)
 DEFAULT_CONFIG = WASIConfig()  # frozen: safe to share as a default
 
 
@@ -79,6 +82,7 @@ def calibrate(
     *,
     budget_mb: float | None = None,
     eps_grid: Sequence[float] = EPS_GRID,
+    rank_grid: Sequence[int] = RANK_GRID,
     config: WASIConfig = DEFAULT_CONFIG,
     loss_fn: LossFn | None = None,
     weight_budget_mb: float | None = None,
@@ -104,6 +108,8 @@ def calibrate(
             calibration input shape), MB = 2**20 bytes. None: each layer gets the ranks of
             ``config.activation_eps`` (else ``config.eps``), or ``config.activation_rank``.
         eps_grid: candidate energies (used with a budget).
+        rank_grid: candidate uniform ranks, the same in every mode (used with a budget, beside
+            the energies; empty for energies only).
         config: target selection and, without a budget, the energy or explicit ranks.
         loss_fn: ``loss_fn(output, batch) -> scalar tensor``, given the batch as passed;
             default :func:`~wasi.calibrate.measure.default_loss` (``output.loss``, else
@@ -128,6 +134,12 @@ def calibrate(
     if not isinstance(config, WASIConfig):
         raise TypeError(f"config must be a wasi.WASIConfig, got {type(config).__name__}")
     grid = _check_grid(eps_grid)
+    try:
+        ranks = tuple(sorted(set(rank_grid)))
+    except TypeError:
+        raise ValueError(f"rank_grid must be a sequence of positive integers, got {rank_grid!r}") from None
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"rank_grid must be a sequence of positive integers, got {rank_grid!r}")
     for name, value in (("budget_mb", budget_mb), ("weight_budget_mb", weight_budget_mb)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value <= 0):
@@ -146,6 +158,7 @@ def calibrate(
     batch_list = as_batch_list(batches)
     layers = measure(
         model, modules, batch_list, eps_grid=act_grid, explicit_ranks=explicit, loss_fn=loss_fn,
+        rank_grid=ranks if budget_mb is not None else (),
         weights_grid=grid if weight_budget_mb is not None else None,
     )
     return build_plan(layers, budget_mb=budget_mb, weight_budget_mb=weight_budget_mb,

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_INTS = ("batches", "batch_size", "max_length", "seed")
+from wasi.calibrate import RANK_GRID
+
+_INTS = ("batches", "batch_size", "max_length", "seed", "activation_rank")
 _FLOATS = ("budget_mb", "weight_budget_mb", "eps")
 DEFAULT_GRID = "0.4,0.5,0.6,0.7,0.8,0.9"
 
@@ -40,8 +42,14 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                              "(default: leave to --eps)")
     parser.add_argument("--eps-grid", default=DEFAULT_GRID,
                         help=f"candidate energies (default {DEFAULT_GRID})")
+    parser.add_argument("--rank-grid", default=",".join(map(str, RANK_GRID)),
+                        help="candidate uniform ranks (one rank in every mode) measured beside the energies "
+                             f"(default {','.join(map(str, RANK_GRID))}; 'none' for energies only)")
     parser.add_argument("--eps", default=0.8,
                         help="energy of every layer when no --budget-mb is given (default 0.8)")
+    parser.add_argument("--activation-rank", default=None,
+                        help="without --budget-mb: measure this Tucker rank in every mode of every layer "
+                             "(uniform ranks, e.g. to compare with a plan) instead of --eps")
     parser.add_argument("--batches", default=4,
                         help="calibration batches: the first of the training order (default 4)")
     parser.add_argument("--batch-size", default=32, help="the training batch size (default 32)")
@@ -75,6 +83,17 @@ def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
         values["eps_grid"] = grid
     except ValueError:
         errors.append(f"--eps-grid {args.eps_grid!r}: must be comma-separated numbers in (0, 1]")
+    if values.get("activation_rank") is not None and values.get("budget_mb") is not None:
+        errors.append("--activation-rank and --budget-mb are exclusive: the budget chooses the ranks")
+    if str(args.rank_grid).strip().lower() in ("none", ""):
+        values["rank_grid"] = ()
+    else:
+        try:
+            values["rank_grid"] = tuple(int(v) for v in str(args.rank_grid).split(",") if v.strip())
+            if any(v < 1 for v in values["rank_grid"]):
+                raise ValueError
+        except ValueError:
+            errors.append(f"--rank-grid {args.rank_grid!r}: must be comma-separated positive integers, or none")
     if args.target not in ("mlp", "attention", "all-linear"):
         errors.append(f"--target {args.target!r}: choose mlp, attention or all-linear")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
@@ -144,10 +163,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             batch = positional
         batches.append(batch)
     model = bundle.model.to(device)
-    config = WASIConfig(eps=values["eps"], target=args.target)
+    config = WASIConfig(eps=values["eps"], target=args.target, activation_rank=values["activation_rank"])
     try:
         plan = calibrate(
             model, batches, budget_mb=values["budget_mb"], eps_grid=values["eps_grid"], config=config,
+            rank_grid=values["rank_grid"],
             loss_fn=_image_loss if bundle.kind == "image" else None,
             weight_budget_mb=values["weight_budget_mb"],
         )

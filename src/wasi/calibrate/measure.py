@@ -281,6 +281,7 @@ def measure(
     explicit_ranks: int | tuple[int, ...] | None = None,
     loss_fn: LossFn | None = None,
     weights_grid: Sequence[float] | None = None,
+    rank_grid: Sequence[int] = (),
 ) -> list[LayerPlan]:
     """Candidates of every target layer (choices unset) from the real model and batches.
 
@@ -291,6 +292,7 @@ def measure(
         explicit_ranks: one rank per mode (or one for all), instead of energies.
         loss_fn: ``loss_fn(output, batch) -> scalar``; default :func:`default_loss`.
         weights_grid: energies of the weight candidates; None skips the weight side.
+        rank_grid: uniform ranks (the same in every mode, clipped) measured beside ``eps_grid``.
 
     Returns:
         One :class:`LayerPlan` per target, candidates sorted by memory.
@@ -319,7 +321,7 @@ def measure(
             eig = [mode_eigh(x, n) for n in range(x.dim())]
             if index == 0:
                 sizes[name], outs[name], shapes[name] = x_raw.element_size(), g.shape[-1], shape
-                ranks[name] = _rank_candidates([e for e, _ in eig], shape, eps_grid, explicit_ranks)
+                ranks[name] = _rank_candidates([e for e, _ in eig], shape, eps_grid, explicit_ranks, rank_grid)
                 sums[name] = [0.0] * len(ranks[name])
             elif len(shape) != len(shapes[name]):
                 raise ValueError(f"layer {name!r}: inputs of {len(shapes[name])} and {len(shape)} dims "
@@ -352,7 +354,7 @@ def measure(
 
 def _rank_candidates(
     energies: list[Tensor], shape: list[int], eps_grid: Sequence[float] | None,
-    explicit: int | tuple[int, ...] | None,
+    explicit: int | tuple[int, ...] | None, rank_grid: Sequence[int] = (),
 ) -> list[tuple[tuple[int, ...], float | None]]:
     if explicit is not None:
         wanted = list(explicit) if isinstance(explicit, tuple) else [explicit] * len(shape)
@@ -363,6 +365,8 @@ def _rank_candidates(
     seen: dict[tuple[int, ...], float] = {}
     for eps in sorted(eps_grid):
         seen.setdefault(energy_ranks(energies, eps, shape), eps)  # keep the smallest eps giving these ranks
+    for rank in rank_grid:
+        seen.setdefault(clip_ranks([rank] * len(shape), shape), None)
     return [(r, eps) for r, eps in seen.items()]
 
 

@@ -371,14 +371,15 @@ def _choose(
         raise ValueError(
             f"{what} budget {budget_mb:g} MB is below the minimum feasible "
             f"{math.ceil(low / MB * 1000) / 1000:.3f} MB "
-            f"({low} bytes: the smallest candidate in every layer, eps {', '.join(map(str, smallest))}); "
+            f"({low} bytes: the smallest candidate in every layer, eps "
+            f"{', '.join('a fixed rank' if e is None else str(e) for e in smallest)}); "
             f"raise the budget to at least that"
         )
     if budget > high:
         warnings.warn(
             f"{what} budget {budget_mb:g} MB is above the largest candidates' total {high / MB:.3f} MB: "
-            "every layer gets its largest candidate (the highest eps of the grid; add higher eps to the "
-            "grid to use more of the budget)",
+            "every layer gets its largest candidate (add higher eps or ranks to the grids to use more of "
+            "the budget)",
             UserWarning, stacklevel=4,
         )
         largest = [max(range(len(row)), key=lambda k: (row[k], -errors[i][k])) for i, row in enumerate(sizes)]
