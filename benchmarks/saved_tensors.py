@@ -33,11 +33,14 @@ def _claim(value, name: str, ids: dict, found: set, by_node: dict) -> None:
         key = (value.data_ptr(), tuple(value.shape))
         if key in ids and key not in found:
             found.add(key)
-            by_node[name] += value.numel() * value.element_size()
+            by_node[name] += ids[key].untyped_storage().nbytes()
 
 
 def profile(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
-    """Bytes saved for backward by one forward, keyed by the saving autograd node's name."""
+    """Bytes saved for backward by one forward, keyed by the saving autograd node's name.
+
+    Counts storages, as ``wasi.memory.count_saved_tensors`` does (its total is the same).
+    """
     ignore = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: set[tuple[int, tuple[int, ...]]] = set()
     pending: list[torch.Tensor] = []
@@ -51,6 +54,12 @@ def profile(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(images)
+    # views of one storage (SDPA's output and the projection's input) count once, for the
+    # node that saved the storage first in the forward pass
+    first: dict[int, tuple[int, tuple[int, ...]]] = {}
+    for t in pending:
+        first.setdefault(t.untyped_storage().data_ptr(), (t.data_ptr(), tuple(t.shape)))
+    pending = [t for t in pending if first[t.untyped_storage().data_ptr()] == (t.data_ptr(), tuple(t.shape))]
     by_node: dict[str, int] = collections.Counter()
     ids = {(t.data_ptr(), tuple(t.shape)): t for t in pending}
     found: set[tuple[int, tuple[int, ...]]] = set()
@@ -76,10 +85,10 @@ def profile(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
             except RuntimeError:
                 pass
         stack.extend(f for f, _ in node.next_functions)
-    rest = sum(t.numel() * t.element_size() for k, t in ids.items() if k not in found)
+    rest = sum(t.untyped_storage().nbytes() for k, t in ids.items() if k not in found)
     if rest:
         by_node["(unattributed)"] += rest
-    by_node["total"] = sum(t.numel() * t.element_size() for t in ids.values())
+    by_node["total"] = sum(t.untyped_storage().nbytes() for t in ids.values())
     return dict(by_node)
 
 
