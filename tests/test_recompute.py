@@ -243,3 +243,19 @@ def test_train_and_bench_take_checkpointing(tmp_path):
     assert by_method["vanilla"]["checkpointing"] is True and by_method["vanilla"]["recompute"] is False
     assert by_method["wasi"]["recompute"] is True
     assert "`--checkpointing`" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_calibrate_sees_the_pre_activation_gradient_of_fused_layers():
+    from wasi.calibrate import calibrate
+
+    base = _vit()
+    x = _images(base)
+    plans = {}
+    for recompute in (False, True):
+        model = copy.deepcopy(base)
+        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", recompute_from_code=recompute))
+        plans[recompute] = calibrate(model, [(x,)], config=WASIConfig(activation_rank=3, target="all-linear"),
+                                     loss_fn=lambda out, _batch: out.square().mean())
+    for plain, fused in zip(plans[False].layers, plans[True].layers):
+        assert plain.name == fused.name
+        assert fused.error == pytest.approx(plain.error, rel=1e-6), plain.name

@@ -137,10 +137,26 @@ class _Recorder:
         self.inputs: dict[str, Tensor] = {}
         self.leaves: dict[str, Tensor] = {}
         self.recording = False
-        self.handles = [m.register_forward_hook(self._hook(name), with_kwargs=True)
-                        for name, m in modules.items()]
+        self.handles = []
+        for name, m in modules.items():
+            fused = getattr(m, "activation", None)
+            self.handles.append(m.register_forward_hook(self._hook(name, fused is None), with_kwargs=True))
+            if fused is not None:
+                # a layer with a fused activation (recompute_from_code): G is the gradient of the
+                # activation's input, so the leaf goes there
+                self.handles.append(fused.register_forward_pre_hook(self._pre_activation(name)))
 
-    def _hook(self, name: str):
+    def _pre_activation(self, name: str):
+        def hook(module, args):
+            if not self.recording:
+                return None
+            leaf = torch.zeros_like(args[0], requires_grad=True)
+            self.leaves[name] = leaf
+            return (args[0] + leaf, *args[1:])
+
+        return hook
+
+    def _hook(self, name: str, with_leaf: bool = True):
         def hook(module, args, kwargs, output):
             if not self.recording:
                 return None  # e.g. a checkpointed block recomputed in backward
@@ -150,8 +166,10 @@ class _Recorder:
                     "compresses each call separately, calibration supports one call per forward"
                 )
             x = args[0] if args else next(iter(kwargs.values()))
-            leaf = torch.zeros_like(output, requires_grad=True)
             self.inputs[name] = x.detach()
+            if not with_leaf:
+                return None
+            leaf = torch.zeros_like(output, requires_grad=True)
             self.leaves[name] = leaf
             return output + leaf
 
