@@ -200,7 +200,7 @@ class WASILinear(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: empty input of shape {tuple(x.shape)}")
         dense = self.weight if self.config.mode != "weights-only" else None
-        if torch._C._current_graph_task_id() != -1:
+        if _in_backward():
             # a training forward inside a backward pass: activation checkpointing recomputing this
             # layer. Replay this step: same factors and bases, no tracking, no counter.
             replay = self._replay(x, dense)
@@ -480,6 +480,12 @@ class WASILinear(nn.Module):
         if self.activation is not None:
             parts.append(f"fused_activation={self.activation_site}")
         return ", ".join(parts)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (a checkpointed forward being replayed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # what torch.utils.checkpoint uses
+    return task_id is not None and task_id() != -1
 
 
 def _finite_bases(bases: list[Tensor]) -> bool:
