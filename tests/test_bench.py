@@ -102,6 +102,18 @@ def test_quick_preset_yields_to_explicit_values():
     assert settings.runs() == [("vanilla", None), ("wasi", 0.5), ("wasi", 0.9)]
 
 
+def test_lora_lr_applies_to_the_lora_runs_only():
+    from wasi.bench.runner import worker_spec
+
+    settings = _parse(["--quick", "--methods", "vanilla,lora,lora+checkpointing,wasi", "--lr", "2e-4",
+                       "--lora-lr", "3e-3", "--out", "x"])
+    lrs = {m: worker_spec(settings, m, e, 1)["lr"] for m, e in settings.runs()}
+    assert lrs == {"vanilla": 2e-4, "lora": 3e-3, "lora+checkpointing": 3e-3, "wasi": 2e-4}
+    assert settings.to_dict()["lora_lr"] == 3e-3
+    with pytest.raises(UsageError, match="--lora-lr -1.0: must be positive"):
+        _parse(["--quick", "--lora-lr", "-1", "--out", "x"])
+
+
 def test_decay_spectrum_is_a_seeded_power_law_of_the_same_norm():
     def model():
         torch.manual_seed(1)

@@ -9,7 +9,7 @@ from wasi.training.methods import METHODS
 
 _INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
          "galore_rank", "max_length", "inference_batches", "threads")
-_FLOATS = ("lr", "spectrum_decay", "timeout")
+_FLOATS = ("lr", "lora_lr", "spectrum_decay", "timeout")
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,6 +50,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--galore-rank", default=None, help="default 64")
     parser.add_argument("--optimizer", default=None, help="adamw (default) or sgd")
     parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
+    parser.add_argument("--lora-lr", default=None,
+                        help="learning rate of the lora runs (default: --lr); LoRA usually wants about 10x "
+                             "full fine-tuning's")
     parser.add_argument("--seed", default=None, help="default 0")
     parser.add_argument("--max-length", default=None, help="tokens per text (default 128)")
     parser.add_argument("--spectrum-decay", default=None,

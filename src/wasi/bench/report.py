@@ -78,7 +78,9 @@ def markdown(results: dict) -> str:
         f"`{results['command']}`", "",
         f"- model `{s['model']}`, data `{s['data']}`, batch {s['batch_size']}, {s['steps']} steps "
         f"(median step time skips {min(2, s['steps'] - 1)} warm-up), target `{s['target']}`, optimizer "
-        f"{s['optimizer']} lr {s['lr']:g}, seed {s['seed']}, device {s['device']}",
+        f"{s['optimizer']} lr {s['lr']:g}"
+        + (f" (lora {s['lora_lr']:g})" if s.get("lora_lr", s["lr"]) != s["lr"] else "")
+        + f", seed {s['seed']}, device {s['device']}",
         f"- {results['repeats']} interleaved repeat(s), each run in a fresh process; medians over repeats; "
         "ratios are method / vanilla of this benchmark (lower is better)",
         f"- torch {v['torch']}, wasi {v['wasi']}, python {v['python']}; {m['platform']}, "

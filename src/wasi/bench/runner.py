@@ -32,7 +32,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
     return {
         "method": method, "eps": eps, "repeat": repeat, "model": settings.model, "data": settings.data,
         "batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed,
-        "target": settings.target, "optimizer": settings.optimizer, "lr": settings.learning_rate,
+        "target": settings.target, "optimizer": settings.optimizer, "lr": settings.method_lr(method),
         "rank": settings.rank, "activation_rank": settings.activation_rank,
         "recompute": settings.recompute, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,

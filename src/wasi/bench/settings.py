@@ -41,6 +41,7 @@ class BenchSettings:
     seed: int = 0
     optimizer: str = "adamw"
     lr: float | None = None
+    lora_lr: float | None = None
     rank: int | None = None
     activation_rank: int | None = None
     recompute: bool = False
@@ -101,6 +102,8 @@ class BenchSettings:
             errors.append("--methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
         if self.lr is not None and (math.isnan(self.lr) or self.lr <= 0):
             errors.append(f"--lr {self.lr}: must be positive")
+        if self.lora_lr is not None and (math.isnan(self.lora_lr) or self.lora_lr <= 0):
+            errors.append(f"--lora-lr {self.lora_lr}: must be positive")
         if math.isnan(self.spectrum_decay) or self.spectrum_decay < 0:
             errors.append(
                 f"--spectrum-decay {self.spectrum_decay}: must be >= 0 (0 keeps the random weights)"
@@ -124,6 +127,12 @@ class BenchSettings:
 
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-4)
 
+    def method_lr(self, method: str) -> float:
+        """The learning rate of ``method``'s runs: ``--lora-lr`` for LoRA when given, else ``--lr``."""
+        if split_method(method)[0] == "lora" and self.lora_lr is not None:
+            return self.lora_lr
+        return self.learning_rate
+
     def runs(self) -> list[tuple[str, float | None]]:
         """The (method, eps) pairs of one repeat: eps only varies the WASI methods."""
         pairs: list[tuple[str, float | None]] = []
@@ -137,4 +146,5 @@ class BenchSettings:
         data["methods"] = list(self.methods)
         data["eps"] = list(self.eps)
         data["lr"] = self.learning_rate
+        data["lora_lr"] = self.method_lr("lora")
         return data
