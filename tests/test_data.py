@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from wasi.data import DataError, Dataset, load_dataset, split_stratified
-from wasi.data import fashion, spam
+from wasi.data import DataError, Dataset, fashion, load_dataset, spam, split_stratified
 from wasi.data.core import resolve_cache_dir, sha256_file, split_counts
 from wasi.data.fashion import parse_fashion_mnist_dir, parse_idx
 from wasi.data.spam import email_to_text, parse_spam_archive

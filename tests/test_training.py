@@ -12,8 +12,8 @@ from wasi.training.loop import Run, TrainSettings, run_training
 
 
 def _settings(out, **kw) -> TrainSettings:
-    base = dict(model="vit-micro", data="digits", out=str(out), method="wasi", steps=12, batch_size=32,
-                checkpoint_every=5, log_every=4, max_train_samples=200, eval_batch_size=128, lr=1e-3)
+    base = {"model": "vit-micro", "data": "digits", "out": str(out), "method": "wasi", "steps": 12, "batch_size": 32,
+                "checkpoint_every": 5, "log_every": 4, "max_train_samples": 200, "eval_batch_size": 128, "lr": 1e-3}
     base.update(kw)
     return TrainSettings(**base)
 
@@ -24,7 +24,7 @@ def _final_model(out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["wasi", "vanilla"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, method):
-    run = dict(method=method)
+    run = {"method": method}
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
     original = Run._train_step
@@ -95,7 +95,7 @@ def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_training_runs_in_train_mode_whatever_mode_the_model_arrives_in(tmp_path, monkeypatch):
-    import wasi.training.loop as loop
+    from wasi.training import loop
 
     original = loop.build_model
 

@@ -1,7 +1,7 @@
 """WASI: train and serve transformers with low-rank weights and Tucker-compressed activations."""
 
+from wasi.calibrate import Plan, apply_plan, calibrate
 from wasi.checkpoint import CheckpointError, load, save
-from wasi.calibrate import Plan, apply_plan, calibrate  # noqa: E402  (wasi.calibrate is the function)
 from wasi.config import WASIConfig
 from wasi.convert import convert, unconvert, wasi_layers
 from wasi.memory import count_saved_tensors, summary
@@ -10,20 +10,20 @@ from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "NonFiniteError",
+    "Plan",
     "WASIConfig",
     "WASILinear",
-    "convert",
-    "unconvert",
-    "summary",
-    "save",
-    "load",
-    "wasi_layers",
-    "count_saved_tensors",
-    "calibrate",
-    "apply_plan",
-    "Plan",
-    "NonFiniteError",
-    "set_nonfinite_policy",
-    "CheckpointError",
     "__version__",
+    "apply_plan",
+    "calibrate",
+    "convert",
+    "count_saved_tensors",
+    "load",
+    "save",
+    "set_nonfinite_policy",
+    "summary",
+    "unconvert",
+    "wasi_layers",
 ]

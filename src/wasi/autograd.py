@@ -28,7 +28,7 @@ class WASILinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, core, *bases):  # noqa: D102
+    def forward(ctx, x, weight, left, right, bias, notify, core, *bases):
         if left is not None:
             y = F.linear(F.linear(x, right), left, bias)  # (..., k) -> (..., O), section 5
         else:
@@ -50,7 +50,7 @@ class WASILinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
         x, weight, left, right, core, *bases = ctx.saved_tensors
         grads = _linear_backward(ctx, ctx.needs_input_grad[:5], grad_out, x, weight, left, right, core, bases)
         return grads + (None, None) + (None,) * len(bases)

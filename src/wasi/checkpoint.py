@@ -302,5 +302,14 @@ def _check_header(model: nn.Module, config: WASIConfig, layers: dict, weights: P
         raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(wrong))
 
 
-__all__ = ["save", "load", "read_config", "CheckpointError", "WEIGHTS_FILE", "CONFIG_FILE", "sha256_file",
-           "fsync_file", "fsync_dir"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "CheckpointError",
+    "fsync_dir",
+    "fsync_file",
+    "load",
+    "read_config",
+    "save",
+    "sha256_file",
+]

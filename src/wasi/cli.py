@@ -61,8 +61,8 @@ def _settings(args: argparse.Namespace, **fixed):
 
 
 def _run(settings) -> int:
-    from wasi.training.loop import RunError, run_training
     from wasi.data import DataError
+    from wasi.training.loop import RunError, run_training
     from wasi.training.models import ModelError
 
     errors = settings.validate()

@@ -107,7 +107,7 @@ class WASIConfig:
             )
 
         if not isinstance(self.recompute_from_code, bool):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
                 f"WASIConfig.recompute_from_code must be True or False, got {self.recompute_from_code!r}"
             )
         if self.recompute_from_code and self.mode == "activations-only":
@@ -138,7 +138,7 @@ class WASIConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> tuple["WASIConfig", list[str]]:
+    def from_dict(cls, data: dict[str, Any]) -> tuple[WASIConfig, list[str]]:
         """Build a config from a dict; returns it and the keys that were not understood."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -282,4 +283,4 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["convert", "unconvert", "fuse_activations", "is_fusable_activation", "select_layers", "target_matches", "wasi_layers", "is_conv1d"]
+__all__ = ["convert", "fuse_activations", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]

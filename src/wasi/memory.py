@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -273,4 +273,4 @@ def count_saved_tensors(model: nn.Module | None = None) -> Iterator[SavedTensorC
         yield counter
 
 
-__all__ = ["summary", "Summary", "layer_cost", "LayerCost", "count_saved_tensors", "mm_flops"]
+__all__ = ["LayerCost", "Summary", "count_saved_tensors", "layer_cost", "mm_flops", "summary"]

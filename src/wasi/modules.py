@@ -111,7 +111,7 @@ class WASILinear(nn.Module):
         seed: int = 0,
         name: str = "",
         initialise: bool = True,
-    ) -> "WASILinear":
+    ) -> WASILinear:
         """Wrap an ``nn.Linear`` or a ``transformers`` ``Conv1D``, reusing its tensors.
 
         Args:
@@ -562,5 +562,12 @@ def is_wrappable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-__all__ = ["WASILinear", "NonFiniteError", "set_nonfinite_policy", "NONFINITE_POLICIES", "dense_weight_of",
-           "is_wrappable", "MAX_MODES"]
+__all__ = [
+    "MAX_MODES",
+    "NONFINITE_POLICIES",
+    "NonFiniteError",
+    "WASILinear",
+    "dense_weight_of",
+    "is_wrappable",
+    "set_nonfinite_policy",
+]

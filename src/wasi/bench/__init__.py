@@ -11,4 +11,4 @@ from wasi.bench.command import add_bench_parser, cmd_bench
 from wasi.bench.runner import run_bench
 from wasi.bench.settings import BenchSettings
 
-__all__ = ["add_bench_parser", "cmd_bench", "run_bench", "BenchSettings"]
+__all__ = ["BenchSettings", "add_bench_parser", "cmd_bench", "run_bench"]

@@ -81,15 +81,15 @@ def markdown(results: dict) -> str:
         f"{s['optimizer']} lr {s['lr']:g}"
         + (f" (lora {s['lora_lr']:g})" if s.get("lora_lr", s["lr"]) != s["lr"] else "")
         + f", seed {s['seed']}, device {s['device']}",
-        f"- {results['repeats']} interleaved repeat(s), each run in a fresh process; medians over repeats; "
-        "ratios are method / vanilla of this benchmark (lower is better)",
+        (f"- {results['repeats']} interleaved repeat(s), each run in a fresh process; medians over repeats; "
+        "ratios are method / vanilla of this benchmark (lower is better)"),
         f"- torch {v['torch']}, wasi {v['wasi']}, python {v['python']}; {m['platform']}, "
         f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
         + (f", {m['cuda']}" if m.get("cuda") else ""),
-        "- measured peak: process peak above the baseline taken after the data is loaded and before the "
+        ("- measured peak: process peak above the baseline taken after the data is loaded and before the "
         "model is built (CPU: VmHWM; CUDA: max_memory_allocated). `train-phase peak` re-arms the peak after "
         "the model, method and optimizer are set up (same baseline). Analytic = the paper-style count "
-        "(weights + saved inputs of the wrapped layers only), WASI / dense.",
+        "(weights + saved inputs of the wrapped layers only), WASI / dense."),
     ]
     if s.get("checkpointing"):
         lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")
@@ -100,9 +100,9 @@ def markdown(results: dict) -> str:
         lines.append("- synthetic data; a randomly initialised model's linear weights get a power-law "
                      f"spectrum s_j ~ j^-{s['spectrum_decay']:g} (same Frobenius norm), see "
                      "`wasi.bench.synthetic`")
-    lines += ["", "| method | eps | peak MB | ÷ vanilla | train-phase peak MB | ÷ vanilla | saved act MB | "
+    lines += ["", ("| method | eps | peak MB | ÷ vanilla | train-phase peak MB | ÷ vanilla | saved act MB | "
               "÷ vanilla | step s | ÷ vanilla | inference ms/sample | ÷ vanilla | test acc | "
-              "analytic ÷ dense |",
+              "analytic ÷ dense |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r["ratio_to_vanilla"]
@@ -119,12 +119,12 @@ def markdown(results: dict) -> str:
             f"{_fmt(r['analytic_ratio'], '.3f', 'x')} |"
         )
     lines += ["", "## Memory breakdown (MB, medians)", "",
-              "Sizes of what a step holds; they are not all alive at once (saved activations are freed "
+              ("Sizes of what a step holds; they are not all alive at once (saved activations are freed "
               "during backward while gradients appear; optimizer state is created at the first step), so "
               "`other` = train-phase peak - the rest is negative when they do not coexist and positive for "
-              "temporaries (optimizer and clipping workspaces, allocator slack).", "",
-              "| method | eps | weights | buffers | gradients | optimizer state | saved activations | "
-              "other | train-phase peak |", "|---|---|---|---|---|---|---|---|---|"]
+              "temporaries (optimizer and clipping workspaces, allocator slack)."), "",
+              ("| method | eps | weights | buffers | gradients | optimizer state | saved activations | "
+              "other | train-phase peak |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["repeats_ok"]:
             lines.append(f"| {r['method']} | {_fmt(r['eps'], 'g')} | "
@@ -132,8 +132,8 @@ def markdown(results: dict) -> str:
     analytic = [r for r in rows if r["analytic"]]
     if analytic:
         lines += ["", "## Analytic accounting of the wrapped layers (paper-style, not measured)", "",
-                  "| method | eps | weights MB dense → WASI | saved inputs MB dense → WASI | "
-                  "fwd GFLOPs dense → WASI | bwd GFLOPs dense → WASI | inference GFLOPs dense → WASI |",
+                  ("| method | eps | weights MB dense → WASI | saved inputs MB dense → WASI | "
+                  "fwd GFLOPs dense → WASI | bwd GFLOPs dense → WASI | inference GFLOPs dense → WASI |"),
                   "|---|---|---|---|---|---|---|"]
         for r in analytic:
             a = r["analytic"]

@@ -8,8 +8,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from wasi.bench.settings import BenchSettings
 
@@ -83,7 +83,7 @@ def run_worker(spec: dict, folder: Path, timeout_s: float) -> dict:
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "wasi.bench.worker", str(spec_path), str(record_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
+                stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False,
             )
             code = proc.returncode
         except subprocess.TimeoutExpired:

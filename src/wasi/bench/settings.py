@@ -60,10 +60,9 @@ class BenchSettings:
     command: list[str] = field(default_factory=list)
 
     def validate(self) -> list[str]:
+        from wasi.bench.synthetic import SYNTHETIC
         from wasi.training.loop import DATA_NAMES, DEFAULT_LR
         from wasi.training.models import MODEL_NAMES
-
-        from wasi.bench.synthetic import SYNTHETIC
 
         errors = []
         if self.model not in MODEL_NAMES and not Path(self.model).exists():

@@ -139,14 +139,23 @@ def measure(spec: dict) -> dict:
         The record; its ``error`` is set, and the measurements missing, when the run failed.
     """
     from wasi.bench.synthetic import (
-        SYNTHETIC, SYNTHETIC_CLASSES, decay_spectrum, input_spec, synthetic_batches,
+        SYNTHETIC,
+        SYNTHETIC_CLASSES,
+        decay_spectrum,
+        input_spec,
+        synthetic_batches,
     )
     from wasi.memory import count_saved_tensors
     from wasi.models import VIT_PRESETS
     from wasi.training.loop import GRAD_CLIP
     from wasi.training.measure import PeakMemory, median
     from wasi.training.methods import (
-        WASI_MODES, MethodOptions, apply_method, build_optimizer, split_method, target_layers,
+        WASI_MODES,
+        MethodOptions,
+        apply_method,
+        build_optimizer,
+        split_method,
+        target_layers,
     )
     from wasi.training.models import build_model
 

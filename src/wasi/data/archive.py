@@ -127,7 +127,7 @@ def _read_deb_files_with_dpkg(deb: Path, folder: str, names: list[str]) -> dict[
                         "install it with `apt-get install -y dpkg`")
     out = deb.parent / f"{deb.stem}.x"
     shutil.rmtree(out, ignore_errors=True)
-    result = subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], capture_output=True, text=True)
+    result = subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise DataError(f"dpkg-deb -x {str(deb)!r} failed: {last_line(result.stderr)}")
     try:

