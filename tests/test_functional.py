@@ -241,3 +241,26 @@ def test_compute_dtype():
     assert WF.compute_dtype(torch.float64) == torch.float64
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert WF.compute_dtype(dtype) == torch.float32
+
+
+@pytest.mark.parametrize("budget", [1, 200, 10**9])
+def test_unfolding_blocks_tile_the_unfolding(monkeypatch, budget):
+    # tiny budgets split every mode into many blocks; a huge one gives the whole unfolding at once
+    monkeypatch.setattr(WF, "BLOCK_BYTES", budget)
+    x = randn(3, 4, 5, 2, seed=21, dtype=D)
+    for mode in range(4):
+        unfolded = _unfold(x, mode)
+        pieces = list(WF.unfolding_blocks(x, mode))
+        assert torch.equal(torch.cat([b for b, _ in pieces], dim=1), unfolded)
+        covered = [i for _, cols in pieces for i in range(cols.start, cols.stop)]
+        assert covered == list(range(unfolded.shape[1]))
+        if budget == 1:
+            assert len(pieces) > 1
+        # the blocked products equal the whole-unfolding ones
+        prev = _orthonormal(x.shape[mode], 2, 22 + mode)
+        torch.testing.assert_close(WF.power_step(x, mode, prev), WF.orth(unfolded @ (unfolded.T @ prev)),
+                                   atol=1e-12, rtol=0)
+        expected = torch.linalg.svdvals(unfolded).square()
+        torch.testing.assert_close(WF.mode_energies(x, mode, scale_free=False), expected, atol=1e-10, rtol=1e-10)
+        scaled = WF.mode_energies(x, mode, scale_free=True) / WF.unit_scale(x) ** 2
+        torch.testing.assert_close(scaled, expected, atol=1e-10, rtol=1e-10)

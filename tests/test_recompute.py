@@ -259,3 +259,54 @@ def test_calibrate_sees_the_pre_activation_gradient_of_fused_layers():
     for plain, fused in zip(plans[False].layers, plans[True].layers):
         assert plain.name == fused.name
         assert fused.error == pytest.approx(plain.error, rel=1e-6), plain.name
+
+
+@pytest.mark.parametrize("mode", ["factored", "reference", "weights-only"])
+def test_slicing_the_wide_activation_changes_nothing(monkeypatch, mode):
+    # a chunk budget of one byte: every index of the first dim is its own slice
+    base = _vit()
+    x = _images(base)
+    wasi.convert(base, WASIConfig(eps=0.8, target="all-linear", mode=mode, activation_rank=3,
+                                  recompute_from_code=True))
+    results = {}
+    for chunk in (wasi.autograd.CHUNK_BYTES, 1):
+        monkeypatch.setattr(wasi.autograd, "CHUNK_BYTES", chunk)
+        model = copy.deepcopy(base)
+        out, grads, _ = _step(model, x)
+        model.eval()
+        with torch.no_grad():
+            served = model(x)
+        results[chunk] = out, grads, served
+    (out0, grads0, served0), (out1, grads1, served1) = results.values()
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(served1, served0, rtol=0, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5), (2, 3, 2, 5)])
+@pytest.mark.parametrize("dense", [False, True])
+def test_sliced_fused_activation_matches_autograd(monkeypatch, shape, dense):
+    # exact input (no core): every gradient of act(X (L R)^T + b) against plain autograd
+    monkeypatch.setattr(wasi.autograd, "CHUNK_BYTES", 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    left = torch.randn(6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (left @ right).detach().requires_grad_(True) if dense else None
+    act = torch.nn.GELU()
+    out = wasi_linear(x, weight=weight, left=left, right=right, bias=bias, activation=act)
+    expected = act(x @ (left @ right).T + bias)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    inputs = [x, left, right, bias] + ([weight] if dense else [])
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, [x, left, right, bias], grad)
+    for name, a, b in zip(("x", "left", "right", "bias"), got, want):
+        torch.testing.assert_close(a, b, msg=name)
+    if dense:  # the dense weight's gradient is dL/d(L R)
+        pre = (x @ (left @ right).T + bias).detach().requires_grad_(True)
+        (dpre,) = torch.autograd.grad(act(pre), pre, grad)
+        torch.testing.assert_close(got[4], dpre.reshape(-1, 6).T @ x.detach().reshape(-1, 5))

@@ -65,6 +65,12 @@ class WASILinearActFunction(torch.autograd.Function):
     :class:`WASILinearFunction` with ``dY = act'(H) * grad``. Needs the factors ``left``,
     ``right``; ``weight`` is the dense parameter of the reference mode (or None).
 
+    Both passes go through the first dim in slices of about :data:`CHUNK_BYTES` of ``(..., O)``:
+    the wide ``H`` and ``act'(H) * grad`` never exist whole, only the output and the incoming
+    gradient do. Slicing is exact (the sums over the first dim are split, nothing else) for an
+    ``activation`` that treats the indices of the first dim independently: an elementwise
+    function, or the attention core (:class:`wasi.models.vit.AttentionCore`) on ``(B, N, 3D)``.
+
     Inputs: as :class:`WASILinearFunction` with ``activation`` (a callable, not a tensor)
     after ``notify``.
     """
@@ -72,7 +78,7 @@ class WASILinearActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, left, right, bias, notify, activation, core, *bases):
         code = F.linear(x, right)  # (..., k)
-        out = activation(F.linear(code, left, bias))  # (..., O)
+        out = act_from_code(code, left, bias, activation)  # (..., O)
         ctx.notify = notify
         ctx.activation = activation
         ctx.compressed = core is not None
@@ -87,13 +93,96 @@ class WASILinearActFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, left, right, bias, code, core, *bases = ctx.saved_tensors
-        with torch.enable_grad():
-            pre = F.linear(code, left, bias).detach().requires_grad_(True)  # (..., O), rebuilt
-            (grad_pre,) = torch.autograd.grad(ctx.activation(pre), pre, grad_out)
-        del pre
-        grads = _linear_backward(ctx, ctx.needs_input_grad[:5], grad_pre, x, weight, left, right, core, bases)
-        return grads + (None, None, None) + (None,) * len(bases)
+        x, _, left, right, bias, code, core, *bases = ctx.saved_tensors
+        if ctx.notify is not None:
+            ctx.notify.fill_(True)
+        need_x, need_w, need_l, need_r, need_b = ctx.needs_input_grad[:5]
+        need_weight = need_w or need_l or need_r
+        out_features = left.shape[0]
+        grad_x = x_grad_buffer = None
+        if need_x:
+            grad_x = grad_out.new_empty(ctx.x_shape)  # (..., I), filled slice by slice
+            x_grad_buffer = grad_x if code.dim() > 1 else grad_x.unsqueeze(0)
+        grad_b = grad_out.new_zeros(out_features) if need_b and ctx.has_bias else None
+        # compressed input: the pieces M (summed over the slices) and V of dW = M V^T;
+        # exact input: the gradients themselves, summed over the slices
+        m = v = grad_w = grad_l = grad_r = None
+        codes = code if code.dim() > 1 else code.unsqueeze(0)
+        grads = grad_out if grad_out.dim() > 1 else grad_out.unsqueeze(0)
+        inputs = None if ctx.compressed else (x if x.dim() > 1 else x.unsqueeze(0))
+        for start, stop in _slices(codes.shape, out_features, codes.element_size()):
+            with torch.enable_grad():
+                pre = F.linear(codes[start:stop], left, bias).detach().requires_grad_(True)  # (s, ..., O)
+                (grad_pre,) = torch.autograd.grad(ctx.activation(pre), pre, grads[start:stop])
+            del pre
+            if need_x:
+                x_grad_buffer[start:stop] = F.linear(F.linear(grad_pre, left.T), right.T)  # (s, ..., I)
+            if grad_b is not None:
+                grad_b += grad_pre.reshape(-1, out_features).sum(0)
+            if not need_weight:
+                continue
+            if ctx.compressed:
+                piece, v = WF.weight_grad_pieces(grad_pre.to(core.dtype), core,
+                                                 [bases[0][start:stop], *bases[1:]])  # (O, r_m), (I, r_m)
+                m = piece if m is None else m.add_(piece)
+                continue
+            g = grad_pre.reshape(-1, out_features)  # (t, O)
+            xs = inputs[start:stop].reshape(g.shape[0], -1)  # (t, I)
+            if need_w:
+                grad_w = _accumulate(grad_w, g.T @ xs)  # (O, I): a dense weight only
+            if need_l:
+                grad_l = _accumulate(grad_l, g.T @ codes[start:stop].reshape(g.shape[0], -1))  # (O, k)
+            if need_r:
+                grad_r = _accumulate(grad_r, (g @ left).T @ xs)  # (k, I)
+        if m is not None:
+            if need_w:
+                grad_w = m @ v.T
+            if need_l:
+                # a float16 input keeps its core in float32 (modules.py): compute in m's dtype
+                grad_l = m @ (right.to(m.dtype) @ v).T  # (O, c) @ (c, k) -> (O, k)
+            if need_r:
+                grad_r = (left.to(m.dtype).T @ m) @ v.T  # (k, c) @ (c, I) -> (k, I)
+        grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
+        grad_l = grad_l.to(left.dtype) if grad_l is not None else None
+        grad_r = grad_r.to(right.dtype) if grad_r is not None else None
+        return (grad_x, grad_w, grad_l, grad_r, grad_b) + (None, None, None) + (None,) * len(bases)
+
+
+def _accumulate(total: Tensor | None, piece: Tensor) -> Tensor:
+    return piece if total is None else total.add_(piece)
+
+
+CHUNK_BYTES = 8 * 2**20
+"""Bytes of ``(..., O)`` that :class:`WASILinearActFunction` and :func:`act_from_code` process
+at once (a slice of the first dim; at least one index of it)."""
+
+
+def _slices(shape: torch.Size, width: int, itemsize: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of the first dim of ``shape`` whose ``(..., width)`` slice is
+    about :data:`CHUNK_BYTES`."""
+    per_index = max(1, itemsize * width * (shape[1:].numel() // shape[-1] if len(shape) > 1 else 1))
+    step = max(1, CHUNK_BYTES // per_index)
+    return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+
+
+def act_from_code(code: Tensor, left: Tensor, bias: Tensor | None, activation: Callable[[Tensor], Tensor]) -> Tensor:
+    """``act(Z L^T + b)`` for ``code Z: (..., k)``, in slices of the first dim.
+
+    ``activation`` must treat the indices of the first dim independently (an elementwise
+    function, or the attention core on ``(B, N, 3D)``). Returns what it returns for the whole
+    ``(..., O)``; the pre-activation exists one slice at a time.
+    """
+    out_features = left.shape[0]
+    slices = _slices(code.shape, out_features, code.element_size()) if code.dim() > 1 else [(0, 1)]
+    if len(slices) == 1:
+        return activation(F.linear(code, left, bias))
+    out = None
+    for start, stop in slices:
+        piece = activation(F.linear(code[start:stop], left, bias))  # (s, ..., O) or the attention's shape
+        if out is None:
+            out = piece.new_empty((code.shape[0], *piece.shape[1:]))
+        out[start:stop] = piece
+    return out
 
 
 def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):

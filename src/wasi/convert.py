@@ -106,7 +106,9 @@ _TRANSFORMERS_ACTIVATIONS = frozenset({
 
 def is_fusable_activation(module: object) -> bool:
     """True for a parameter-free module a WASI layer can absorb: an elementwise activation, or
-    a module marked ``wasi_fusable = True`` (a deterministic function of its one input)."""
+    a module marked ``wasi_fusable = True``: a deterministic function of its one input that
+    treats the indices of the input's first dim independently (the fused layer applies it to
+    slices of the first dim, :func:`wasi.autograd.act_from_code`)."""
     if not isinstance(module, nn.Module) or any(True for _ in module.parameters()):
         return False
     if isinstance(module, _TORCH_ACTIVATIONS) or getattr(module, "wasi_fusable", False) is True:

@@ -223,11 +223,42 @@ def mode_product(x: Tensor, basis: Tensor, mode: int) -> Tensor:
     return torch.tensordot(x, basis, dims=([mode], [0]))
 
 
+BLOCK_BYTES = 8 * 2**20
+"""Bytes of the mode-``n`` unfolding that :func:`unfolding_blocks` copies at once."""
+
+
+def unfolding_blocks(x: Tensor, mode: int):
+    """Column blocks of the mode-``n`` unfolding ``X_(n): (d_n, prod of the other modes)``.
+
+    Yields ``(A, cols)``: ``A (d_n, c)`` holds the unfolding's columns ``cols`` (a slice), the
+    columns ordered as the other modes in order, last fastest (as :func:`mode_product`'s rows).
+    A block is a view of ``x`` for the first and last modes and a copy of at most about
+    :data:`BLOCK_BYTES` for the middle ones: the whole unfolding, which ``tensordot`` would
+    copy for a middle mode (an activation-sized temporary), never exists.
+    """
+    outer = math.prod(x.shape[:mode])
+    size = x.shape[mode]
+    inner = math.prod(x.shape[mode + 1:])
+    x3 = x.reshape(outer, size, inner)  # a view of a contiguous x
+    if outer == 1:
+        step = max(1, BLOCK_BYTES // max(1, size * x.element_size()))
+        for start in range(0, inner, step):
+            stop = min(inner, start + step)
+            yield x3[0, :, start:stop], slice(start, stop)
+        return
+    step = max(1, BLOCK_BYTES // max(1, size * inner * x.element_size()))
+    for start in range(0, outer, step):
+        stop = min(outer, start + step)
+        block = x3[start:stop].permute(1, 0, 2).reshape(size, (stop - start) * inner)  # a view when inner == 1
+        yield block, slice(start * inner, stop * inner)
+
+
 def power_step(x: Tensor, mode: int, basis: Tensor, *, scale: Tensor | float | None = None) -> Tensor:
     """One warm-started subspace-iteration step for one mode (section 4).
 
     ``U_n = orth(X_(n) @ (X_(n)^T @ U_prev))``, each product taken with ``U_prev`` scaled by
     ``scale = 2^-e ~ 1 / max|X|`` so that ``X X^T`` (1e60 for activations of 1e30) never forms.
+    The products go block by block through the unfolding (:func:`unfolding_blocks`).
 
     Args:
         x: the activation, ``(d_1, ..., d_m)`` in the compute dtype.
@@ -238,10 +269,12 @@ def power_step(x: Tensor, mode: int, basis: Tensor, *, scale: Tensor | float | N
         The new ``U_n``, ``(d_n, r)``.
     """
     scale = unit_scale(x) if scale is None else scale
-    others = [i for i in range(x.dim()) if i != mode]
-    z = mode_product(x, basis * scale, mode)  # (prod others..., r), entries of order 1
-    z.mul_(scale)  # exact: a power of two
-    y = torch.tensordot(x, z, dims=(others, list(range(len(others)))))  # (d_n, r)
+    scaled = basis * scale
+    y = None
+    for block, _ in unfolding_blocks(x, mode):
+        z = block.T @ scaled  # (c, r), entries of order 1
+        z.mul_(scale)  # exact: a power of two
+        y = block @ z if y is None else y.addmm_(block, z)  # (d_n, r)
     return orth(y)
 
 
@@ -258,13 +291,14 @@ def range_finder(x: Tensor, mode: int, rank: int, generator: torch.Generator, *,
         ``(d_n, rank)`` orthonormal.
     """
     scale = unit_scale(x) if scale is None else scale
-    other_shape = [d for i, d in enumerate(x.shape) if i != mode]
+    columns = x.numel() // x.shape[mode]
     omega = torch.randn(
-        (*other_shape, rank), generator=generator, device=generator.device, dtype=x.dtype
-    ).to(x.device)  # (prod others..., r)
+        (columns, rank), generator=generator, device=generator.device, dtype=x.dtype
+    ).to(x.device)  # (prod others, r), rows in the order of the other modes
     omega.mul_(scale)  # exact: keeps X @ Omega in range for huge activations
-    others = [i for i in range(x.dim()) if i != mode]
-    y = torch.tensordot(x, omega, dims=(others, list(range(len(others)))))  # (d_n, r)
+    y = None
+    for block, cols in unfolding_blocks(x, mode):
+        y = block @ omega[cols] if y is None else y.addmm_(block, omega[cols])  # (d_n, r)
     return orth(y)
 
 
@@ -273,7 +307,7 @@ def mode_energies(x: Tensor, mode: int, *, scale_free: bool = False) -> Tensor:
 
     Args:
         x: ``(d_1, ..., d_m)``; mode: which mode.
-        scale_free: scale ``x`` by a power of two first (a copy of ``x``), so that the Gram
+        scale_free: scale ``x`` by a power of two first (block by block), so that the Gram
             product neither overflows (activations of 1e30) nor underflows (1e-30); the
             energies are then relative, which is all :func:`energy_rank` needs. Should
             ``eigvalsh`` fail, it is retried in float64.
@@ -281,10 +315,12 @@ def mode_energies(x: Tensor, mode: int, *, scale_free: bool = False) -> Tensor:
     Returns:
         ``(d_n,)``, non-negative.
     """
-    if scale_free:
-        x = x * unit_scale(x)  # (d_1, ..., d_m), largest entry in [0.5, 1)
-    others = [i for i in range(x.dim()) if i != mode]
-    gram = torch.tensordot(x, x, dims=(others, others))  # (d_n, d_n)
+    scale = unit_scale(x) if scale_free else None  # largest scaled entry in [0.5, 1)
+    gram = None
+    for block, _ in unfolding_blocks(x, mode):
+        if scale is not None:
+            block = block * scale  # (d_n, c): a copy of one block
+        gram = block @ block.T if gram is None else gram.addmm_(block, block.T)  # (d_n, d_n)
     if not scale_free:
         return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # (d_n,)
     try:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wasi import functional as WF
-from wasi.autograd import wasi_linear
+from wasi.autograd import act_from_code, wasi_linear
 from wasi.config import WASIConfig
 from wasi.functional import NonFiniteError
 
@@ -310,6 +310,8 @@ class WASILinear(nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.left is not None:
+            if self.activation is not None:  # the wide pre-activation one slice at a time
+                return act_from_code(F.linear(x, self.right), self.left, self.bias, self.activation)
             y = F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., k) -> (..., O)
         else:
             y = F.linear(x, self.weight, self.bias)
