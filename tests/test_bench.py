@@ -57,6 +57,8 @@ def test_quick_bench_writes_every_method_and_the_report(tmp_path, capsys):
             assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] >= 0, key
         assert record["peak_memory_mb"] > 0 and record["test_accuracy"] is None
         assert record["threads"] >= 1
+        # memory over the 2 warm-up steps (strict allocator), time over the other 3 (caching)
+        assert record["memory_steps"] == 2 and record["timing_allocator"] == "caching"
         if record["method"] in WASI_MODES:  # analytic accounting, kept apart from the measurements
             assert record["analytic"]["memory_ratio"] > 1 and record["layers"]
         else:
@@ -147,3 +149,13 @@ def test_summary_takes_medians_and_ratios_to_vanilla():
     assert rows[1]["ratio_to_vanilla"]["peak_memory_mb"] == pytest.approx(0.5)
     assert rows[1]["repeats_ok"] == 2 and rows[1]["errors"] == ["boom"]
     assert summarize(records[3:5], [("wasi", 0.8)])[0]["ratio_to_vanilla"]["peak_memory_mb"] is None
+
+
+def test_cpu_allocator_modes():
+    from wasi.training.measure import set_cpu_allocator
+
+    with pytest.raises(ValueError, match="'strict' or 'caching'"):
+        set_cpu_allocator("fast")
+    # glibc (Linux): both settings are accepted; caching last, glibc's steady state
+    assert set_cpu_allocator("strict") is True
+    assert set_cpu_allocator("caching") is True

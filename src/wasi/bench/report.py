@@ -88,8 +88,11 @@ def markdown(results: dict) -> str:
         + (f", {m['cuda']}" if m.get("cuda") else ""),
         ("- measured peak: process peak above the baseline taken after the data is loaded and before the "
         "model is built (CPU: VmHWM; CUDA: max_memory_allocated). `train-phase peak` re-arms the peak after "
-        "the model, method and optimizer are set up (same baseline). Analytic = the paper-style count "
-        "(weights + saved inputs of the wrapped layers only), WASI / dense."),
+        "the model, method and optimizer are set up (same baseline) and is read over the warm-up steps. "
+        "Analytic = the paper-style count (weights + saved inputs of the wrapped layers only), WASI / dense."),
+        ("- CPU allocator: the warm-up steps run with glibc's mmap threshold at 64 KiB, so that the resident "
+        "set follows the live tensors; the timed steps and inference run with blocks up to 32 MiB reused "
+        "from the heap, glibc's default steady state (`wasi.training.measure.set_cpu_allocator`)."),
     ]
     if s.get("checkpointing"):
         lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")

@@ -15,7 +15,10 @@ from wasi.bench.settings import BenchSettings
 
 # glibc otherwise raises its mmap threshold after the first large free and keeps later
 # large tensors in the heap, where freed memory stays resident: the measured peak would then
-# depend on the allocation history. A fixed threshold returns every large tensor on free.
+# depend on the allocation history. A fixed threshold returns every large tensor on free. The
+# worker measures memory under it and switches to glibc's caching steady state for the timed
+# steps and inference (wasi.training.measure.set_cpu_allocator): fresh pages for every large
+# temporary would otherwise slow the memory-bound kernels.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

@@ -68,3 +68,44 @@ class PeakMemory:
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's steady state after large frees on 64-bit: its dynamic mmap threshold stops at 32 MiB
+# and the trim threshold follows at twice that
+CACHING_MMAP_THRESHOLD = 32 * 2**20
+STRICT_MMAP_THRESHOLD = 65536
+
+
+def _mallopt(param: int, value: int) -> bool:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def set_cpu_allocator(mode: str) -> bool:
+    """Switch glibc's allocator between measuring memory and measuring time.
+
+    ``"strict"``: every block over 64 KiB is mapped on allocation and unmapped on free, so the
+    resident set follows the live tensors (the CPU counterpart of CUDA's
+    ``max_memory_allocated``) and its peak does not depend on the allocation history; each large
+    tensor then costs fresh zeroed pages, which slows memory-bound kernels.
+    ``"caching"``: blocks up to 32 MiB are reused from the heap, as glibc does by default once
+    a program has freed large blocks: the setting to time steps under.
+
+    Returns False where there is no glibc ``mallopt`` (then nothing changes). CUDA memory is
+    unaffected.
+    """
+    if mode not in ("strict", "caching"):
+        raise ValueError(f"allocator mode must be 'strict' or 'caching', got {mode!r}")
+    threshold = STRICT_MMAP_THRESHOLD if mode == "strict" else CACHING_MMAP_THRESHOLD
+    trim = STRICT_MMAP_THRESHOLD if mode == "strict" else 2 * CACHING_MMAP_THRESHOLD
+    return _mallopt(_M_MMAP_THRESHOLD, threshold) and _mallopt(_M_TRIM_THRESHOLD, trim)
