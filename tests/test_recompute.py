@@ -261,9 +261,13 @@ def test_calibrate_sees_the_pre_activation_gradient_of_fused_layers():
         assert fused.error == pytest.approx(plain.error, rel=1e-6), plain.name
 
 
+@pytest.mark.parametrize("order", ["bases-first", "code-first"])
 @pytest.mark.parametrize("mode", ["factored", "reference", "weights-only"])
-def test_slicing_the_wide_activation_changes_nothing(monkeypatch, mode):
-    # a chunk budget of one byte: every index of the first dim is its own slice
+def test_slicing_the_wide_activation_changes_nothing(monkeypatch, mode, order):
+    # a chunk budget of one byte: every index of the first dim is its own slice; each order of
+    # the weight-gradient contraction (section 5) is forced in turn
+    costs = (0, 1) if order == "bases-first" else (1, 0)
+    monkeypatch.setattr(wasi.functional, "grad_pieces_costs", lambda *args: costs)
     base = _vit()
     x = _images(base)
     wasi.convert(base, WASIConfig(eps=0.8, target="all-linear", mode=mode, activation_rank=3,

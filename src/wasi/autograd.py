@@ -106,7 +106,11 @@ class WASILinearActFunction(torch.autograd.Function):
         grad_b = grad_out.new_zeros(out_features) if need_b and ctx.has_bias else None
         # compressed input: the pieces M (summed over the slices) and V of dW = M V^T;
         # exact input: the gradients themselves, summed over the slices
-        m = v = grad_w = grad_l = grad_r = None
+        m = v = grad_w = grad_l = grad_r = feature = None
+        if need_weight and ctx.compressed:
+            bases_first, code_first = WF.grad_pieces_costs(tuple(ctx.x_shape[:-1]), out_features, tuple(core.shape))
+            if code_first <= bases_first:
+                feature = WF.feature_code(core, bases)  # (d_1, ..., d_{m-1}, r_m)
         codes = code if code.dim() > 1 else code.unsqueeze(0)
         grads = grad_out if grad_out.dim() > 1 else grad_out.unsqueeze(0)
         inputs = None if ctx.compressed else (x if x.dim() > 1 else x.unsqueeze(0))
@@ -121,10 +125,13 @@ class WASILinearActFunction(torch.autograd.Function):
                 grad_b += grad_pre.reshape(-1, out_features).sum(0)
             if not need_weight:
                 continue
-            if ctx.compressed:
-                piece, v = WF.weight_grad_pieces(grad_pre.to(core.dtype), core,
-                                                 [bases[0][start:stop], *bases[1:]])  # (O, r_m), (I, r_m)
-                m = piece if m is None else m.add_(piece)
+            if ctx.compressed:  # section 5, the cheaper order; both are sums over the slices
+                g = grad_pre.to(core.dtype)
+                if feature is not None:
+                    piece = g.reshape(-1, out_features).T @ feature[start:stop].reshape(-1, core.shape[-1])  # (O, r_m)
+                else:
+                    piece = WF.contract_mode(g, bases[0][start:stop])  # (d_2, ..., O, r_1)
+                m = _accumulate(m, piece)
                 continue
             g = grad_pre.reshape(-1, out_features)  # (t, O)
             xs = inputs[start:stop].reshape(g.shape[0], -1)  # (t, I)
@@ -135,6 +142,9 @@ class WASILinearActFunction(torch.autograd.Function):
             if need_r:
                 grad_r = _accumulate(grad_r, (g @ left).T @ xs)  # (k, I)
         if m is not None:
+            if feature is None:
+                m = WF.finish_bases_first(m, core, bases)  # (O, r_m)
+            v = bases[-1]  # (I, r_m)
             if need_w:
                 grad_w = m @ v.T
             if need_l:

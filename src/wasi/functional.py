@@ -355,26 +355,83 @@ def tucker_rebuild(core: Tensor, bases: list[Tensor]) -> Tensor:
     return out
 
 
-def weight_grad_pieces(grad_out: Tensor, core: Tensor, bases: list[Tensor]) -> tuple[Tensor, Tensor]:
+def feature_code(core: Tensor, bases: list[Tensor]) -> Tensor:
+    """``P = S x_1 U_1 ... x_{m-1} U_{m-1}``: the compressed input in the feature basis.
+
+    ``X~ = P x_m U_m``, so ``P`` is ``X~ U_m`` (the input's coordinates in its feature
+    subspace), ``(d_1, ..., d_{m-1}, r_m)``: ``I / r_m`` times smaller than ``X~``, which is
+    never formed.
+    """
+    out = core  # (r_1, ..., r_m)
+    for basis in bases[:-1]:
+        out = contract_mode(out, basis.T)  # first axis r_n -> last axis d_n
+    return out.movedim(0, -1)  # (r_m, d_1, ..., d_{m-1}) -> (d_1, ..., d_{m-1}, r_m)
+
+
+def grad_pieces_costs(lead: tuple[int, ...], out_features: int, ranks: tuple[int, ...]) -> tuple[int, int]:
+    """Multiply-adds of the two orders of :func:`weight_grad_pieces`: (bases first, code first).
+
+    Args:
+        lead: ``(d_1, ..., d_{m-1})``, the non-feature modes of the input; out_features: ``O``;
+        ranks: ``(r_1, ..., r_m)``, the core's shape.
+    """
+    size, bases_first = math.prod(lead) * out_features, 0
+    for d, r in zip(lead, ranks):  # G contracted with U_1, ..., U_{m-1}
+        bases_first += size * r
+        size = size // d * r
+    bases_first += out_features * math.prod(ranks)  # with the core
+    size, code_first = math.prod(ranks), 0
+    for d, r in zip(lead, ranks):  # P built from the core
+        code_first += size * d
+        size = size // r * d
+    code_first += math.prod(lead) * out_features * ranks[-1]  # G^T P
+    return bases_first, code_first
+
+
+def weight_grad_pieces(grad_out: Tensor, core: Tensor, bases: list[Tensor], *,
+                       order: str | None = None) -> tuple[Tensor, Tensor]:
     """``M`` and ``V`` with ``dW = M @ V^T`` from a Tucker-compressed input (section 5).
 
-    ``H = G`` contracted with ``U_1 .. U_{m-1}`` over the non-feature modes, then
-    ``M = H`` contracted with ``S`` over the first ``m-1`` core modes; ``V = U_m``.
-    ``X~`` is never rebuilt and ``dW`` never needs to exist densely.
+    Two exact orders, the cheaper one by :func:`grad_pieces_costs` unless ``order`` says:
+
+    - ``"bases-first"``: ``H = G`` contracted with ``U_1 .. U_{m-1}`` over the non-feature modes,
+      then ``M = H`` contracted with ``S`` over the first ``m-1`` core modes;
+    - ``"code-first"``: ``M = G_(m)^T P`` with ``P`` = :func:`feature_code` ``(d_1..d_{m-1}, r_m)``,
+      one matmul over the tokens: cheaper when ``r_m`` is at most about ``r_1``.
+
+    ``V = U_m``. ``X~`` is never rebuilt and ``dW`` never needs to exist densely.
 
     Args:
         grad_out: ``G: (d_1, ..., d_{m-1}, O)``; core: ``(r_1, ..., r_m)``;
         bases: ``U_n: (d_n, r_n)``, the last one the feature basis ``(I, r_m)``.
+        order: None (the cheaper), ``"bases-first"`` or ``"code-first"``.
 
     Returns:
         ``M: (O, r_m)`` and ``V: (I, r_m)``.
     """
-    h = grad_out
-    for basis in bases[:-1]:
+    if order is None:
+        bases_first, code_first = grad_pieces_costs(tuple(grad_out.shape[:-1]), grad_out.shape[-1],
+                                                    tuple(core.shape))
+        order = "code-first" if code_first <= bases_first else "bases-first"
+    if order == "code-first":
+        code = feature_code(core, bases)  # (d_1, ..., d_{m-1}, r_m)
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
+        return g.T @ code.reshape(g.shape[0], -1), bases[-1]  # (O, r_m)
+    if order != "bases-first":
+        raise ValueError(f"order must be None, 'bases-first' or 'code-first', got {order!r}")
+    return finish_bases_first(contract_mode(grad_out, bases[0]), core, bases), bases[-1]
+
+
+def finish_bases_first(h: Tensor, core: Tensor, bases: list[Tensor]) -> Tensor:
+    """The bases-first ``M`` from ``H_1 = G`` contracted with ``U_1``, ``(d_2, ..., O, r_1)``.
+
+    ``H_1`` is linear in ``G``: callers that go through ``G`` in slices of its first mode sum
+    the slices' ``H_1`` (each with its rows of ``U_1``) and finish once. Returns ``(O, r_m)``.
+    """
+    for basis in bases[1:-1]:
         h = contract_mode(h, basis)  # ends as (O, r_1, ..., r_{m-1})
     lead = list(range(1, len(bases)))
-    m = torch.tensordot(h, core, dims=(lead, [i - 1 for i in lead]))  # (O, r_m)
-    return m, bases[-1]
+    return torch.tensordot(h, core, dims=(lead, [i - 1 for i in lead]))  # (O, r_m)
 
 
 def exact_grad_pieces(grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
