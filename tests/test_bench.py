@@ -159,3 +159,19 @@ def test_cpu_allocator_modes():
     # glibc (Linux): both settings are accepted; caching last, glibc's steady state
     assert set_cpu_allocator("strict") is True
     assert set_cpu_allocator("caching") is True
+
+
+def test_step_profile_script_reports_the_peak_and_where(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "step_profile.py"
+    spec = importlib.util.spec_from_file_location("step_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model", "vit-micro", "--method", "wasi+checkpointing", "--eps", "0.8", "--batch-size", "4",
+                 "--steps", "2", "--ops"])  # --ops ends under the caching allocator
+    out = capsys.readouterr().out
+    assert "wasi+checkpointing eps 0.8, batch 4: peak" in out
+    assert "backward blocks." in out  # a block recomputed in backward, labelled
+    assert "one training step, top operators" in out and "one inference batch" in out
