@@ -214,7 +214,8 @@ def measure(spec: dict) -> dict:
     saved_bytes = grad_bytes = 0
     warmup = min(2, steps - 1)
     # memory over the warm-up steps under the strict allocator; the timed steps under the caching one
-    memory_steps, train_peak, allocator = max(1, warmup), None, "strict"
+    memory_steps, train_peak = max(1, warmup), None
+    allocator = "strict" if device.type == "cpu" else None  # CUDA: its own caching allocator
     for step in range(steps):
         if step == memory_steps:
             train_peak = phase.peak_mb() + offset
