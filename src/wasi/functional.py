@@ -215,14 +215,6 @@ def contract_mode(tensor: Tensor, matrix: Tensor) -> Tensor:
     return torch.tensordot(tensor, matrix, dims=([0], [0]))  # (d_2, ..., d_m, r_1)
 
 
-def mode_product(x: Tensor, basis: Tensor, mode: int) -> Tensor:
-    """``X_(n)^T @ U``: contract mode ``mode`` of ``x`` with ``basis: (d_n, r)``.
-
-    Returns the other modes in order with ``r`` last: ``(..., r)``.
-    """
-    return torch.tensordot(x, basis, dims=([mode], [0]))
-
-
 BLOCK_BYTES = 8 * 2**20
 """Bytes of the mode-``n`` unfolding that :func:`unfolding_blocks` copies at once."""
 
@@ -231,7 +223,7 @@ def unfolding_blocks(x: Tensor, mode: int):
     """Column blocks of the mode-``n`` unfolding ``X_(n): (d_n, prod of the other modes)``.
 
     Yields ``(A, cols)``: ``A (d_n, c)`` holds the unfolding's columns ``cols`` (a slice), the
-    columns ordered as the other modes in order, last fastest (as :func:`mode_product`'s rows).
+    columns ordered as the other modes in order, last fastest.
     A block is a view of ``x`` for the first and last modes and a copy of at most about
     :data:`BLOCK_BYTES` for the middle ones: the whole unfolding, which ``tensordot`` would
     copy for a middle mode (an activation-sized temporary), never exists.
@@ -365,7 +357,7 @@ def feature_code(core: Tensor, bases: list[Tensor]) -> Tensor:
     out = core  # (r_1, ..., r_m)
     for basis in bases[:-1]:
         out = contract_mode(out, basis.T)  # first axis r_n -> last axis d_n
-    return out.movedim(0, -1)  # (r_m, d_1, ..., d_{m-1}) -> (d_1, ..., d_{m-1}, r_m)
+    return out.movedim(0, -1).contiguous()  # (r_m, d_1, ..., d_{m-1}) -> (d_1, ..., d_{m-1}, r_m)
 
 
 def grad_pieces_costs(lead: tuple[int, ...], out_features: int, ranks: tuple[int, ...]) -> tuple[int, int]:
