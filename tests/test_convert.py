@@ -192,6 +192,65 @@ def test_ranks_by_path_and_distinct_seeds():
     assert len(set(seeds)) == len(seeds)
 
 
+# ---------------------------------------------------------------------------- data-aware init
+def test_calibration_fits_the_factors_to_the_inputs_at_the_same_ranks(minilm, minilm_batch):
+    inputs = {k: v for k, v in minilm_batch.items() if k != "labels"}
+    config = WASIConfig(eps=0.8, target="all-linear", mode="weights-only")
+    with torch.no_grad():
+        dense = minilm.bert(**inputs).last_hidden_state  # (B, N, 384)
+    plain = wasi.convert(copy.deepcopy(minilm), config)
+    minilm.train()
+    calls = []
+
+    def calibration():
+        calls.append(minilm.training)
+        minilm(**inputs)
+
+    wasi.convert(minilm, config, calibration=calibration)
+    assert calls == [False]  # once, in eval mode (no dropout)...
+    assert all(m.training for m in minilm.modules())  # ...and the modes are given back
+    assert not any(m._forward_hooks for m in minilm.modules())  # the recording hooks are gone
+    assert {n: m.rank for n, m in wasi.wasi_layers(minilm)} == {n: m.rank for n, m in wasi.wasi_layers(plain)}
+    minilm.eval()
+    with torch.no_grad():
+        fitted_error = (minilm.bert(**inputs).last_hidden_state - dense).norm()
+        plain_error = (plain.bert(**inputs).last_hidden_state - dense).norm()
+    assert fitted_error < 0.7 * plain_error, (fitted_error, plain_error)
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(dense_linear(8, 12, seed=1), nn.ReLU(), dense_linear(12, 4, seed=2))
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "error", "match"),
+    [
+        (WASIConfig(mode="activations-only"), {}, ValueError, "keeps a dense weight"),
+        (WASIConfig(mode="reference", rank=2), {}, ValueError, "re-projects its dense weight"),
+        (WASIConfig(rank=2), {"initialise": False}, ValueError, "initialise=False"),
+    ],
+)
+def test_calibration_needs_a_mode_that_keeps_the_fitted_factors(config, kwargs, error, match):
+    model = _mlp()
+    with pytest.raises(error, match=match):
+        wasi.convert(model, config, filter_fn=lambda m, fqn: True, calibration=lambda: model(randn(3, 8)), **kwargs)
+    assert not _names(model)
+
+
+def test_calibration_that_is_not_callable_or_misses_layers_names_the_problem():
+    model = _mlp()
+    with pytest.raises(TypeError, match="calibration must be a callable"):
+        wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True, calibration=randn(3, 8))
+    other = _mlp()  # a copy: the model being converted never runs
+    with pytest.raises(ValueError, match=r"never ran 2 of the 2 layers.*not a copy"):
+        wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True, calibration=lambda: other(randn(3, 8)))
+    assert not _names(model) and not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="never ran 1 of the 2 layers"):
+        wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True,
+                     calibration=lambda: model[0](randn(3, 8)))
+    assert not _names(model)
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_filter_matching_nothing_is_an_error_listing_the_layers():
     model = build_vit("vit-micro", num_classes=10)

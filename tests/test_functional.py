@@ -91,6 +91,58 @@ def test_svd_factors_rank_from_eps():
     assert WF.svd_factors(w, eps=0.97)[0].shape[1] == 4
 
 
+def _anisotropic_inputs(rows: int, cols: int, seed: int) -> torch.Tensor:
+    # inputs concentrated in a few directions, as real activations are
+    scales = torch.logspace(1, -2, cols, dtype=D)
+    return randn(rows, cols, seed=seed, dtype=D) * scales @ _orthonormal(cols, cols, seed + 1).T  # (T, I)
+
+
+def test_whitened_factors_minimise_the_output_error_at_the_rank_of_plain_svd():
+    w = randn(9, 7, seed=7, dtype=D)
+    x = _anisotropic_inputs(40, 7, seed=8)  # (T, I)
+    gram = x.T @ x  # (I, I)
+    damping = 1e-6
+    left, right = WF.whitened_factors(w, gram, eps=0.7, damping=damping)
+    plain_left, plain_right = WF.svd_factors(w, eps=0.7)
+    k = plain_left.shape[1]
+    assert left.shape == (9, k) and right.shape == (k, 7)  # the same rank, so the same memory
+    torch.testing.assert_close(left.T @ left, torch.eye(k, dtype=D), atol=1e-12, rtol=0)
+    # Eckart-Young in the whitened norm: ||(W - L R) Lc||_F is the discarded singular values of W Lc
+    c = gram / gram.diagonal().mean() + damping * torch.eye(7, dtype=D)
+    chol = torch.linalg.cholesky(c)
+    s = torch.linalg.svdvals(w @ chol)
+    torch.testing.assert_close(torch.linalg.matrix_norm((w - left @ right) @ chol), s[k:].norm(),
+                               atol=1e-10, rtol=1e-8)
+    # so on these inputs it beats the weight-space truncation (by a wide margin here)
+    fitted = torch.linalg.matrix_norm(x @ (w - left @ right).T)
+    plain = torch.linalg.matrix_norm(x @ (w - plain_left @ plain_right).T)
+    assert fitted < 0.5 * plain, (fitted, plain)
+
+
+def test_whitened_factors_full_rank_is_exact_and_large_damping_tends_to_plain_svd():
+    w = randn(6, 5, seed=9, dtype=D)
+    x = _anisotropic_inputs(30, 5, seed=10)
+    left, right = WF.whitened_factors(w, x.T @ x, rank=5)
+    torch.testing.assert_close(left @ right, w, atol=1e-10, rtol=0)
+    left, right = WF.whitened_factors(w, x.T @ x, rank=2, damping=1e8)
+    plain_left, plain_right = WF.svd_factors(w, rank=2)
+    torch.testing.assert_close(left @ right, plain_left @ plain_right, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("gram", "damping", "match"),
+    [
+        (torch.eye(4, dtype=D), 1e-2, "must be \\(5, 5\\)"),
+        (torch.zeros(5, 5, dtype=D), 1e-2, "all zero"),
+        (torch.full((5, 5), float("nan"), dtype=D), 1e-2, "NaN or inf"),
+        (torch.eye(5, dtype=D), 0.0, "damping must be positive"),
+    ],
+)
+def test_whitened_factors_reject_bad_calibration(gram, damping, match):
+    with pytest.raises((ValueError, WF.NonFiniteError), match=match):
+        WF.whitened_factors(randn(3, 5, seed=1, dtype=D), gram, rank=2, damping=damping, name="layer.x")
+
+
 def _low_rank_weight() -> tuple[torch.Tensor, torch.Tensor]:
     # W = L R with orthonormal L, so tracking without an update must keep L @ R
     w = randn(12, 9, seed=6, dtype=D)

@@ -22,9 +22,8 @@ def _final_model(out) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method", ["wasi", "vanilla"])
-def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, method):
-    run = {"method": method}
+@pytest.mark.parametrize("run", [{"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50}])
+def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
     original = Run._train_step
@@ -85,6 +84,33 @@ def test_cli_reports_every_configuration_error_at_once(tmp_path, capsys):
     for needle in ("no-such-model", "no-such-data", "magic", "--eps 1.5", "--batch-size 'abc'", "--lr -1"):
         assert needle in err, needle
     assert "Traceback" not in err
+
+
+def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypatch):
+    from wasi.training import loop
+
+    seen = []
+    original = loop.apply_method
+
+    def spy(model, method, options, *, head, calibration=None):
+        seen.append(calibration)
+        return original(model, method, options, head=head, calibration=calibration)
+
+    monkeypatch.setattr(loop, "apply_method", spy)
+    run_training(_settings(tmp_path / "fit", init_samples=40, steps=2), print_fn=lambda _m: None)
+    run_training(_settings(tmp_path / "plain", steps=2), print_fn=lambda _m: None)
+    assert callable(seen[0]) and seen[1] is None
+    fitted, plain = _final_model(tmp_path / "fit"), _final_model(tmp_path / "plain")
+    layer = "blocks.0.mlp.fc1"
+    assert fitted[f"{layer}.left"].shape == plain[f"{layer}.left"].shape  # same rank
+    assert not torch.allclose(fitted[f"{layer}.left"], plain[f"{layer}.left"])
+
+    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"),
+                 "--method", "lora", "--init-samples", "16"])
+    assert code == 2 and "--init-samples fits the weight factors" in capsys.readouterr().err
+    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"),
+                 "--init-samples", "-3"])
+    assert code == 2 and "--init-samples -3: must be a non-negative integer" in capsys.readouterr().err
 
 
 def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):

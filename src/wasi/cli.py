@@ -18,7 +18,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
-         "max_length", "max_train_samples")
+         "max_length", "max_train_samples", "init_samples")
 _FLOATS = ("eps", "lr")
 
 
@@ -26,7 +26,7 @@ def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple
     """Convert the named options given as strings; returns the values given and one error per bad value."""
     values, errors = {}, []
     for name in (*ints, *floats):
-        raw = getattr(args, name)
+        raw = getattr(args, name, None)  # None: the subcommand has no such option
         if raw is None:
             continue
         if not isinstance(raw, str):
@@ -97,6 +97,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
         parser.add_argument("--plan", default=None,
                             help="per-layer ranks from `wasi calibrate` (JSON); the WASI methods but wsi")
     parser.add_argument("--eps", default=0.8, help="energy threshold of the WASI methods (default 0.8)")
+    if with_method:
+        parser.add_argument("--init-samples", default=None,
+                            help="wsi and wasi: fit each converted layer's factors to its outputs on this many "
+                                 "training samples (whitened SVD, same ranks as plain SVD); 0 = truncated SVD "
+                                 "of the weight (default 0)")
     parser.add_argument("--activation-rank", default=None,
                         help="fixed Tucker rank per mode (default: ranks from --eps)")
     parser.add_argument("--target", default="mlp", help="layers to adapt: mlp (default), attention, all-linear")

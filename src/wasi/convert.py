@@ -83,6 +83,65 @@ def wasi_layers(model: nn.Module) -> list[tuple[str, WASILinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WASILinear)]
 
 
+# rows of an input multiplied at once into its Gram matrix: bounds the calibration's temporaries
+GRAM_ROWS = 4096
+
+
+def input_grams(model: nn.Module, paths: list[str], calibration: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The input Gram matrix ``sum x^T x`` of each layer in ``paths`` over a calibration run.
+
+    ``calibration()`` is called once, with ``model`` in eval mode and gradients off (the
+    modules' training flags are restored afterwards); every call of a listed layer in it
+    adds its input rows (all leading dims flattened) to that layer's ``(I, I)`` float32 sum.
+
+    Args:
+        model: the (unconverted) model.
+        paths: module paths of linear layers in ``model``.
+        calibration: runs the model on representative inputs; its return value is ignored.
+
+    Returns:
+        ``{path: (I, I) tensor}``, on the device of the inputs.
+
+    Raises:
+        TypeError: ``calibration`` is not callable.
+        ValueError: a listed layer was never called during the calibration.
+    """
+    if not callable(calibration):
+        raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
+    grams: dict[str, torch.Tensor] = {}
+
+    def recorder(fqn: str):
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])  # (T, I)
+            if fqn not in grams:
+                grams[fqn] = x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float32)  # (I, I)
+            for rows in x.split(GRAM_ROWS):
+                rows = rows.float()  # (t, I)
+                grams[fqn].addmm_(rows.T, rows)  # (I, I) += (I, t) @ (t, I)
+
+        return record
+
+    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn)) for fqn in paths]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            calibration()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    missing = [fqn for fqn in paths if fqn not in grams]
+    if missing:
+        raise ValueError(
+            f"the calibration never ran {len(missing)} of the {len(paths)} layers to convert "
+            f"(e.g. {', '.join(missing[:4])}); it must run the model being converted (not a copy) on inputs that reach every one"
+        )
+    return grams
+
+
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -153,6 +212,7 @@ def convert(
     ranks: dict[str, int] | None = None,
     initialise: bool = True,
     plan: Plan | None = None,
+    calibration: Callable[[], object] | None = None,
 ) -> nn.Module:
     """Replace the selected linear layers of ``model`` by :class:`WASILinear`, in place.
 
@@ -170,6 +230,13 @@ def convert(
             layers (unless ``filter_fn`` is given), with its weight ranks where it has them
             (``ranks`` entries win), then gives each layer its planned activation ranks
             (:func:`wasi.calibrate.apply_plan`). Needs ``config.activation_rank=None``.
+        calibration: optional callable that runs ``model`` on a few representative batches
+            (e.g. ``lambda: model(**batch)``), called once before any layer is replaced. Each
+            layer's factors then minimise its output error on those inputs instead of the
+            weight error (:func:`wasi.functional.whitened_factors`), at the same rank, so the
+            memory is unchanged and the converted model starts closer to the pretrained one.
+            Holds one ``(I, I)`` float32 matrix per converted layer during the conversion.
+            Modes ``factored`` and ``weights-only`` only.
 
     Returns:
         The same model.
@@ -177,11 +244,24 @@ def convert(
     Raises:
         ValueError: the model is already converted, or nothing matches; with a plan: the
             model lacks planned layers, the config fixes activation ranks or keeps exact inputs.
-        TypeError: ``config`` is not a :class:`WASIConfig`.
+        TypeError: ``config`` is not a :class:`WASIConfig`, or ``calibration`` is not callable.
     """
     config = WASIConfig() if config is None else config
     if not isinstance(config, WASIConfig):
         raise TypeError(f"config must be a wasi.WASIConfig, got {type(config).__name__}")
+    if calibration is not None:
+        if not callable(calibration):
+            raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
+        if config.mode not in ("factored", "weights-only"):
+            raise ValueError(
+                f"calibration fits the weight factors once, at conversion: mode {config.mode!r} "
+                + ("keeps a dense weight" if config.mode == "activations-only"
+                   else "re-projects its dense weight every step, which would undo it")
+                + "; use mode 'factored' or 'weights-only'"
+            )
+        if not initialise:
+            raise ValueError("calibration fits the factors, initialise=False leaves them for a checkpoint: "
+                             "pass one or the other")
     existing = wasi_layers(model)
     if existing:
         raise ValueError(
@@ -214,6 +294,7 @@ def convert(
             + ". Targets: 'mlp', 'attention', 'all-linear', or pass filter_fn(module, fqn)."
         )
     ranks = ranks or {}
+    grams = input_grams(model, chosen, calibration) if calibration is not None else {}
     for index, fqn in enumerate(chosen):
         layer = WASILinear.from_module(
             model.get_submodule(fqn),
@@ -222,6 +303,7 @@ def convert(
             seed=config.seed * 100_003 + index,
             name=fqn,
             initialise=initialise,
+            gram=grams.pop(fqn, None),
         )
         layer.train(model.get_submodule(fqn).training)  # the replaced layer's mode, not a fresh module's
         _set_submodule(model, fqn, layer)
@@ -285,4 +367,4 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["convert", "fuse_activations", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]
+__all__ = ["convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]

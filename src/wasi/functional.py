@@ -187,6 +187,62 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
+def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, rank: int | None = None,
+                     damping: float = 1e-2, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """Data-aware init of the weight factors: the rank-``k`` ``L R`` closest to ``W`` on the inputs.
+
+    With ``C = X^T X`` the input Gram matrix of a calibration run and ``C = Lc Lc^T`` its
+    Cholesky factor, ``||X W^T - X (L R)^T||_F = ||(W - L R) Lc||_F``, so the best rank-``k``
+    factors come from the SVD of ``W Lc = U S V^T``: ``L = U_k`` (orthonormal columns) and
+    ``R = S_k V_k^T Lc^{-1}``. The rank is the one :func:`svd_factors` gives (``eps`` on the
+    weight's own spectrum, or ``rank``), so the factors take exactly the memory of the plain
+    init; only which rank-``k`` subspace is kept changes. ``C`` is normalised to a unit mean
+    diagonal and ``damping * I`` is added: input directions the calibration never visited keep
+    a small weight instead of none (``damping`` large tends to the plain SVD).
+
+    Runs in float64 (one-off, ``I x I`` and ``O x I`` sized).
+
+    Args:
+        weight: ``(O, I)``.
+        gram: ``(I, I)``, the sum of ``x^T x`` over the calibration inputs of the layer.
+        eps: energy threshold picking the rank (used when ``rank`` is None).
+        rank: explicit rank.
+        damping: ridge added to the normalised Gram matrix, > 0.
+        name: what to call the layer in messages.
+
+    Returns:
+        ``L: (O, k)`` with orthonormal columns and ``R: (k, I)``, in the compute dtype.
+
+    Raises:
+        ValueError: ``gram`` is not ``(I, I)``, is zero, or ``damping`` is not positive.
+        NonFiniteError: the weight or the Gram matrix contains NaN or inf.
+    """
+    in_features = weight.shape[1]
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"{name}: the input Gram matrix must be ({in_features}, {in_features}), "
+                         f"got {tuple(gram.shape)}")
+    if not damping > 0:
+        raise ValueError(f"{name}: damping must be positive, got {damping!r}")
+    dtype = compute_dtype(weight.dtype)
+    w = weight.detach().double()  # (O, I)
+    c = gram.detach().double()  # (I, I)
+    if not is_finite(w):
+        raise NonFiniteError(f"{name}: the weight contains NaN or inf; it cannot be factorised")
+    if not is_finite(c):
+        raise NonFiniteError(f"{name}: the calibration inputs contain NaN or inf")
+    mean_diag = c.diagonal().mean()
+    if not mean_diag > 0:
+        raise ValueError(f"{name}: the calibration inputs are all zero; they cannot weight the factors")
+    c = (c + c.T) / (2 * mean_diag) + damping * torch.eye(in_features, dtype=c.dtype, device=c.device)
+    if rank is None:
+        s = torch.linalg.svdvals(w)  # (m,) the weight's own spectrum picks k (section 3)
+        rank = energy_rank((s * unit_scale(s)).square(), eps)
+    chol = torch.linalg.cholesky(c)  # (I, I) lower, C = Lc Lc^T
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)  # (O, m), (m,), (m, I)
+    right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)
+    return u[:, :rank].to(dtype).contiguous(), right.to(dtype).contiguous()  # (O, k), (k, I)
+
+
 def track_weight_subspace(weight: Tensor, left: Tensor) -> tuple[Tensor, Tensor]:
     """One warm-started subspace-iteration step on a dense weight (section 3, reference form).
 

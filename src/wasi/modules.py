@@ -111,6 +111,7 @@ class WASILinear(nn.Module):
         seed: int = 0,
         name: str = "",
         initialise: bool = True,
+        gram: Tensor | None = None,
     ) -> WASILinear:
         """Wrap an ``nn.Linear`` or a ``transformers`` ``Conv1D``, reusing its tensors.
 
@@ -121,6 +122,9 @@ class WASILinear(nn.Module):
             seed: seed of this layer's own generator.
             name: the module's path, used in messages.
             initialise: False skips the SVD (the factors will be loaded from a checkpoint).
+            gram: ``(I, I)`` sum of ``x^T x`` over calibration inputs of this layer: the factors
+                then minimise the output error on those inputs, at the same rank
+                (:func:`wasi.functional.whitened_factors`); None: truncated SVD of the weight.
 
         Raises:
             TypeError: the module is not a supported linear layer.
@@ -138,7 +142,10 @@ class WASILinear(nn.Module):
         left = right = None
         if config.factor_weights and (initialise or rank is None):
             with torch.no_grad():
-                left, right = WF.svd_factors(weight.detach(), eps=config.eps, rank=rank, name=label)
+                if gram is None:
+                    left, right = WF.svd_factors(weight.detach(), eps=config.eps, rank=rank, name=label)
+                else:
+                    left, right = WF.whitened_factors(weight.detach(), gram, eps=config.eps, rank=rank, name=label)
             rank = left.shape[1]
         bias = module.bias
         layer = cls(

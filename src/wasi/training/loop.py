@@ -65,6 +65,7 @@ class TrainSettings:
     recompute: bool = False  # rebuild activation/attention inputs from the low-rank code (WASI methods)
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
+    init_samples: int = 0  # wsi/wasi: training samples the weight factors are fitted to (0: plain SVD)
 
     def validate(self) -> list[str]:
         errors = []
@@ -80,6 +81,11 @@ class TrainSettings:
                      "lora_rank", "galore_rank"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        if self.init_samples < 0:
+            errors.append(f"--init-samples {self.init_samples}: must be a non-negative integer")
+        elif self.init_samples and self.method not in ("wsi", "wasi"):
+            errors.append(f"--init-samples fits the weight factors of a layer without a dense weight: it needs "
+                          f"--method wsi or wasi, got --method {self.method}")
         for name in ("epochs", "steps", "activation_rank", "max_train_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -229,8 +235,20 @@ class Run:
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
                                 recompute=s.recompute, checkpointing=s.checkpointing)
+        bundle.model.to(self.device)
+        calibration = None
+        if s.init_samples and not s.resume:  # a resumed run takes its factors from the checkpoint
+            count = min(s.init_samples, self.train.size)
+
+            def calibration() -> None:
+                for start in range(0, count, s.eval_batch_size):
+                    idx = torch.arange(start, min(start + s.eval_batch_size, count))
+                    bundle.logits(_batch(self.train, idx, self.pad_id, self.device))
+
+            self.print(f"fitting the weight factors to the outputs of {count} training samples")
         try:
-            self.model = apply_method(bundle.model, s.method, options, head=bundle.head).to(self.device)
+            self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
+                                      calibration=calibration).to(self.device)
         except ValueError as err:
             if plan is None:
                 raise

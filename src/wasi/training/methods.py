@@ -5,6 +5,7 @@ Every method takes the same model and the same target layers; they differ only h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,13 @@ def _enable_checkpointing(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no activation checkpointing support")
 
 
-def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head: str) -> nn.Module:
+def apply_method(
+    model: nn.Module, method: str, options: MethodOptions, *, head: str, calibration: Callable[[], object] | None = None
+) -> nn.Module:
     """Prepare ``model`` for ``method``; returns the model to train (LoRA wraps it).
+
+    ``calibration`` (methods wsi and wasi) runs the model on training samples so that
+    :func:`wasi.convert` fits each layer's factors to its outputs (whitened SVD).
 
     Raises:
         ValueError: unknown method.
@@ -87,7 +93,7 @@ def apply_method(model: nn.Module, method: str, options: MethodOptions, *, head:
             target=options.target, seed=options.seed,
             recompute_from_code=options.recompute and WASI_MODES[method] != "activations-only",
         )
-        convert(model, config, ranks=options.ranks, plan=options.plan)
+        convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
     return model
 
 
