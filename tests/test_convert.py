@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -249,6 +250,52 @@ def test_calibration_that_is_not_callable_or_misses_layers_names_the_problem():
         wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True,
                      calibration=lambda: model[0](randn(3, 8)))
     assert not _names(model)
+
+
+def test_calibration_in_groups_fits_each_layer_to_the_converted_layers_before_it(monkeypatch):
+    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+
+    model = _mlp()
+    x = randn(64, 8, seed=3)
+    with torch.no_grad():
+        dense = model(x)
+    plain = wasi.convert(copy.deepcopy(model), WASIConfig(rank=2, mode="weights-only"), filter_fn=lambda m, fqn: True)
+    monkeypatch.setattr(wc, "GRAM_BYTES", 1)  # one layer per group
+    calls = []
+
+    def calibration():
+        calls.append([type(m).__name__ for m in model if not isinstance(m, nn.ReLU)])
+        model(x)
+
+    wasi.convert(model, WASIConfig(rank=2, mode="weights-only"), filter_fn=lambda m, fqn: True, calibration=calibration)
+    # the second run goes through the first layer already converted
+    assert calls == [["Linear", "Linear"], ["WASILinear", "Linear"]]
+    with torch.no_grad():
+        assert (model(x) - dense).norm() < (plain(x) - dense).norm()
+
+
+def test_a_conversion_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
+    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+
+    model = _mlp()
+    originals = list(model)
+    monkeypatch.setattr(wc, "GRAM_BYTES", 1)
+    runs = []
+
+    def calibration():
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("calibration data ran out")
+        model(randn(5, 8))
+
+    with pytest.raises(RuntimeError, match="ran out"):
+        wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True, calibration=calibration)
+    assert list(model) == originals and not _names(model)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # the second layer cannot be factorised
+    with pytest.raises(FloatingPointError, match="2: the weight contains NaN"):
+        wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True)
+    assert list(model) == originals
 
 
 # ---------------------------------------------------------------------------- bad input

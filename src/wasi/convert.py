@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from wasi.config import WASIConfig
-from wasi.modules import WASILinear, is_conv1d, is_wrappable
+from wasi.modules import WASILinear, dense_weight_of, is_conv1d, is_wrappable
 
 if TYPE_CHECKING:
     from wasi.calibrate import Plan
@@ -85,9 +85,27 @@ def wasi_layers(model: nn.Module) -> list[tuple[str, WASILinear]]:
 
 # rows of an input multiplied at once into its Gram matrix: bounds the calibration's temporaries
 GRAM_ROWS = 4096
+# Gram matrices held at once during a calibrated conversion: layers are fitted in groups of at
+# most this many bytes (one calibration run per group; at least one layer per group)
+GRAM_BYTES = 256 * 2**20
 
 
-def input_grams(model: nn.Module, paths: list[str], calibration: Callable[[], object]) -> dict[str, torch.Tensor]:
+def _gram_groups(model: nn.Module, paths: list[str]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    held = 0
+    for fqn in paths:
+        size = 4 * dense_weight_of(model.get_submodule(fqn))[0].shape[1] ** 2  # float32 (I, I)
+        if not groups or held + size > GRAM_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(fqn)
+        held += size
+    return groups
+
+
+def input_grams(
+    model: nn.Module, paths: list[str], calibration: Callable[[], object], *, required: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """The input Gram matrix ``sum x^T x`` of each layer in ``paths`` over a calibration run.
 
     ``calibration()`` is called once, with ``model`` in eval mode and gradients off (the
@@ -98,20 +116,27 @@ def input_grams(model: nn.Module, paths: list[str], calibration: Callable[[], ob
         model: the (unconverted) model.
         paths: module paths of linear layers in ``model``.
         calibration: runs the model on representative inputs; its return value is ignored.
+        required: layers the run must reach (default ``paths``); only ``paths`` get a Gram matrix.
 
     Returns:
         ``{path: (I, I) tensor}``, on the device of the inputs.
 
     Raises:
         TypeError: ``calibration`` is not callable.
-        ValueError: a listed layer was never called during the calibration.
+        ValueError: a required layer was never called during the calibration.
     """
     if not callable(calibration):
         raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
+    required = paths if required is None else required
     grams: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    recorded = set(paths)
 
     def recorder(fqn: str):
         def record(module: nn.Module, args: tuple, output: object) -> None:
+            seen.add(fqn)
+            if fqn not in recorded:
+                return
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])  # (T, I)
             if fqn not in grams:
@@ -122,7 +147,8 @@ def input_grams(model: nn.Module, paths: list[str], calibration: Callable[[], ob
 
         return record
 
-    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn)) for fqn in paths]
+    hooked = dict.fromkeys([*paths, *required])  # each once, in order
+    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn)) for fqn in hooked]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -133,10 +159,10 @@ def input_grams(model: nn.Module, paths: list[str], calibration: Callable[[], ob
             handle.remove()
         for module, training in modes:
             module.training = training
-    missing = [fqn for fqn in paths if fqn not in grams]
+    missing = [fqn for fqn in required if fqn not in seen]
     if missing:
         raise ValueError(
-            f"the calibration never ran {len(missing)} of the {len(paths)} layers to convert "
+            f"the calibration never ran {len(missing)} of the {len(required)} layers to convert "
             f"(e.g. {', '.join(missing[:4])}); it must run the model being converted (not a copy) on inputs that reach every one"
         )
     return grams
@@ -235,7 +261,9 @@ def convert(
             layer's factors then minimise its output error on those inputs instead of the
             weight error (:func:`wasi.functional.whitened_factors`), at the same rank, so the
             memory is unchanged and the converted model starts closer to the pretrained one.
-            Holds one ``(I, I)`` float32 matrix per converted layer during the conversion.
+            Layers are fitted in model order, in groups whose ``(I, I)`` float32 input Gram
+            matrices fit ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once per
+            group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only.
 
     Returns:
@@ -294,19 +322,34 @@ def convert(
             + ". Targets: 'mlp', 'attention', 'all-linear', or pass filter_fn(module, fqn)."
         )
     ranks = ranks or {}
-    grams = input_grams(model, chosen, calibration) if calibration is not None else {}
-    for index, fqn in enumerate(chosen):
-        layer = WASILinear.from_module(
-            model.get_submodule(fqn),
-            config,
-            rank=ranks.get(fqn),
-            seed=config.seed * 100_003 + index,
-            name=fqn,
-            initialise=initialise,
-            gram=grams.pop(fqn, None),
-        )
-        layer.train(model.get_submodule(fqn).training)  # the replaced layer's mode, not a fresh module's
-        _set_submodule(model, fqn, layer)
+    grams: dict[str, torch.Tensor] = {}
+    groups = _gram_groups(model, chosen) if calibration is not None else [chosen]
+    first_of_group = {group[0]: group for group in groups}
+    replaced: list[tuple[str, nn.Module]] = []
+    try:
+        for index, fqn in enumerate(chosen):
+            if calibration is not None and fqn in first_of_group:
+                # later groups see the inputs the already converted layers produce; the first run
+                # checks that every chosen layer is reached before any is replaced
+                group = first_of_group[fqn]
+                grams = input_grams(model, group, calibration, required=chosen if index == 0 else None)
+            original = model.get_submodule(fqn)
+            layer = WASILinear.from_module(
+                original,
+                config,
+                rank=ranks.get(fqn),
+                seed=config.seed * 100_003 + index,
+                name=fqn,
+                initialise=initialise,
+                gram=grams.pop(fqn, None),
+            )
+            layer.train(original.training)  # the replaced layer's mode, not a fresh module's
+            _set_submodule(model, fqn, layer)
+            replaced.append((fqn, original))
+    except BaseException:
+        for fqn, original in reversed(replaced):  # a failure leaves the model as it was given
+            _set_submodule(model, fqn, original)
+        raise
     if config.recompute_from_code and not fuse_activations(model):
         warnings.warn(
             "recompute_from_code=True but no converted layer is followed by a known activation "
