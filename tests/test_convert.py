@@ -274,6 +274,20 @@ def test_calibration_in_groups_fits_each_layer_to_the_converted_layers_before_it
         assert (model(x) - dense).norm() < (plain(x) - dense).norm()
 
 
+def test_calibration_records_a_layer_called_with_its_input_by_keyword():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = dense_linear(8, 6, seed=4)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    model = Keyword()
+    wasi.convert(model, WASIConfig(rank=2), filter_fn=lambda m, fqn: True, calibration=lambda: model(randn(4, 8)))
+    assert _names(model) == ["fc"]
+
+
 def test_a_conversion_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
     wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
 

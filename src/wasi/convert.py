@@ -133,11 +133,11 @@ def input_grams(
     recorded = set(paths)
 
     def recorder(fqn: str):
-        def record(module: nn.Module, args: tuple, output: object) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             seen.add(fqn)
             if fqn not in recorded:
                 return
-            x = args[0].detach()
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()  # the layer's one input
             x = x.reshape(-1, x.shape[-1])  # (T, I)
             if fqn not in grams:
                 grams[fqn] = x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float32)  # (I, I)
@@ -148,7 +148,7 @@ def input_grams(
         return record
 
     hooked = dict.fromkeys([*paths, *required])  # each once, in order
-    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn)) for fqn in hooked]
+    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn), with_kwargs=True) for fqn in hooked]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
