@@ -113,7 +113,7 @@ def input_grams(
     adds its input rows (all leading dims flattened) to that layer's ``(I, I)`` float32 sum.
 
     Args:
-        model: the (unconverted) model.
+        model: the model (layers converted earlier run in their low-rank form).
         paths: module paths of linear layers in ``model``.
         calibration: runs the model on representative inputs; its return value is ignored.
         required: layers the run must reach (default ``paths``); only ``paths`` get a Gram matrix.
@@ -163,7 +163,8 @@ def input_grams(
     if missing:
         raise ValueError(
             f"the calibration never ran {len(missing)} of the {len(required)} layers to convert "
-            f"(e.g. {', '.join(missing[:4])}); it must run the model being converted (not a copy) on inputs that reach every one"
+            f"(e.g. {', '.join(missing[:4])}); it must run the model being converted (not a copy) "
+            "on inputs that reach every one"
         )
     return grams
 
@@ -257,13 +258,13 @@ def convert(
             (``ranks`` entries win), then gives each layer its planned activation ranks
             (:func:`wasi.calibrate.apply_plan`). Needs ``config.activation_rank=None``.
         calibration: optional callable that runs ``model`` on a few representative batches
-            (e.g. ``lambda: model(**batch)``), called once before any layer is replaced. Each
-            layer's factors then minimise its output error on those inputs instead of the
+            (e.g. ``lambda: model(**batch)``); its first run, before any layer is replaced, also
+            checks that it reaches every selected layer. Each layer's factors then minimise its output error on those inputs instead of the
             weight error (:func:`wasi.functional.whitened_factors`), at the same rank, so the
             memory is unchanged and the converted model starts closer to the pretrained one.
             Layers are fitted in model order, in groups whose ``(I, I)`` float32 input Gram
-            matrices fit ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once per
-            group, and each group sees the inputs the layers converted before it produce.
+            matrices fit ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration``
+            runs once per group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only.
 
     Returns:
