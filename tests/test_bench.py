@@ -116,6 +116,29 @@ def test_lora_lr_applies_to_the_lora_runs_only():
         _parse(["--quick", "--lora-lr", "-1", "--out", "x"])
 
 
+def test_init_samples_reach_the_accuracy_runs_of_wsi_and_wasi_only(tmp_path, monkeypatch):
+    from wasi.bench import worker
+    from wasi.bench.runner import worker_spec
+    from wasi.training import loop
+
+    with pytest.raises(UsageError, match="--init-samples applies to the accuracy runs: give --train-epochs"):
+        _parse(["--quick", "--init-samples", "64", "--out", "x"])
+    with pytest.raises(UsageError, match="--init-samples -1: must be a non-negative integer"):
+        _parse(["--quick", "--init-samples", "-1", "--out", "x"])
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "lora,wsi,wasi", "--eps", "0.8",
+                       "--train-epochs", "1", "--init-samples", "64", "--out", str(tmp_path)])
+    seen = {}
+
+    def fake_training(train_settings, print_fn):
+        seen[train_settings.method] = train_settings.init_samples
+        return {"test_accuracy": 0.5, "best_val_accuracy": 0.5}
+
+    monkeypatch.setattr(loop, "run_training", fake_training)
+    for method, eps in settings.runs():
+        worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
+    assert seen == {"lora": 0, "wsi": 64, "wasi": 64}
+
+
 def test_decay_spectrum_is_a_seeded_power_law_of_the_same_norm():
     def model():
         torch.manual_seed(1)

@@ -8,7 +8,7 @@ from wasi.bench.settings import QUICK, BenchSettings
 from wasi.training.methods import METHODS
 
 _INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
-         "galore_rank", "max_length", "inference_batches", "threads")
+         "galore_rank", "max_length", "inference_batches", "threads", "init_samples")
 _FLOATS = ("lr", "lora_lr", "spectrum_decay", "timeout")
 
 
@@ -42,6 +42,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="interleaved repeats; medians are reported (default 3)")
     parser.add_argument("--train-epochs", default=None,
                         help="also train each method this many epochs (first repeat) for its test accuracy")
+    parser.add_argument("--init-samples", default=None,
+                        help="with --train-epochs: wsi and wasi fit their factors to the outputs of this many "
+                             "training samples before training (as `wasi train --init-samples`; same ranks, so "
+                             "the memory and time runs are unaffected)")
     parser.add_argument("--rank", default=None,
                         help="explicit weight rank of every WASI layer (instead of eps)")
     parser.add_argument("--activation-rank", default=None,

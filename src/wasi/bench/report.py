@@ -96,6 +96,9 @@ def markdown(results: dict) -> str:
     ]
     if s.get("checkpointing"):
         lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")
+    if s.get("init_samples"):
+        lines.append(f"- `--init-samples {s['init_samples']}`: in the accuracy runs, wsi and wasi start from factors "
+                     "fitted to the layers' outputs on that many training samples (same ranks)")
     if s.get("recompute"):
         lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
                      "attention q, k, v) from the low-rank code in backward instead of storing them")

@@ -45,6 +45,7 @@ class BenchSettings:
     rank: int | None = None
     activation_rank: int | None = None
     recompute: bool = False
+    init_samples: int = 0  # accuracy runs of wsi and wasi: the data-aware init (wasi train --init-samples)
     checkpointing: bool = False
     lora_rank: int = 8
     galore_rank: int = 64
@@ -95,6 +96,10 @@ class BenchSettings:
                 errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if self.seed < 0:
             errors.append(f"--seed {self.seed}: must be non-negative")
+        if self.init_samples < 0:
+            errors.append(f"--init-samples {self.init_samples}: must be a non-negative integer")
+        elif self.init_samples and self.train_epochs is None:
+            errors.append("--init-samples applies to the accuracy runs: give --train-epochs too")
         if self.optimizer not in DEFAULT_LR:
             errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
         elif "galore" in self.methods and self.optimizer != "adamw":

@@ -326,6 +326,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
         checkpointing=checkpointing or spec.get("checkpointing", False),
+        init_samples=spec.get("init_samples", 0) if method in ("wsi", "wasi") else 0,
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
     return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],
