@@ -259,12 +259,13 @@ def convert(
             (:func:`wasi.calibrate.apply_plan`). Needs ``config.activation_rank=None``.
         calibration: optional callable that runs ``model`` on a few representative batches
             (e.g. ``lambda: model(**batch)``); its first run, before any layer is replaced, also
-            checks that it reaches every selected layer. Each layer's factors then minimise its output error on those inputs instead of the
-            weight error (:func:`wasi.functional.whitened_factors`), at the same rank, so the
-            memory is unchanged and the converted model starts closer to the pretrained one.
-            Layers are fitted in model order, in groups whose ``(I, I)`` float32 input Gram
-            matrices fit ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration``
-            runs once per group, and each group sees the inputs the layers converted before it produce.
+            checks that it reaches every selected layer. Each layer's factors then minimise its
+            output error on those inputs instead of the weight error
+            (:func:`wasi.functional.whitened_factors`), at the same rank, so the memory is
+            unchanged and the converted model starts closer to the pretrained one. Layers are
+            fitted in model order, in groups whose ``(I, I)`` float32 input Gram matrices fit
+            ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once
+            per group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only.
 
     Returns:
