@@ -80,7 +80,7 @@ def warm_up(spec: dict) -> None:
 
 def _real_batches(spec: dict, inputs, count: int) -> tuple[list[dict[str, torch.Tensor]], int]:
     from wasi.data import load_dataset, split_stratified
-    from wasi.training.loop import _batch, _make_split
+    from wasi.training.batches import make_batch, make_split
     from wasi.training.models import ModelBundle
 
     dataset = load_dataset(spec["data"], cache_dir=spec.get("cache_dir"))
@@ -91,7 +91,7 @@ def _real_batches(spec: dict, inputs, count: int) -> tuple[list[dict[str, torch.
     train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=spec["seed"])
     shape_only = ModelBundle(None, inputs.kind, tokenizer=inputs.tokenizer, image_size=inputs.image_size,
                              channels=inputs.channels)
-    split = _make_split(train, shape_only, spec["max_length"])
+    split = make_split(train, shape_only, spec["max_length"])
     order = torch.randperm(split.size, generator=torch.Generator().manual_seed(spec["seed"]))
     bs = spec["batch_size"]
     pad = inputs.tokenizer.pad_token_id if inputs.tokenizer is not None else 0
@@ -100,7 +100,7 @@ def _real_batches(spec: dict, inputs, count: int) -> tuple[list[dict[str, torch.
         idx = order[(b * bs) % split.size:][:bs]
         if len(idx) < bs:  # a small dataset: wrap around
             idx = torch.cat([idx, order[: bs - len(idx)]])
-        batches.append(_batch(split, idx, pad, torch.device("cpu")))
+        batches.append(make_batch(split, idx, pad, torch.device("cpu")))
     return batches, len(dataset.classes)
 
 

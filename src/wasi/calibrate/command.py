@@ -125,7 +125,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from wasi.cli import UsageError
     from wasi.config import WASIConfig
     from wasi.data import DataError, load_dataset, split_stratified
-    from wasi.training.loop import _batch, _epoch_order, _make_split
+    from wasi.training.batches import epoch_order, make_batch, make_split
     from wasi.training.models import ModelError, build_model
 
     values, errors = _parse(args)
@@ -148,15 +148,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if bundle.kind != dataset.kind:
         raise UsageError(f"model {args.model!r} takes {bundle.kind} inputs but data {args.data!r} "
                          f"is {dataset.kind}")
-    order = _epoch_order(len(train), seed, 0)[: count * bs]  # the first batches `wasi train` will see
+    order = epoch_order(len(train), seed, 0)[: count * bs]  # the first batches `wasi train` will see
     if len(order) < count * bs:
         count = max(1, len(order) // bs)
         order = order[: count * bs]
-    split = _make_split(train.subset(order), bundle, values["max_length"])
+    split = make_split(train.subset(order), bundle, values["max_length"])
     pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
     batches = []
     for b in range(count):
-        batch = _batch(split, torch.arange(b * bs, min((b + 1) * bs, split.size)), pad_id, device)
+        batch = make_batch(split, torch.arange(b * bs, min((b + 1) * bs, split.size)), pad_id, device)
         if bundle.kind == "image":
             positional = _Positional((batch["images"],))
             positional.labels = batch["labels"]

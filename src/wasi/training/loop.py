@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from wasi.checkpoint import fsync_dir, remove_quietly
 from wasi.memory import count_saved_tensors
 from wasi.modules import NonFiniteError, set_nonfinite_policy
+from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import METHODS, WASI_MODES, MethodOptions, apply_method, build_optimizer
-from wasi.training.models import MODEL_NAMES, ModelBundle, build_model, save_pretrained_vit
+from wasi.training.models import MODEL_NAMES, build_model, save_pretrained_vit
 
 DATA_NAMES = ("spam", "fashion-mnist", "digits")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -140,49 +141,6 @@ class RunError(RuntimeError):
     """A run that cannot start or go on (reported in one line by the CLI)."""
 
 
-# ---------------------------------------------------------------------------- data
-@dataclass
-class Split:
-    size: int
-    labels: torch.Tensor
-    images: torch.Tensor | None = None
-    tokens: list[list[int]] | None = None
-
-
-def _prepare_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    if images.shape[1] != channels:
-        images = images.mean(1, keepdim=True).expand(-1, channels, -1, -1).contiguous()
-    return images
-
-
-def _make_split(ds, bundle: ModelBundle, max_length: int) -> Split:
-    if bundle.kind == "image":
-        images = _prepare_images(ds.images, bundle.image_size, bundle.channels)
-        return Split(len(ds.labels), ds.labels, images=images)
-    encoded = bundle.tokenizer(list(ds.texts), truncation=True, max_length=max_length)
-    return Split(len(ds.labels), ds.labels, tokens=encoded["input_ids"])
-
-
-def _batch(split: Split, idx: torch.Tensor, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    labels = split.labels[idx].to(device)
-    if split.images is not None:
-        return {"images": split.images[idx].to(device), "labels": labels}
-    rows = [split.tokens[i] for i in idx.tolist()]
-    width = max(len(r) for r in rows)  # pad to the longest in the batch: lengths vary
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels}
-
-
-def _epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 # ---------------------------------------------------------------------------- run
 class Run:
     """One training run; ``execute`` returns the summary dict."""
@@ -224,13 +182,13 @@ class Run:
             raise RunError(f"model {s.model!r} takes {bundle.kind} inputs but data {s.data!r} is {dataset.kind}")
         self.bundle = bundle
         self.pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
-        self.train = _make_split(train, bundle, s.max_length)
+        self.train = make_split(train, bundle, s.max_length)
         if s.max_train_samples is not None and s.max_train_samples < self.train.size:
             self.train = Split(s.max_train_samples, self.train.labels[: s.max_train_samples],
                                None if self.train.images is None else self.train.images[: s.max_train_samples],
                                None if self.train.tokens is None else self.train.tokens[: s.max_train_samples])
-        self.val = _make_split(val, bundle, s.max_length)
-        self.test = _make_split(test, bundle, s.max_length)
+        self.val = make_split(val, bundle, s.max_length)
+        self.test = make_split(test, bundle, s.max_length)
         plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
@@ -243,7 +201,7 @@ class Run:
             def calibration() -> None:
                 for start in range(0, count, s.eval_batch_size):
                     idx = torch.arange(start, min(start + s.eval_batch_size, count))
-                    bundle.logits(_batch(self.train, idx, self.pad_id, self.device))
+                    bundle.logits(make_batch(self.train, idx, self.pad_id, self.device))
 
             self.print(f"fitting the weight factors to the outputs of {count} training samples")
         try:
@@ -414,7 +372,7 @@ class Run:
         bs = self.s.eval_batch_size
         for start in range(0, split.size, bs):
             idx = torch.arange(start, min(start + bs, split.size))
-            batch = _batch(split, idx, self.pad_id, self.device)
+            batch = make_batch(split, idx, self.pad_id, self.device)
             logits = self._logits(batch)
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -427,7 +385,7 @@ class Run:
         self.model.eval()
         bs = self.s.eval_batch_size
         starts = list(range(0, self.test.size, bs))
-        batches = [_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
+        batches = [make_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
                    for s in starts]
         self._logits(batches[0])  # warm-up
         times = []
@@ -504,11 +462,11 @@ class Run:
         window_start = time.perf_counter()
         run_start = time.perf_counter()
         start_step = self.step
-        order = _epoch_order(self.train.size, self.s.seed, self.epoch)
+        order = epoch_order(self.train.size, self.s.seed, self.epoch)
         while self.step < self.total_steps:
             bs = self.s.batch_size
             idx = order[self.batch_index * bs: (self.batch_index + 1) * bs]
-            loss = self._train_step(_batch(self.train, idx, self.pad_id, self.device))
+            loss = self._train_step(make_batch(self.train, idx, self.pad_id, self.device))
             self.step += 1
             self.batch_index += 1
             if loss is not None:  # None: skipped as non-finite
@@ -534,7 +492,7 @@ class Run:
                 window, window_start = [], now
             if self.batch_index >= self.batches_per_epoch:
                 self._end_epoch()
-                order = _epoch_order(self.train.size, self.s.seed, self.epoch)
+                order = epoch_order(self.train.size, self.s.seed, self.epoch)
             if self.step % self.s.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
