@@ -198,3 +198,13 @@ def test_step_profile_script_reports_the_peak_and_where(capsys):
     assert "wasi+checkpointing eps 0.8, batch 4: peak" in out
     assert "backward blocks." in out  # a block recomputed in backward, labelled
     assert "one training step, top operators" in out and "one inference batch" in out
+
+
+def test_freeze_embeddings_reaches_every_run_and_is_refused_for_a_vit(tmp_path):
+    from wasi.bench.runner import worker_spec
+
+    with pytest.raises(UsageError, match="--freeze-embeddings: model 'vit-micro' has no nn.Embedding"):
+        _parse(["--quick", "--freeze-embeddings", "--out", "x"])
+    settings = _parse(["--model", "minilm", "--data", "spam", "--methods", "vanilla,lora,wasi", "--eps", "0.8",
+                       "--freeze-embeddings", "--out", str(tmp_path)])
+    assert all(worker_spec(settings, m, e, 1)["freeze_embeddings"] for m, e in settings.runs())

@@ -156,3 +156,36 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_only():
     assert torch.equal(first, epoch_order(50, seed=3, epoch=1))
     assert not torch.equal(first, epoch_order(50, seed=3, epoch=2))
     assert not torch.equal(first, epoch_order(50, seed=4, epoch=1))
+
+
+@pytest.mark.parametrize("method", ["vanilla", "wasi", "lora"])
+def test_freeze_embeddings_keeps_the_token_tables_out_of_the_step(minilm, minilm_batch, method):
+    from wasi.training.methods import MethodOptions, apply_method, build_optimizer
+
+    options = MethodOptions(eps=0.8, target="all-linear", freeze_embeddings=True)
+    model = apply_method(minilm, method, options, head="classifier")
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(tables) == 3  # word, position, token type
+    optimizer = build_optimizer(model, method, options, name="adamw", lr=1e-3)
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not stepped & {id(p) for t in tables for p in t.parameters()}
+    before = [t.weight.detach().clone() for t in tables]
+    classifier = next(p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad)
+    head_before = classifier.detach().clone()
+    model(**minilm_batch).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(b, t.weight) for b, t in zip(before, tables, strict=True))
+    assert not torch.equal(head_before, classifier)
+
+
+def test_freeze_embeddings_without_token_tables_is_a_clear_error(tmp_path, capsys):
+    from wasi.models import build_vit
+    from wasi.training.methods import freeze_embeddings
+
+    with pytest.raises(ValueError, match="ViT has no nn.Embedding layer to freeze"):
+        freeze_embeddings(build_vit("vit-micro", num_classes=3))
+    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"), "--steps", "1",
+                 "--freeze-embeddings"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--freeze-embeddings: model 'vit-micro' has no nn.Embedding layer" in err
+    assert "Traceback" not in err and not (tmp_path / "x" / "checkpoint.pt").exists()

@@ -50,7 +50,8 @@ def _settings(args: argparse.Namespace, **fixed):
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
         "device": args.device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
         "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False),
-        "checkpointing": getattr(args, "checkpointing", False), **values,
+        "checkpointing": getattr(args, "checkpointing", False),
+        "freeze_embeddings": getattr(args, "freeze_embeddings", False), **values,
     }
     fields.update(fixed)
     settings = TrainSettings(**fields)
@@ -119,6 +120,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--recompute", action="store_true",
                         help="WASI methods with weight factors: rebuild the MLP activation's input (and a ViT's "
                              "attention q, k, v) from the low-rank code X R^T in backward instead of storing them")
+    if with_method:
+        parser.add_argument("--freeze-embeddings", action="store_true",
+                            help="keep every nn.Embedding (a text model's token and position tables) at its "
+                                 "pretrained value: no gradient, no optimizer state")
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="skip the optimizer step of a batch whose loss or gradients are NaN/inf "
                              "(counted as skipped_steps) instead of stopping the run")

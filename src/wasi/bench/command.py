@@ -75,6 +75,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="the WASI methods with weight factors (wsi, wasi-reference, wasi) rebuild the MLP "
                              "activation's input and a ViT's attention q, k, v from the low-rank code (as `wasi "
                              "train --recompute`)")
+    parser.add_argument("--freeze-embeddings", action="store_true",
+                        help="every method keeps the model's nn.Embedding tables frozen (as `wasi train "
+                             "--freeze-embeddings`)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny preset: vit-micro, synthetic data, 5 steps, 1 repeat, every method, "
                              "eps 0.5,0.9 (under a minute on 2 CPU cores)")
@@ -114,6 +117,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         values["recompute"] = True
     if args.checkpointing:
         values["checkpointing"] = True
+    if args.freeze_embeddings:
+        values["freeze_embeddings"] = True
     if args.methods is not None:
         values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir"):

@@ -96,6 +96,9 @@ def markdown(results: dict) -> str:
     ]
     if s.get("checkpointing"):
         lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")
+    if s.get("freeze_embeddings"):
+        lines.append("- `--freeze-embeddings`: every method keeps the model's nn.Embedding tables frozen (no "
+                     "gradient, no optimizer state)")
     if s.get("init_samples"):
         lines.append(f"- `--init-samples {s['init_samples']}`: in the accuracy runs, wsi and wasi start from factors "
                      "fitted to the layers' outputs on that many training samples (same ranks)")

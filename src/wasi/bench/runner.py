@@ -38,7 +38,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
         "target": settings.target, "optimizer": settings.optimizer, "lr": settings.method_lr(method),
         "rank": settings.rank, "activation_rank": settings.activation_rank,
         "recompute": settings.recompute, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
-        "init_samples": settings.init_samples,
+        "init_samples": settings.init_samples, "freeze_embeddings": settings.freeze_embeddings,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,
         "spectrum_decay": settings.spectrum_decay, "inference_batches": settings.inference_batches,
         "threads": settings.threads, "device": settings.device, "arch": settings.arch,

@@ -47,6 +47,7 @@ class BenchSettings:
     recompute: bool = False
     init_samples: int = 0  # accuracy runs of wsi and wasi: the data-aware init (wasi train --init-samples)
     checkpointing: bool = False
+    freeze_embeddings: bool = False  # every method keeps the nn.Embedding tables frozen (wasi train --freeze-embeddings)
     lora_rank: int = 8
     galore_rank: int = 64
     max_length: int = 128
@@ -62,6 +63,7 @@ class BenchSettings:
 
     def validate(self) -> list[str]:
         from wasi.bench.synthetic import SYNTHETIC
+        from wasi.models import VIT_PRESETS
         from wasi.training.loop import DATA_NAMES, DEFAULT_LR
         from wasi.training.models import MODEL_NAMES
 
@@ -100,6 +102,9 @@ class BenchSettings:
             errors.append(f"--init-samples {self.init_samples}: must be a non-negative integer")
         elif self.init_samples and self.train_epochs is None:
             errors.append("--init-samples applies to the accuracy runs: give --train-epochs too")
+        if self.freeze_embeddings and self.model in VIT_PRESETS:
+            errors.append(f"--freeze-embeddings: model {self.model!r} has no nn.Embedding layer (a ViT's patch "
+                          "and position embeddings are not token tables)")
         if self.optimizer not in DEFAULT_LR:
             errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
         elif "galore" in self.methods and self.optimizer != "adamw":

@@ -198,7 +198,7 @@ def measure(spec: dict) -> dict:
                             activation_rank=spec.get("activation_rank"), target=spec["target"],
                             lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
                             ranks=ranks, recompute=spec.get("recompute", False),
-                            checkpointing=checkpointing)
+                            checkpointing=checkpointing, freeze_embeddings=spec.get("freeze_embeddings", False))
     model = apply_method(bundle.model, method, options, head=bundle.head).to(device)
     bundle.model = model
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
@@ -296,6 +296,7 @@ def measure(spec: dict) -> dict:
         "device": str(device),
         "checkpointing": method == "checkpointing" or checkpointing,
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and WASI_MODES[method] != "activations-only",
+        "freeze_embeddings": bool(spec.get("freeze_embeddings")),
     }
     if not all(math.isfinite(v) for v in losses):
         record["warning"] = f"non-finite loss {losses}"
@@ -327,6 +328,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
         checkpointing=checkpointing or spec.get("checkpointing", False),
         init_samples=spec.get("init_samples", 0) if method in ("wsi", "wasi") else 0,
+        freeze_embeddings=spec.get("freeze_embeddings", False),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
     return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],

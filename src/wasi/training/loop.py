@@ -67,6 +67,7 @@ class TrainSettings:
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
     init_samples: int = 0  # wsi/wasi: training samples the weight factors are fitted to (0: plain SVD)
+    freeze_embeddings: bool = False  # keep every nn.Embedding (a text model's token tables) out of training
 
     def validate(self) -> list[str]:
         errors = []
@@ -110,6 +111,8 @@ class TrainSettings:
         elif self.recompute and self.method not in ("wsi", "wasi-reference", "wasi"):
             errors.append(f"--recompute rebuilds inputs from the weight factors: it needs --method wsi, "
                           f"wasi-reference or wasi, got --method {self.method}")
+        if not isinstance(self.freeze_embeddings, bool):
+            errors.append(f"--freeze-embeddings {self.freeze_embeddings!r}: must be true or false")
         if not isinstance(self.skip_nonfinite, bool):
             errors.append(f"--skip-nonfinite {self.skip_nonfinite!r}: must be true or false")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -192,7 +195,11 @@ class Run:
         plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
-                                recompute=s.recompute, checkpointing=s.checkpointing)
+                                recompute=s.recompute, checkpointing=s.checkpointing,
+                                freeze_embeddings=s.freeze_embeddings)
+        if s.freeze_embeddings and not any(isinstance(m, torch.nn.Embedding) for m in bundle.model.modules()):
+            raise RunError(f"--freeze-embeddings: model {s.model!r} has no nn.Embedding layer (a ViT's patch and "
+                           f"position embeddings are not token tables)")
         bundle.model.to(self.device)
         calibration = None
         if s.init_samples and not s.resume:  # a resumed run takes its factors from the checkpoint

@@ -45,11 +45,30 @@ class MethodOptions:
     plan: Any = None  # a wasi.calibrate.Plan: per-layer activation (and weight) ranks
     recompute: bool = False  # WASIConfig.recompute_from_code, for the WASI methods with weight factors
     checkpointing: bool = False  # activation checkpointing on top of any method
+    freeze_embeddings: bool = False  # every nn.Embedding keeps its pretrained table (no gradient, no optimizer state)
 
 
 def target_layers(model: nn.Module, target: str) -> list[str]:
     """Paths of the linears a method touches (what WASI would convert)."""
     return select_layers(model, WASIConfig(target=target))
+
+
+def freeze_embeddings(model: nn.Module) -> int:
+    """Stop training every ``nn.Embedding`` of ``model``; returns the number of parameters frozen.
+
+    Raises:
+        ValueError: the model has no ``nn.Embedding`` (a ViT's patch and position embeddings are not).
+    """
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not tables:
+        raise ValueError(f"{type(model).__name__} has no nn.Embedding layer to freeze")
+    frozen = 0
+    for table in tables:
+        for p in table.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -72,10 +91,12 @@ def apply_method(
     :func:`wasi.convert` fits each layer's factors to its outputs (whitened SVD).
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method, or ``freeze_embeddings`` on a model without ``nn.Embedding``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if options.freeze_embeddings:
+        freeze_embeddings(model)  # LoRA freezes them anyway; the other methods train them unless told
     if method == "checkpointing" or options.checkpointing:
         _enable_checkpointing(model)
     if method == "lora":
