@@ -455,3 +455,36 @@ def test_every_state_that_affects_the_numbers_is_in_the_state_dict():
     assert {"left", "right", "bias", "seed", "step", "backward_seen", "activation_ranks",
             "basis_0", "basis_1", "basis_2", "basis_3"} <= keys
     assert int(layer.step) == 1 and layer.activation_ranks[:3].gt(0).all() and layer.activation_ranks[3] == 0
+
+
+def test_torch_compile_runs_the_tracking_eagerly():
+    """A compiled model trains like the eager one; the layers' tracking code is not split into graphs.
+
+    Traced, the host reads of the tracking (ranks, QR signs, finiteness) split it into dozens of
+    small graphs that ran slower than eager; opaque, only the code around the layers compiles.
+    """
+    import torch._dynamo
+
+    from wasi import convert
+    from wasi.modules import set_nonfinite_policy
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 6))
+    convert(eager, WASIConfig(eps=0.9, activation_rank=3, target="all-linear"), filter_fn=lambda n, m: True)
+    set_nonfinite_policy(eager, "off")
+    twin = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin)
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for step in range(4):
+        x = randn(5, 7, 12, seed=step)
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+        for (name, a), b in zip(eager.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=f"step {step}: {name}")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    layers = sum(isinstance(m, WASILinear) for m in eager.modules())
+    assert graphs[-1] == graphs[1] <= layers + 1, f"graphs compiled after each step: {graphs}"
+    torch._dynamo.reset()
