@@ -130,13 +130,18 @@ def test_init_samples_reach_the_accuracy_runs_of_wsi_and_wasi_only(tmp_path, mon
     seen = {}
 
     def fake_training(train_settings, print_fn):
-        seen[train_settings.method] = train_settings.init_samples
+        seen[train_settings.method] = train_settings.fit_samples
         return {"test_accuracy": 0.5, "best_val_accuracy": 0.5}
 
     monkeypatch.setattr(loop, "run_training", fake_training)
     for method, eps in settings.runs():
         worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
     assert seen == {"lora": 0, "wsi": 64, "wasi": 64}
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "lora,wsi,wasi", "--eps", "0.8",
+                       "--train-epochs", "1", "--out", str(tmp_path)])  # wasi train's default
+    for method, eps in settings.runs():
+        worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
+    assert seen == {"lora": 0, "wsi": 256, "wasi": 256}
 
 
 def test_decay_spectrum_is_a_seeded_power_law_of_the_same_norm():

@@ -101,8 +101,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     if with_method:
         parser.add_argument("--init-samples", default=None,
                             help="wsi and wasi: fit each converted layer's factors to its outputs on this many "
-                                 "training samples (whitened SVD, same ranks as plain SVD); 0 = truncated SVD "
-                                 "of the weight (default 0)")
+                                 "training samples (whitened SVD, same ranks as the truncated SVD; default 256); "
+                                 "0 = the truncated SVD of the weight")
     parser.add_argument("--activation-rank", default=None,
                         help="fixed Tucker rank per mode (default: ranks from --eps)")
     parser.add_argument("--target", default="mlp", help="layers to adapt: mlp (default), attention, all-linear")

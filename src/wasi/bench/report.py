@@ -99,9 +99,14 @@ def markdown(results: dict) -> str:
     if s.get("freeze_embeddings"):
         lines.append("- `--freeze-embeddings`: every method keeps the model's nn.Embedding tables frozen (no "
                      "gradient, no optimizer state)")
-    if s.get("init_samples"):
-        lines.append(f"- `--init-samples {s['init_samples']}`: in the accuracy runs, wsi and wasi start from factors "
-                     "fitted to the layers' outputs on that many training samples (same ranks)")
+    if s.get("train_epochs") and any(m.split("+")[0] in ("wsi", "wasi") for m in s["methods"]):
+        from wasi.training.loop import DEFAULT_INIT_SAMPLES
+
+        fit = s.get("init_samples", 0)  # results written before the default was 256 carry 0 or nothing
+        fit = DEFAULT_INIT_SAMPLES if "init_samples" in s and fit is None else fit or 0
+        lines.append(f"- accuracy runs: wsi and wasi start from factors fitted to the layers' outputs on {fit} "
+                     "training samples (`--init-samples`, same ranks)" if fit else
+                     "- accuracy runs: wsi and wasi start from the truncated SVD of each weight (`--init-samples 0`)")
     if s.get("recompute"):
         lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
                      "attention q, k, v) from the low-rank code in backward instead of storing them")

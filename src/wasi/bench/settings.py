@@ -45,7 +45,7 @@ class BenchSettings:
     rank: int | None = None
     activation_rank: int | None = None
     recompute: bool = False
-    init_samples: int = 0  # accuracy runs of wsi and wasi: the data-aware init (wasi train --init-samples)
+    init_samples: int | None = None  # accuracy runs of wsi and wasi (wasi train --init-samples; None: its default)
     checkpointing: bool = False
     freeze_embeddings: bool = False  # every method keeps the nn.Embedding tables frozen (wasi train --freeze-embeddings)
     lora_rank: int = 8
@@ -98,9 +98,9 @@ class BenchSettings:
                 errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if self.seed < 0:
             errors.append(f"--seed {self.seed}: must be non-negative")
-        if self.init_samples < 0:
+        if self.init_samples is not None and self.init_samples < 0:
             errors.append(f"--init-samples {self.init_samples}: must be a non-negative integer")
-        elif self.init_samples and self.train_epochs is None:
+        elif self.init_samples is not None and self.train_epochs is None:
             errors.append("--init-samples applies to the accuracy runs: give --train-epochs too")
         if self.freeze_embeddings and self.model in VIT_PRESETS:
             errors.append(f"--freeze-embeddings: model {self.model!r} has no nn.Embedding layer (a ViT's patch "

@@ -310,7 +310,7 @@ def measure(spec: dict) -> dict:
 def _train_for_accuracy(spec: dict) -> dict:
     # the training loop on the real data: test accuracy for the Pareto plot
     from wasi.models import VIT_PRESETS
-    from wasi.training.loop import TrainSettings, run_training
+    from wasi.training.loop import FITTED_METHODS, TrainSettings, run_training
     from wasi.training.methods import split_method
 
     method, checkpointing = split_method(spec["method"])
@@ -327,7 +327,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
         checkpointing=checkpointing or spec.get("checkpointing", False),
-        init_samples=spec.get("init_samples", 0) if method in ("wsi", "wasi") else 0,
+        init_samples=spec.get("init_samples") if method in FITTED_METHODS else None,
         freeze_embeddings=spec.get("freeze_embeddings", False),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))

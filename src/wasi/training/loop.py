@@ -31,6 +31,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
 DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
 GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
+DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
+FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TrainSettings:
     recompute: bool = False  # rebuild activation/attention inputs from the low-rank code (WASI methods)
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
-    init_samples: int = 0  # wsi/wasi: training samples the weight factors are fitted to (0: plain SVD)
+    init_samples: int | None = None  # wsi/wasi: samples the factors are fitted to (None: 256; 0: plain SVD)
     freeze_embeddings: bool = False  # keep every nn.Embedding (a text model's token tables) out of training
 
     def validate(self) -> list[str]:
@@ -83,9 +85,9 @@ class TrainSettings:
                      "lora_rank", "galore_rank"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
-        if self.init_samples < 0:
+        if self.init_samples is not None and self.init_samples < 0:
             errors.append(f"--init-samples {self.init_samples}: must be a non-negative integer")
-        elif self.init_samples and self.method not in ("wsi", "wasi"):
+        elif self.init_samples and self.method not in FITTED_METHODS:
             errors.append(f"--init-samples fits the weight factors of a layer without a dense weight: it needs "
                           f"--method wsi or wasi, got --method {self.method}")
         for name in ("epochs", "steps", "activation_rank", "max_train_samples"):
@@ -131,11 +133,19 @@ class TrainSettings:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
+    @property
+    def fit_samples(self) -> int:
+        """Training samples the weight factors are fitted to at conversion (0: the truncated SVD)."""
+        if self.init_samples is not None:
+            return self.init_samples
+        return DEFAULT_INIT_SAMPLES if self.method in FITTED_METHODS else 0
+
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # init_samples acts only before the first step: a resumed run takes its factors from the checkpoint
         for volatile in ("resume", "log_every", "checkpoint_every", "out", "cache_dir", "device",
-                         "skip_nonfinite"):
+                         "skip_nonfinite", "init_samples"):
             keep.pop(volatile)
         return keep
 
@@ -202,8 +212,8 @@ class Run:
                            f"position embeddings are not token tables)")
         bundle.model.to(self.device)
         calibration = None
-        if s.init_samples and not s.resume:  # a resumed run takes its factors from the checkpoint
-            count = min(s.init_samples, self.train.size)
+        if s.fit_samples and not s.resume:  # a resumed run takes its factors from the checkpoint
+            count = min(s.fit_samples, self.train.size)
 
             def calibration() -> None:
                 for start in range(0, count, s.eval_batch_size):
@@ -547,6 +557,7 @@ class Run:
             "batch_size": self.s.batch_size,
             "optimizer": self.s.optimizer,
             "lr": self.s.learning_rate,
+            "init_samples": self.s.fit_samples,
             "seed": self.s.seed,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
