@@ -204,8 +204,9 @@ class WASILinear(nn.Module):
     @torch.compiler.disable
     def _train_forward(self, x: Tensor) -> Tensor:
         # Opaque to torch.compile: subspace tracking reads values on the host (ranks, finiteness,
-        # QR signs) and keeps Python state (step counters, bases), which would split the graph and
-        # recompile every step. A compiled model runs this eagerly and compiles the code around it.
+        # QR signs) and keeps Python state (step counters, bases); traced, it splits into dozens of
+        # small graphs that run slower than eager. A compiled model runs this eagerly and compiles
+        # the code around it.
         if not 2 <= x.dim() <= MAX_MODES:
             raise ValueError(
                 f"{self._label()}: training inputs must have 2 to {MAX_MODES} dims, got shape "

@@ -102,8 +102,9 @@ def markdown(results: dict) -> str:
     if s.get("train_epochs") and any(m.split("+")[0] in ("wsi", "wasi") for m in s["methods"]):
         from wasi.training.loop import DEFAULT_INIT_SAMPLES
 
-        fit = s.get("init_samples", 0)  # results written before the default was 256 carry 0 or nothing
-        fit = DEFAULT_INIT_SAMPLES if "init_samples" in s and fit is None else fit or 0
+        fit = s.get("init_samples", 0)  # None: wasi train's default; absent in results older than the option
+        if fit is None:
+            fit = DEFAULT_INIT_SAMPLES
         lines.append(f"- accuracy runs: wsi and wasi start from factors fitted to the layers' outputs on {fit} "
                      "training samples (`--init-samples`, same ranks)" if fit else
                      "- accuracy runs: wsi and wasi start from the truncated SVD of each weight (`--init-samples 0`)")
