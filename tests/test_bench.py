@@ -213,3 +213,25 @@ def test_freeze_embeddings_reaches_every_run_and_is_refused_for_a_vit(tmp_path):
     settings = _parse(["--model", "minilm", "--data", "spam", "--methods", "vanilla,lora,wasi", "--eps", "0.8",
                        "--freeze-embeddings", "--out", str(tmp_path)])
     assert all(worker_spec(settings, m, e, 1)["freeze_embeddings"] for m, e in settings.runs())
+
+
+@pytest.mark.parametrize(("init_samples", "expected"), [
+    (None, "fitted to the layers' outputs on 256 training samples"),
+    (64, "fitted to the layers' outputs on 64 training samples"),
+    (0, "start from the truncated SVD of each weight"),
+    ("absent", "start from the truncated SVD of each weight"),  # results written before the option existed
+])
+def test_report_says_how_the_accuracy_runs_started(init_samples, expected):
+    from pathlib import Path
+
+    from wasi.bench.report import markdown
+
+    stored = Path(__file__).parents[1] / "docs" / "results" / "minilm-spam-e1-all-linear" / "results.json"
+    results = json.loads(stored.read_text())
+    results["settings"].pop("init_samples", None)
+    if init_samples != "absent":
+        results["settings"]["init_samples"] = init_samples
+    text = markdown(results)
+    assert expected in text
+    results["settings"]["train_epochs"] = None  # no accuracy runs: nothing to say
+    assert "accuracy runs:" not in markdown(results)
