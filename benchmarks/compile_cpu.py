@@ -3,7 +3,7 @@
 Builds the model as ``wasi bench`` does (ViT shapes, synthetic data, decayed spectrum) and, for
 each method, times training steps and inference batches eagerly and under ``torch.compile``
 (inductor, the default backend), on the same batches. The WASI layers run with the non-finite
-policy ``"off"`` in both (its per-layer host sync would split the graph). Prints the medians, the
+policy ``"off"`` in both (no per-layer host sync, as in a throughput run). Prints the medians, the
 compiled / eager ratios, the time the first compiled step and batch took, and Dynamo's graph
 count and graph breaks.
 

@@ -148,6 +148,16 @@ def qr_positive(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return q * signs, r * signs[:, None]
 
 
+def spectrum_rank(singular_values: Tensor, eps: float) -> int:
+    """The weight rank ``eps`` gives on a weight's singular values (section 3), scale-free.
+
+    Energies are taken from singular values scaled by a power of two, so a weight of 1e30 or
+    1e-30 gets the rank a weight of 1 gets.
+    """
+    s = singular_values
+    return energy_rank((s * unit_scale(s)).square(), eps)
+
+
 def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = None,
                 name: str = "weight") -> tuple[Tensor, Tensor]:
     """Truncated SVD init of the weight factors (section 3).
@@ -183,7 +193,7 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
         warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
                       stacklevel=2)
         u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
-    k = rank if rank is not None else energy_rank((s * unit_scale(s)).square(), eps)
+    k = rank if rank is not None else spectrum_rank(s, eps)
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
@@ -235,8 +245,7 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
         raise ValueError(f"{name}: the calibration inputs are all zero; they cannot weight the factors")
     c = (c + c.T) / (2 * mean_diag) + damping * torch.eye(in_features, dtype=c.dtype, device=c.device)
     if rank is None:
-        s = torch.linalg.svdvals(w)  # (m,) the weight's own spectrum picks k (section 3)
-        rank = energy_rank((s * unit_scale(s)).square(), eps)
+        rank = spectrum_rank(torch.linalg.svdvals(w), eps)  # the weight's own spectrum picks k, as svd_factors
     chol = torch.linalg.cholesky(c)  # (I, I) lower, C = Lc Lc^T
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)  # (O, m), (m,), (m, I)
     right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)

@@ -23,7 +23,14 @@ from wasi.memory import count_saved_tensors
 from wasi.modules import NonFiniteError, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
-from wasi.training.methods import METHODS, WASI_MODES, MethodOptions, apply_method, build_optimizer
+from wasi.training.methods import (
+    METHODS,
+    WASI_MODES,
+    MethodOptions,
+    apply_method,
+    build_optimizer,
+    embedding_tables,
+)
 from wasi.training.models import MODEL_NAMES, build_model, save_pretrained_vit
 
 DATA_NAMES = ("spam", "fashion-mnist", "digits")
@@ -207,7 +214,7 @@ class Run:
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
                                 recompute=s.recompute, checkpointing=s.checkpointing,
                                 freeze_embeddings=s.freeze_embeddings)
-        if s.freeze_embeddings and not any(isinstance(m, torch.nn.Embedding) for m in bundle.model.modules()):
+        if s.freeze_embeddings and not embedding_tables(bundle.model):
             raise RunError(f"--freeze-embeddings: model {s.model!r} has no nn.Embedding layer (a ViT's patch and "
                            f"position embeddings are not token tables)")
         bundle.model.to(self.device)

@@ -53,22 +53,22 @@ def target_layers(model: nn.Module, target: str) -> list[str]:
     return select_layers(model, WASIConfig(target=target))
 
 
-def freeze_embeddings(model: nn.Module) -> int:
-    """Stop training every ``nn.Embedding`` of ``model``; returns the number of parameters frozen.
+def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
+    """The ``nn.Embedding`` modules of ``model`` (a ViT's patch and position embeddings are not ones)."""
+    return [m for m in model.modules() if isinstance(m, nn.Embedding)]
+
+
+def freeze_embeddings(model: nn.Module) -> None:
+    """Stop training every ``nn.Embedding`` of ``model``: no gradient, no optimizer state.
 
     Raises:
-        ValueError: the model has no ``nn.Embedding`` (a ViT's patch and position embeddings are not).
+        ValueError: the model has no ``nn.Embedding``.
     """
-    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tables = embedding_tables(model)
     if not tables:
         raise ValueError(f"{type(model).__name__} has no nn.Embedding layer to freeze")
-    frozen = 0
     for table in tables:
-        for p in table.parameters():
-            if p.requires_grad:
-                p.requires_grad_(False)
-                frozen += p.numel()
-    return frozen
+        table.requires_grad_(False)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
