@@ -28,7 +28,7 @@ from torch import nn
 import wasi
 from conftest import dense_linear, randn
 from wasi import CheckpointError, WASIConfig, WASILinear
-from wasi.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from wasi.checkpoint import CONFIG_FILE, WEIGHTS_FILE, config_digest
 from wasi.cli import build_parser, main
 from wasi.config import CONFIG_VERSION
 from wasi.models import build_vit
@@ -121,7 +121,11 @@ def _damage(folder: Path, how: str) -> None:
         config.write_text(json.dumps(meta))
     elif how == "bad-layer-entry":
         meta["layers"]["blocks.0.mlp.fc1"] = {"rank": "four"}
+        meta["config_sha256"] = config_digest(meta)  # past the checksum: the layer table's own check
         config.write_text(json.dumps(meta))
+    elif how == "edited-eps":
+        meta["config"]["eps"] = 0.5
+        config.write_text(json.dumps(meta, indent=2))
     elif how == "not-json":
         config.write_bytes(b"\xff\xfe garbage")
 
@@ -138,6 +142,8 @@ LOAD_FAILURES = {
     "newer-version": (_vit, "newer-version", rf"format version {CONFIG_VERSION + 1}; this wasi reads up to"),
     "bad-layer-entry": (_vit, "bad-layer-entry", r"the entry of layer 'blocks\.0\.mlp\.fc1' is malformed"),
     "not-json": (_vit, "not-json", r"is not valid JSON"),
+    "edited-eps": (_vit, "edited-eps", r"wasi_config\.json was changed after it was saved \(its contents do not "
+                                       r"match the SHA-256 recorded in it\)"),
     # a model the caller converted with another config: the checkpoint's own config must win
     "converted-with-another-config": (lambda: wasi.convert(_vit(), WASIConfig(eps=0.5, mode="reference")), None,
                                       r"wasi\.load expects an unconverted model"),
@@ -201,6 +207,7 @@ def test_saving_into_an_unwritable_place_is_a_clear_os_error(tmp_path):
 def test_unknown_config_keys_warn_and_the_files_stay_as_they_were(saved):
     meta = json.loads((saved / CONFIG_FILE).read_text())
     meta["config"]["future_knob"] = 1
+    meta["config_sha256"] = config_digest(meta)  # as a newer wasi that knows the key would write it
     (saved / CONFIG_FILE).write_text(json.dumps(meta))
     before = _hashes(saved)
     with pytest.warns(UserWarning, match=r"ignoring unknown config keys \['future_knob'\]"):
@@ -280,7 +287,7 @@ def test_cli_bad_values_are_reported_with_exit_status_2(run_copy, capsys, argv, 
     ("empty-csv", r"has no rows: the dataset is empty"),
     ("text-into-vision-model", r"model 'vit-micro' takes image inputs but data '.*reviews\.csv' is text"),
 ])
-def test_cli_missing_or_empty_dataset_files_are_one_line_errors(run_copy, tmp_path, capsys, kind, message):
+def test_cli_missing_or_empty_dataset_files_are_one_line_errors(tmp_path, capsys, kind, message):
     if kind == "empty-folder":
         data = tmp_path / "images"
         data.mkdir()
@@ -290,10 +297,10 @@ def test_cli_missing_or_empty_dataset_files_are_one_line_errors(run_copy, tmp_pa
     else:
         data = tmp_path / "reviews.csv"
         data.write_text("text,label\n" + "".join(f"review number {i},{i % 2}\n" for i in range(40)))
-    before = _hashes(run_copy)
-    code, err = _cli(capsys, *CLI_RUN, "--out", str(run_copy), "--data", str(data))
+    out = tmp_path / "run"
+    code, err = _cli(capsys, *CLI_RUN, "--out", str(out), "--data", str(data))
     assert code == 2 and re.search(message, _one_line_error(err)), err
-    assert _hashes(run_copy) == before
+    assert not out.exists() or not any(out.iterdir())  # nothing written: the same command runs once fixed
 
 
 def test_cli_unwritable_output_folder_is_a_one_line_error(tmp_path, capsys):
@@ -450,6 +457,8 @@ from wasi.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+# seconds after which a child run counts as hung: a guard, not a speed limit (a loaded machine is slow)
+HANG = 900
 KILL_RUN = ["train", "--model", "vit-micro", "--data", "digits", "--max-train-samples", "200", "--steps", "30",
             "--checkpoint-every", "3", "--log-every", "1", "--batch-size", "32", "--lr", "1e-3"]
 
@@ -481,7 +490,7 @@ def test_sigkill_at_random_points_resumes_to_the_weights_of_an_uninterrupted_run
     cut = tmp_path / "cut"
     # 1. killed while writing its third checkpoint (step 9): half a temporary file, the step-6 one intact
     proc = _start(cut, resume=False, kill_in_save=3)
-    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert proc.wait(timeout=HANG) == -signal.SIGKILL
     assert (cut / "checkpoint.pt.tmp").exists()
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["position"]["step"] == 6
     # 2. killed from outside at random moments of training, a few ms after a random step
@@ -490,23 +499,23 @@ def test_sigkill_at_random_points_resumes_to_the_weights_of_an_uninterrupted_run
         proc = _start(cut, resume=True)
         start = _last_logged_step(cut)
         target = rng.randint(start + 1, 28)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG
         while proc.poll() is None and _last_logged_step(cut) < target and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.03))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.wait(timeout=120)
+        proc.wait(timeout=HANG)
     assert kills >= 1
     # 3. resume until done
     for _ in range(3):
         proc = _start(cut, resume=True)
-        _, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=HANG)
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, err.decode()
-    _, err = reference.communicate(timeout=180)
+    _, err = reference.communicate(timeout=HANG)
     assert reference.returncode == 0, err.decode()
 
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
@@ -544,7 +553,6 @@ def test_a_long_run_with_varying_shapes_keeps_memory_flat():
     order = rng.sample(shapes, len(shapes))
     assert len(order) < 100
     whole, late = PeakMemory("cpu"), PeakMemory("cpu")
-    started = time.perf_counter()
     for step in range(2000):
         if step in (100, 1000):
             (whole if step == 100 else late).reset()
@@ -558,4 +566,3 @@ def test_a_long_run_with_varying_shapes_keeps_memory_flat():
         optimizer.step()
     assert whole.peak_mb() < 5.0  # steps 100 to 2000
     assert late.peak_mb() < 1.0  # steps 1000 to 2000: no slow leak either
-    assert time.perf_counter() - started < 20.0

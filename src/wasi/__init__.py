@@ -1,29 +1,70 @@
-"""WASI: train and serve transformers with low-rank weights and Tucker-compressed activations."""
+"""WASI: train and serve transformers with low-rank weights and Tucker-compressed activations.
 
-from wasi.calibrate import Plan, apply_plan, calibrate
-from wasi.checkpoint import CheckpointError, load, save
-from wasi.config import WASIConfig
-from wasi.convert import convert, unconvert, wasi_layers
-from wasi.memory import count_saved_tensors, summary
-from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy
+The names below are imported on first use, so that ``import wasi.cli`` (the ``wasi`` command)
+parses its arguments without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "NonFiniteError",
-    "Plan",
-    "WASIConfig",
-    "WASILinear",
-    "__version__",
-    "apply_plan",
-    "calibrate",
-    "convert",
-    "count_saved_tensors",
-    "load",
-    "save",
-    "set_nonfinite_policy",
-    "summary",
-    "unconvert",
-    "wasi_layers",
-]
+_EXPORTS = {
+    "Plan": "wasi.calibrate",
+    "apply_plan": "wasi.calibrate",
+    "calibrate": "wasi.calibrate",
+    "CheckpointError": "wasi.checkpoint",
+    "load": "wasi.checkpoint",
+    "save": "wasi.checkpoint",
+    "WASIConfig": "wasi.config",
+    "convert": "wasi.convert",
+    "unconvert": "wasi.convert",
+    "wasi_layers": "wasi.convert",
+    "count_saved_tensors": "wasi.memory",
+    "summary": "wasi.memory",
+    "NonFiniteError": "wasi.modules",
+    "WASILinear": "wasi.modules",
+    "set_nonfinite_policy": "wasi.modules",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+# functions named like the submodule that defines them: `wasi.convert` is the function, as it was
+# when this file imported it eagerly, even after `import wasi.convert` has loaded the submodule
+_SHADOWED = {"calibrate", "convert"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return  # the import system binding the submodule; it stays in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wasi' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from wasi.calibrate import Plan, apply_plan, calibrate
+    from wasi.checkpoint import CheckpointError, load, save
+    from wasi.config import WASIConfig
+    from wasi.convert import convert, unconvert, wasi_layers
+    from wasi.memory import count_saved_tensors, summary
+    from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy

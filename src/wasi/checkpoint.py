@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -64,12 +66,41 @@ def remove_quietly(*paths: Path) -> None:
             pass
 
 
+@contextmanager
+def safetensors_os_errors(path: str | os.PathLike):
+    """Raise a failed safetensors write as the ``OSError`` it is (safetensors wraps it).
+
+    safetensors reports a full disk as ``SafetensorError: Error while serializing: I/O error:
+    No space left on device (os error 28)``; inside this block it becomes ``OSError(ENOSPC,
+    'No space left on device', path)``. Other safetensors errors pass unchanged.
+    """
+    try:
+        yield
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)|code: (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def config_digest(meta: dict) -> str:
+    """Hex SHA-256 of a checkpoint config, without its own ``config_sha256`` entry.
+
+    Taken over the canonical JSON (sorted keys, no spaces), so reformatting the file does not
+    change it but editing any value (``eps``, a rank, the weights' checksum) does.
+    """
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (converted) to the folder ``path``.
 
     The folder gets ``model.safetensors`` (the whole ``state_dict``: factors, bases, counters,
     every other layer) and ``wasi_config.json`` (format version, config, per-layer ranks, and
-    the SHA-256 of the weights file, checked by :func:`load`). Each file is written to a
+    the SHA-256 of the weights file and of the config itself, both checked by :func:`load`).
+    Each file is written to a
     temporary name, flushed to disk (fsync) and renamed, and the folder is synced: a save that
     fails (disk full) or is killed leaves the previous checkpoint whole and removes its
     temporary files. A crash between the two renames (microseconds) leaves files that do not
@@ -80,8 +111,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
     Raises:
         ValueError: the model has no WASI layer.
-        OSError: the folder cannot be created or written (its message names the folder and
-            says whether the previous checkpoint is unchanged).
+        OSError: the folder cannot be created or written, e.g. a full disk (``errno`` is
+            ``ENOSPC``; the message names the folder and says whether the previous checkpoint
+            is unchanged). safetensors' own error for a failed write is raised as this OSError.
     """
     layers = wasi_layers(model)
     if not layers:
@@ -113,9 +145,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     config_tmp = folder / (CONFIG_FILE + ".tmp")
     replaced = False
     try:
-        save_model(model, str(weights_tmp), metadata={"format": "pt"})
+        with safetensors_os_errors(weights_tmp):
+            save_model(model, str(weights_tmp), metadata={"format": "pt"})
         fsync_file(weights_tmp)
         meta["weights_sha256"] = sha256_file(weights_tmp)
+        meta["config_sha256"] = config_digest(meta)
         with open(config_tmp, "w") as handle:
             handle.write(json.dumps(meta, indent=2) + "\n")
             handle.flush()
@@ -161,6 +195,12 @@ def _read_meta(path: str | os.PathLike, stacklevel: int = 4) -> tuple[WASIConfig
         raise CheckpointError(
             f"{file} has format version {version!r}; this wasi reads up to version {CONFIG_VERSION}"
         )
+    # after the version: a newer format may define its checksum differently
+    recorded = meta.get("config_sha256")  # absent in checkpoints written before it was recorded
+    if recorded is not None and recorded != config_digest(meta):
+        raise CheckpointError(f"{file} was changed after it was saved (its contents do not match the SHA-256 "
+                              "recorded in it): the config must stay as wasi.save wrote it, since the weights "
+                              "were trained with it. Restore the file, or save the model again")
     try:
         config, unknown = WASIConfig.from_dict(meta.get("config", {}))
     except (TypeError, ValueError) as err:
@@ -306,10 +346,12 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "CheckpointError",
+    "config_digest",
     "fsync_dir",
     "fsync_file",
     "load",
     "read_config",
+    "safetensors_os_errors",
     "save",
     "sha256_file",
 ]

@@ -17,7 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from wasi.data.core import DataError, Dataset, resolve_cache_dir, split_stratified
+from wasi.data.core import (
+    DataError,
+    Dataset,
+    check_classifiable,
+    describe_counts,
+    resolve_cache_dir,
+    split_stratified,
+)
 from wasi.data.fashion import load_fashion_mnist, parse_fashion_mnist_dir, parse_idx
 from wasi.data.images import check_image_size, load_digits, load_image_folder, resize_images
 from wasi.data.spam import email_to_text, load_spam, parse_spam_archive
@@ -27,7 +34,7 @@ BUILTIN_DATASETS = ("spam", "fashion-mnist", "digits")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "spam-assassin": "spam"}
 
 __all__ = [
-    "BUILTIN_DATASETS", "DataError", "Dataset", "email_to_text", "load_dataset", "load_digits",
+    "BUILTIN_DATASETS", "DataError", "Dataset", "check_classifiable", "describe_counts", "email_to_text", "load_dataset", "load_digits",
     "load_fashion_mnist", "load_image_folder", "load_spam", "load_text_file", "parse_fashion_mnist_dir",
     "parse_idx", "parse_spam_archive", "resize_images", "resolve_cache_dir", "split_stratified",
 ]

@@ -163,6 +163,25 @@ def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
+def describe_counts(ds: Dataset, limit: int = 12) -> str:
+    """``'ham': 40, 'spam': 2`` (the first ``limit`` classes), for messages about the classes."""
+    counts = ds.class_counts()
+    shown = ", ".join(f"{ds.classes[c]!r}: {k}" for c, k in enumerate(counts[:limit]))
+    return shown + (f", ... ({len(counts)} classes)" if len(counts) > limit else "")
+
+
+def check_classifiable(ds: Dataset) -> None:
+    """Refuse data a classifier cannot learn from: fewer than two classes with samples.
+
+    Raises:
+        DataError: naming the classes and their sample counts.
+    """
+    present = [k for k in ds.class_counts() if k > 0]
+    if len(present) < 2:
+        raise DataError(f"dataset {ds.name!r} has {len(present)} class with samples ({describe_counts(ds)}); a "
+                        "classifier needs at least two: check the label column or the class folders")
+
+
 def split_stratified(
     ds: Dataset, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
 ) -> tuple[Dataset, Dataset, Dataset]:
@@ -190,7 +209,8 @@ def split_stratified(
     small = [f"{ds.classes[c]!r} ({k})" for c, k in enumerate(counts) if 0 < k < 3]
     if small:
         raise DataError(f"dataset {ds.name!r}: each class needs at least 3 samples for a train/val/test split; "
-                        f"too few in {', '.join(small)}: add samples or remove those classes")
+                        f"too few in {', '.join(small)}: add samples or remove those classes "
+                        f"(samples per class: {describe_counts(ds)})")
     rng = np.random.RandomState(seed)
     labels = ds.labels.numpy()
     picked: list[list[int]] = [[], [], []]

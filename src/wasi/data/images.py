@@ -147,7 +147,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int | None = None) ->
         if len(sizes) > 1:
             (w1, h1), (w2, h2) = sorted(sizes)[:2]
             raise DataError(f"images in {str(root)!r} have different sizes ({w1}x{h1}, {w2}x{h2}, ...): "
-                            "pass image_size to resize them to one square size")
+                            "resize them to one square size with image_size (`wasi train --image-size N`)")
     mode = "L" if all(img.mode in GRAY_MODES for img in opened) else "RGB"
     arrays = [torch.from_numpy(_to_array(img, mode)) for img in opened]
     if size is not None:

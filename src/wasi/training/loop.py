@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wasi.checkpoint import fsync_dir, remove_quietly
+from wasi.checkpoint import fsync_dir, fsync_file, remove_quietly
 from wasi.memory import count_saved_tensors
 from wasi.modules import NonFiniteError, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
@@ -31,7 +31,14 @@ from wasi.training.methods import (
     build_optimizer,
     embedding_tables,
 )
-from wasi.training.models import MODEL_NAMES, build_model, save_pretrained_vit
+from wasi.training.models import (
+    MODEL_NAMES,
+    ModelError,
+    build_model,
+    check_model,
+    save_pretrained_vit,
+    text_positions,
+)
 
 DATA_NAMES = ("spam", "fashion-mnist", "digits")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -40,6 +47,7 @@ DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
 GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 @dataclass
@@ -77,11 +85,23 @@ class TrainSettings:
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
     init_samples: int | None = None  # wsi/wasi: samples the factors are fitted to (None: 256; 0: plain SVD)
     freeze_embeddings: bool = False  # keep every nn.Embedding (a text model's token tables) out of training
+    image_size: int | None = None  # image folders: resize every image to this square side when loading
 
     def validate(self) -> list[str]:
         errors = []
         if self.model not in MODEL_NAMES and not Path(self.model).exists():
             errors.append(f"--model {self.model!r}: not one of {list(MODEL_NAMES)} nor an existing path")
+        else:
+            try:
+                check_model(self.model, self.arch)
+                positions = text_positions(self.model)
+            except ModelError as err:
+                errors.append(f"--model: {err}")
+            else:
+                if positions is not None and isinstance(self.max_length, int) and self.max_length > positions:
+                    errors.append(f"--max-length {self.max_length}: model {self.model!r} has {positions} "
+                                  f"positions; give at most {positions}")
+        errors += _check_out(self.out, self.resume)
         if self.data not in DATA_NAMES and not Path(self.data).exists():
             errors.append(f"--data {self.data!r}: not one of {list(DATA_NAMES)} nor an existing folder or file")
         if self.method not in METHODS:
@@ -103,14 +123,16 @@ class TrainSettings:
                 errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if self.epochs is not None and self.steps is not None:
             errors.append("--epochs and --steps are exclusive: give one")
-        if self.lr is not None and (math.isnan(self.lr) or self.lr <= 0):
-            errors.append(f"--lr {self.lr}: must be positive")
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
+            errors.append(f"--lr {self.lr}: must be a positive finite number")
         if self.optimizer not in DEFAULT_LR:
             errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
         elif self.method == "galore" and self.optimizer != "adamw":
             errors.append("--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
-        if self.seed < 0:
-            errors.append(f"--seed {self.seed}: must be non-negative")
+        if not 0 <= self.seed <= MAX_SEED:
+            errors.append(f"--seed {self.seed}: must be in 0 .. {MAX_SEED} (2**32-1)")
+        if self.image_size is not None and self.image_size < 1:
+            errors.append(f"--image-size {self.image_size}: must be a positive integer")
         if self.target not in ("mlp", "attention", "all-linear"):
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
         if not isinstance(self.checkpointing, bool):
@@ -124,8 +146,7 @@ class TrainSettings:
             errors.append(f"--freeze-embeddings {self.freeze_embeddings!r}: must be true or false")
         if not isinstance(self.skip_nonfinite, bool):
             errors.append(f"--skip-nonfinite {self.skip_nonfinite!r}: must be true or false")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            errors.append(f"--device {self.device}: CUDA is not available on this machine")
+        errors += _check_device(self.device)
         if self.plan is not None:
             if not Path(self.plan).is_file():
                 errors.append(f"--plan {self.plan!r}: no such file (write one with `wasi calibrate`)")
@@ -157,6 +178,43 @@ class TrainSettings:
         return keep
 
 
+def _check_device(device) -> list[str]:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return [f"--device {device!r}: not a device; use cpu, cuda or cuda:N"]
+    if parsed.type == "cpu":
+        return []
+    if parsed.type != "cuda":
+        return [f"--device {device!r}: training runs on cpu or cuda, not {parsed.type}"]
+    if not torch.cuda.is_available():
+        return [f"--device {device}: CUDA is not available on this machine"]
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"]
+    return []
+
+
+def _check_out(out, resume: bool) -> list[str]:
+    # a new run never writes into a folder that already holds files: they would be overwritten
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        return [f"--out {str(out)!r}: give a folder for the run's files"]
+    folder = Path(out)
+    if resume or not folder.exists():
+        return []
+    if not folder.is_dir():
+        return [f"--out {str(out)!r} is a file, not a folder"]
+    try:
+        entries = sorted(p.name for p in folder.iterdir())
+    except OSError as err:
+        return [f"--out {str(out)!r} cannot be read: {err.strerror or err}"]
+    if not entries:
+        return []
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    return [f"--out {str(out)!r} already holds files ({shown}); to continue that run add --resume, to start "
+            f"a new one give another --out folder"]
+
+
 class RunError(RuntimeError):
     """A run that cannot start or go on (reported in one line by the CLI)."""
 
@@ -180,7 +238,7 @@ class Run:
 
     # ---------------- setup
     def _setup(self) -> None:
-        from wasi.data import load_dataset, split_stratified
+        from wasi.data import check_classifiable, load_dataset, split_stratified
 
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +249,8 @@ class Run:
             raise RunError(f"--out {str(self.out)!r} is not writable: {err.strerror or err}") from None
         s = self.s
         self._seed_everything(s.seed)
-        dataset = load_dataset(s.data, cache_dir=s.cache_dir)
+        dataset = load_dataset(s.data, cache_dir=s.cache_dir, image_size=s.image_size)
+        check_classifiable(dataset)
         self.classes = list(dataset.classes)
         train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
         _import_libraries(s.method)
@@ -366,10 +425,53 @@ class Run:
         self._truncate_metrics(self.step)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
 
-    # ---------------- metrics
+    # ---------------- output files
+    def _recovery(self) -> str:
+        # what a user does after a failed write: the run continues from its last checkpoint
+        path = self._checkpoint_path()
+        if path.is_file():
+            return f"{path} is intact: free some space and continue with --resume"
+        return "there is no checkpoint yet: free some space and start again"
+
+    def _write_failed(self, what: Path, err: BaseException) -> RunError:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        return RunError(f"could not write {what} at step {self.step}: {reason}; {self._recovery()}")
+
+    def _write_file(self, path: Path, write: Callable[[Path], None]) -> None:
+        """Write one output file completely or not at all: temporary name, fsync, rename.
+
+        Raises:
+            RunError: the write failed (disk full, folder gone); no partial file is left.
+        """
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            write(tmp)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as err:
+            remove_quietly(tmp)
+            raise self._write_failed(path, err) from None
+
     def _metric(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = None
+        try:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+        except OSError as err:
+            try:  # no half line: the file goes back to its last whole record
+                if size is None:
+                    path.unlink()
+                else:
+                    os.truncate(path, size)
+            except OSError:
+                pass  # a half line left here is dropped by --resume
+            raise self._write_failed(path, err) from None
 
     def _truncate_metrics(self, step: int) -> None:
         # keep the records up to ``step``; a line cut short by a killed run is dropped
@@ -383,9 +485,7 @@ class Run:
                     continue
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                     kept.append(line)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, path)
+            self._write_file(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
     # ---------------- evaluation
     @torch.no_grad()
@@ -571,43 +671,82 @@ class Run:
             "wall_s": time.perf_counter() - wall,
         }
         self._export()
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._plot()
+        # written last: a summary.json means the model, metrics and plot before it are all complete
+        self._write_file(self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
         step_s = summary["train_step_s_median"]  # None when a resumed run had no step left to take
         self.print(f"test accuracy {test_accuracy:.4f}; peak memory {peak:.1f} MB; median step "
                    f"{'n/a' if step_s is None else f'{step_s:.4f} s'}; summary in {self.out / 'summary.json'}")
         return summary
 
     def _export(self) -> None:
+        """Write the trained model; every file goes through a temporary name, so a failed export
+        (disk full) leaves no half-written model behind.
+
+        Raises:
+            RunError: a file could not be written (named), with how to go on.
+        """
+        from wasi.checkpoint import safetensors_os_errors
+
         if self.s.export_pretrained:
-            save_pretrained_vit(self.model, self.out)
+            target = self.out / "model.safetensors"
+            try:
+                with safetensors_os_errors(target):
+                    save_pretrained_vit(self.model, self.out)
+            except OSError as err:
+                raise self._write_failed(target, err) from None
         elif self.s.method in WASI_MODES:
             from wasi.checkpoint import save
 
-            save(self.model, self.out / "model")
+            try:
+                save(self.model, self.out / "model")
+            except OSError as err:
+                raise self._write_failed(self.out / "model", err) from None
         else:
             from safetensors.torch import save_model
 
-            (self.out / "model").mkdir(exist_ok=True)
-            save_model(self.model, str(self.out / "model" / "model.safetensors"))
+            folder = self.out / "model"
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as err:
+                raise self._write_failed(folder, err) from None
+
+            def write(tmp: Path) -> None:
+                with safetensors_os_errors(tmp):
+                    save_model(self.model, str(tmp))
+
+            self._write_file(folder / "model.safetensors", write)
 
     def _plot(self) -> None:
-        import matplotlib
+        fig = draw_curves(self.s.method, self.loss_history, self.val_history)
+        try:
+            self._write_file(self.out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            plt.close(fig)
 
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        if self.loss_history:
-            steps, losses = zip(*self.loss_history)
-            ax1.plot(steps, losses)
-        ax1.set(xlabel="step", ylabel="training loss", title=f"{self.s.method}: loss")
-        if self.val_history:
-            ax2.plot([r["step"] for r in self.val_history], [r["val_accuracy"] for r in self.val_history], "o-")
-        ax2.set(xlabel="step", ylabel="validation accuracy", title=f"{self.s.method}: accuracy")
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
+
+def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history: list[dict]):
+    """The training loss and validation accuracy against the step, as a matplotlib figure.
+
+    Each logged value is drawn as a point, joined by lines: a short run's single value still shows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if loss_history:
+        steps, losses = zip(*loss_history)
+        ax1.plot(steps, losses, "o-", markersize=3)
+    ax1.set(xlabel="step", ylabel="training loss", title=f"{method}: loss")
+    if val_history:
+        ax2.plot([r["step"] for r in val_history], [r["val_accuracy"] for r in val_history], "o-")
+    ax2.set(xlabel="step", ylabel="validation accuracy", title=f"{method}: accuracy")
+    fig.tight_layout()
+    return fig
 
 
 def _import_libraries(method: str) -> None:

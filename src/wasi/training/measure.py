@@ -66,6 +66,17 @@ class PeakMemory:
         return max(0.0, hwm / 1024 - self.baseline_mb)
 
 
+def process_peak_mb() -> float:
+    """The process's peak resident memory since it started (or since a :meth:`PeakMemory.reset`), MiB."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 

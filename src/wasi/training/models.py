@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wasi.models import VIT_PRESETS, ViT, build_vit
+from wasi.models.vit import ViTShape
 
 PRETRAINED_FILE = "wasi_pretrained.json"
 MODEL_NAMES = ("minilm", *[n for n in VIT_PRESETS])
@@ -89,7 +92,11 @@ def _load_vit_weights(model: ViT, state: dict[str, torch.Tensor], source: str) -
     own = model.state_dict()
     if any(k in state and state[k].shape != own[k].shape for k in head_keys):
         state = {k: v for k, v in state.items() if k not in head_keys}  # new task: fresh head
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        reason = " ".join(str(err).split())[:300]
+        raise ModelError(f"{source} does not match the architecture: {reason}") from None
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
         raise ModelError(
@@ -102,9 +109,119 @@ def save_pretrained_vit(model: ViT, folder: str | os.PathLike) -> Path:
     """Save a ViT as a folder that :func:`build_model` loads (architecture JSON + safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / PRETRAINED_FILE).write_text(json.dumps(model.architecture(), indent=2) + "\n")
+    weights, arch = folder / "model.safetensors", folder / PRETRAINED_FILE
+    tmp_weights, tmp_arch = folder / "model.safetensors.tmp", folder / (PRETRAINED_FILE + ".tmp")
+    try:  # both files complete, or neither replaced (a full disk leaves no half-written model)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_weights))
+        tmp_arch.write_text(json.dumps(model.architecture(), indent=2) + "\n")
+        for tmp in (tmp_weights, tmp_arch):
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp_weights, weights)
+        os.replace(tmp_arch, arch)
+    except BaseException:
+        for tmp in (tmp_weights, tmp_arch):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        raise
     return folder
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ModelError(f"cannot read {str(file)!r}: {err.strerror or err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelError(f"{str(file)!r} is not valid JSON ({err}); the model folder is damaged") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{str(file)!r} should hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _vit_shape(file: Path) -> dict:
+    # the architecture a ``wasi pretrain`` folder records, checked before anything is built
+    shape = _read_json(file).get("shape")
+    if isinstance(shape, str) and shape in VIT_PRESETS:
+        return asdict(VIT_PRESETS[shape])
+    fields = {f.name for f in dataclass_fields(ViTShape)}
+    if (not isinstance(shape, dict) or not fields - {"channels"} <= set(shape) <= fields
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape.values())):
+        raise ModelError(f"{str(file)!r} does not describe a ViT: its 'shape' should give the positive integers "
+                         f"{sorted(fields)}, got {shape!r}")
+    return shape
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"cannot read weights from {str(file)!r} (not a safetensors file, or damaged): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _check_safetensors_header(file: Path) -> None:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"cannot read weights from {str(file)!r} (not a safetensors file, or damaged): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def check_model(spec: str, arch: str | None = None) -> None:
+    """Check, without building it, that ``spec`` names a model :func:`build_model` can load.
+
+    Reads only small files: a folder's JSON and a safetensors file's header.
+
+    Raises:
+        ModelError: what is wrong, naming the file.
+    """
+    if spec == "minilm":
+        minilm_path()
+        return
+    if spec in VIT_PRESETS:
+        return
+    path = Path(spec)
+    if path.is_dir():
+        if (path / PRETRAINED_FILE).is_file():
+            _vit_shape(path / PRETRAINED_FILE)
+            weights = path / "model.safetensors"
+            if not weights.is_file():
+                raise ModelError(f"{str(path)!r} has {PRETRAINED_FILE} but no model.safetensors")
+            _check_safetensors_header(weights)
+        elif (path / "config.json").is_file():
+            _read_json(path / "config.json")
+        else:
+            raise ModelError(f"{spec!r} is a folder with neither {PRETRAINED_FILE} nor config.json")
+    elif path.is_file():
+        if arch not in VIT_PRESETS:
+            raise ModelError(f"a weights file needs --arch, one of {sorted(VIT_PRESETS)}; got {arch!r}")
+        if path.suffix == ".safetensors":
+            _check_safetensors_header(path)
+    else:
+        raise ModelError(f"unknown model {spec!r}: use one of {list(MODEL_NAMES)}, a model folder or a weights file")
+
+
+def text_positions(spec: str) -> int | None:
+    """The most tokens a text model named by ``spec`` takes (its position table), or None.
+
+    None for image models and for configs that do not say.
+    """
+    if spec == "minilm":
+        folder = minilm_path()
+    elif Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        folder = Path(spec)
+    else:
+        return None
+    config = _read_json(folder / "config.json")
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def build_model(spec: str, *, num_classes: int, arch: str | None = None) -> ModelBundle:
@@ -127,9 +244,11 @@ def build_model(spec: str, *, num_classes: int, arch: str | None = None) -> Mode
     path = Path(spec)
     if path.is_dir():
         if (path / PRETRAINED_FILE).is_file():
-            arch_info = json.loads((path / PRETRAINED_FILE).read_text())
-            model = build_vit(arch_info["shape"], num_classes)
-            _load_vit_weights(model, load_file(str(path / "model.safetensors")), str(path))
+            try:
+                model = build_vit(_vit_shape(path / PRETRAINED_FILE), num_classes)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ModelError(f"{str(path / PRETRAINED_FILE)!r}: cannot build its ViT: {err}") from None
+            _load_vit_weights(model, _read_safetensors(path / "model.safetensors"), str(path))
             return _vit_bundle(model, f"ViT pretrained in {path}")
         if (path / "config.json").is_file():
             return _load_transformers_classifier(path, num_classes, f"transformers model in {path}")
@@ -139,7 +258,7 @@ def build_model(spec: str, *, num_classes: int, arch: str | None = None) -> Mode
             raise ModelError(f"a weights file needs --arch, one of {sorted(VIT_PRESETS)}; got {arch!r}")
         model = build_vit(arch, num_classes)
         if path.suffix == ".safetensors":
-            state = load_file(str(path))
+            state = _read_safetensors(path)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
