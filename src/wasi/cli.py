@@ -47,7 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
-         "max_length", "max_train_samples", "init_samples")
+         "max_length", "max_train_samples", "init_samples", "image_size")
 _FLOATS = ("eps", "lr")
 
 
@@ -171,6 +171,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--max-length", default=128,
                         help="tokens per text (default 128; at most the model's positions, 512 for minilm)")
     parser.add_argument("--max-train-samples", default=None, help="use only this many training samples")
+    parser.add_argument("--image-size", default=None,
+                        help="image folders: resize every image to this square side when loading (needed when "
+                             "their sizes differ; the model's input size follows either way)")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
     parser.add_argument("--cache-dir", default=None, help="dataset cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
