@@ -196,6 +196,93 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint_byte_identical(sa
     wasi.load(_vit(), saved)
 
 
+# ---------------------------------------------------------------------------- a real full disk
+class SmallDisk:
+    """A folder whose writes a test makes fail at a chosen moment, for real.
+
+    Where this process may mount one (root on Linux), the folder is a 16 MiB tmpfs and
+    :meth:`fill` writes a file until the filesystem says ``ENOSPC``. Elsewhere :meth:`fill`
+    lowers the file-size limit (``RLIMIT_FSIZE``) to 0, so that every write that grows a file
+    fails with ``EFBIG``. Either way the real ``write`` call fails, in safetensors, torch,
+    matplotlib or Python alike; nothing is faked.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.mounted = False
+        self._limit = None
+        if os.environ.get("WASI_TEST_DISK", "tmpfs") == "tmpfs" and sys.platform.startswith("linux") \
+                and os.geteuid() == 0 and shutil.which("mount"):
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                                  capture_output=True)
+            self.mounted = done.returncode == 0
+        self.errno = errno.ENOSPC if self.mounted else errno.EFBIG
+        self.reason = os.strerror(self.errno)
+
+    def fill(self) -> None:
+        if self.mounted:
+            fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                for block in (1 << 20, 4096, 1):
+                    try:
+                        while os.write(fd, b"\0" * block):
+                            pass
+                    except OSError as err:
+                        assert err.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            return
+        import resource
+
+        self._limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self._handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, self._limit[1]))
+
+    def free(self) -> None:
+        if self.mounted:
+            remove = self.folder / "filler"
+            if remove.exists():
+                remove.unlink()
+        elif self._limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, self._limit)
+            signal.signal(signal.SIGXFSZ, self._handler)
+            self._limit = None
+
+    def close(self) -> None:
+        self.free()
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    disk = SmallDisk(folder)
+    yield disk
+    disk.close()
+
+
+def test_a_real_full_disk_during_save_raises_the_documented_os_error(small_disk):
+    saved = small_disk.folder / "ckpt"
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=2))
+    wasi.save(model, saved)
+    before = _hashes(saved)
+    small_disk.fill()
+    try:
+        with pytest.raises(OSError) as info:
+            wasi.save(wasi.convert(_vit(seed=2), WASIConfig(rank=4, activation_rank=2)), saved)
+    finally:
+        small_disk.free()
+    assert type(info.value) is OSError and info.value.errno == small_disk.errno  # not safetensors' own error
+    assert str(info.value) == (f"[Errno {small_disk.errno}] wasi.save: writing {str(saved)!r} failed: "
+                               f"{small_disk.reason}; the checkpoint already there is unchanged")
+    assert _hashes(saved) == before  # byte-identical, and no temporary file left
+    wasi.load(_vit(), saved)
+
+
 def test_saving_into_an_unwritable_place_is_a_clear_os_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -345,6 +432,87 @@ def test_cli_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_pat
     assert (out / "checkpoint.pt").read_bytes() == snapshots[0]  # byte-identical to the step-2 checkpoint
     assert not (out / "checkpoint.pt.tmp").exists()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["position"]["step"] == 2
+
+
+def _fill_at(monkeypatch, disk: SmallDisk, phase: str) -> None:
+    """Fill ``disk`` just before the run writes ``phase``'s file."""
+    if phase == "checkpoint":  # the second one, at step 4: the step-2 checkpoint is there
+        original, calls = Run.save_checkpoint, []
+
+        def hooked(self):
+            calls.append(1)
+            if len(calls) == 2:
+                disk.fill()
+            return original(self)
+
+        monkeypatch.setattr(Run, "save_checkpoint", hooked)
+    elif phase == "metrics":  # the first metric line, at step 2: the step-1 checkpoint is there
+        original_metric, metric_calls = Run._metric, []
+
+        def hooked_metric(self, record):
+            metric_calls.append(1)
+            if len(metric_calls) == 1:
+                disk.fill()
+            return original_metric(self, record)
+
+        monkeypatch.setattr(Run, "_metric", hooked_metric)
+    else:
+        name = {"model": "_export", "plot": "_plot", "summary": "_plot"}[phase]
+        original_phase = getattr(Run, name)
+
+        def hooked_phase(self):
+            if phase != "summary":
+                disk.fill()
+            original_phase(self)
+            if phase == "summary":  # after the plot: only summary.json is left to write
+                disk.fill()
+
+        monkeypatch.setattr(Run, name, hooked_phase)
+
+
+@pytest.mark.parametrize("phase,file", [
+    ("checkpoint", "the checkpoint {out}/checkpoint.pt at step 4"),
+    ("metrics", "{out}/metrics.jsonl at step 2"),
+    ("model", "{out}/model at step 4"),
+    ("plot", "{out}/curves.png at step 4"),
+    ("summary", "{out}/summary.json at step 4"),
+])
+def test_cli_a_full_disk_anywhere_is_one_line_leaves_nothing_half_written_and_resume_finishes(
+        small_disk, monkeypatch, capsys, phase, file):
+    out = small_disk.folder / "run"
+    argv = [*CLI_RUN, "--out", str(out)]
+    if phase == "metrics":
+        argv += ["--checkpoint-every", "1"]
+    _fill_at(monkeypatch, small_disk, phase)
+    try:
+        code, err = _cli(capsys, *argv)
+    finally:
+        small_disk.free()
+    line = _one_line_error(err)
+    assert code == 2
+    where = "the previous checkpoint is unchanged" if phase == "checkpoint" else \
+        f"{out}/checkpoint.pt is intact: free some space and continue with --resume"
+    assert line == f"wasi train: error: could not write {file.format(out=out)}: {small_disk.reason}; {where}"
+    # nothing half-written looks complete: no summary, no temporary file, no partial model or line
+    assert not (out / "summary.json").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "model" / WEIGHTS_FILE).exists() or phase in ("plot", "summary")
+    if phase in ("plot", "summary"):
+        wasi.load(build_vit("vit-micro", num_classes=10), out / "model")  # written whole before the failure
+    if phase == "plot":
+        assert not (out / "curves.png").exists()
+    if (out / "metrics.jsonl").exists():
+        assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    monkeypatch.undo()
+    code, err = _cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_steps"] == 4
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "train"]
+    assert logged == [2, 4]
+    wasi.load(build_vit("vit-micro", num_classes=10), out / "model")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_skip_nonfinite_flag_reaches_the_settings(tmp_path, capsys):

@@ -434,7 +434,8 @@ class Run:
         return "there is no checkpoint yet: free some space and start again"
 
     def _write_failed(self, what: Path, err: BaseException) -> RunError:
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        code = getattr(err, "errno", None)  # wasi.save's OSError carries a sentence of its own
+        reason = os.strerror(code) if code else (str(err).splitlines() or [type(err).__name__])[0]
         return RunError(f"could not write {what} at step {self.step}: {reason}; {self._recovery()}")
 
     def _write_file(self, path: Path, write: Callable[[Path], None]) -> None:
