@@ -80,7 +80,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                              "--freeze-embeddings`)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny preset: vit-micro, synthetic data, 5 steps, 1 repeat, every method, "
-                             "eps 0.5,0.9 (under a minute on 2 CPU cores)")
+                             "eps 0.5,0.9")
     parser.set_defaults(func=cmd_bench)
     return parser
 
