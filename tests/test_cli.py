@@ -153,6 +153,17 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys, 
     assert not out.exists()
 
 
+def test_cuda_devices_are_checked_against_the_machine(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: CUDA is not available on this machine" in _error_line(
+        capsys, *RUN, "--out", str(tmp_path / "a"), "--device", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as the check knows
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0" in _error_line(
+        capsys, *RUN, "--out", str(tmp_path / "b"), "--device", "cuda:3")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys, minilm_path):
     out = tmp_path / "run"
     line = _error_line(capsys, "train", "--model", "minilm", "--data", "spam", "--out", str(out),
