@@ -122,6 +122,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     if len(configs) != 1:
         raise ValueError("all WASI layers of a saved model must share one WASIConfig")
     folder = Path(path)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -160,6 +161,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         fsync_dir(folder)
     except BaseException as err:
         remove_quietly(weights_tmp, config_tmp)
+        if created and not replaced:
+            try:  # a folder this call made and could not fill is not left to look like a checkpoint
+                folder.rmdir()
+            except OSError:
+                pass
         if isinstance(err, OSError):
             state = ("the weights were replaced but not the config: save again" if replaced
                      else "the checkpoint already there is unchanged")

@@ -450,9 +450,11 @@ class Run:
             fsync_file(tmp)
             os.replace(tmp, path)
             fsync_dir(path.parent)
-        except OSError as err:
+        except BaseException as err:  # Ctrl-C too: no temporary file is left behind
             remove_quietly(tmp)
-            raise self._write_failed(path, err) from None
+            if isinstance(err, OSError):
+                raise self._write_failed(path, err) from None
+            raise
 
     def _metric(self, record: dict) -> None:
         path = self.out / "metrics.jsonl"
