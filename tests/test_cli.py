@@ -260,6 +260,9 @@ def test_the_demo_shows_its_peak_memory_and_draws_its_plot(tmp_path, capsys):
     before = plot.read_bytes()
     line = _error_line(capsys, "demo", "--steps", "1", "--plot", str(plot))
     assert "already exists; it is kept" in line and plot.read_bytes() == before
+    line = _error_line(capsys, "demo", "--eps", "2", "--seed", "4294967296", "--steps", "-1")
+    assert "--steps -1: must be a non-negative integer" in line and "--seed 4294967296" in line
+    assert "--eps 2.0: WASIConfig.eps must be a number in (0, 1]" in line
 
 
 def test_a_short_run_draws_its_loss_as_points():

@@ -31,7 +31,24 @@ _EXPORTS = {
     "set_nonfinite_policy": "wasi.modules",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "CheckpointError",
+    "NonFiniteError",
+    "Plan",
+    "WASIConfig",
+    "WASILinear",
+    "__version__",
+    "apply_plan",
+    "calibrate",
+    "convert",
+    "count_saved_tensors",
+    "load",
+    "save",
+    "set_nonfinite_policy",
+    "summary",
+    "unconvert",
+    "wasi_layers",
+]
 
 
 # functions named like the submodule that defines them: `wasi.convert` is the function, as it was

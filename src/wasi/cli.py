@@ -34,9 +34,7 @@ class UsageError(Exception):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from wasi.demo import run_demo
-
-    from wasi.demo import DemoError
+    from wasi.demo import DemoError, run_demo
 
     try:
         run_demo(pretrain_steps=args.pretrain_steps, steps=args.steps, eps=args.eps, seed=args.seed,

@@ -109,10 +109,21 @@ def run_demo(*, pretrain_steps: int = 150, steps: int = 300, eps: float = 0.8, s
         A dict with the accuracies, both phases' losses, the process's peak memory and the summary.
 
     Raises:
-        DemoError: ``plot`` exists already or cannot be written (checked before any training).
+        DemoError: a negative step count, a seed outside 0 .. 2**32-1, an eps outside (0, 1], or a
+            ``plot`` file that exists already (all checked before any training) or cannot be written.
     """
+    problems = [f"--{name} {value}: must be a non-negative integer"
+                for name, value in (("pretrain-steps", pretrain_steps), ("steps", steps)) if value < 0]
+    if not 0 <= seed <= 2**32 - 1:
+        problems.append(f"--seed {seed}: must be in 0 .. {2**32 - 1}")
+    try:
+        WASIConfig(eps=eps, activation_eps=eps)
+    except ValueError as err:
+        problems.append(f"--eps {eps}: {err}")
     if plot is not None and Path(plot).exists():
-        raise DemoError(f"--plot {str(plot)!r} already exists; it is kept: give a new file name")
+        problems.append(f"--plot {str(plot)!r} already exists; it is kept: give a new file name")
+    if problems:
+        raise DemoError("; ".join(problems))
     threads = torch.get_num_threads()
     # the model's matrices are tiny: a second thread only adds synchronisation, and on a CPU other
     # jobs keep busy it made the demo several times slower

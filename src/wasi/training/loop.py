@@ -190,8 +190,8 @@ def _check_device(device) -> list[str]:
     if not torch.cuda.is_available():
         return [f"--device {device}: CUDA is not available on this machine"]
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"]
+        count = torch.cuda.device_count()
+        return [f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"]
     return []
 
 
@@ -211,8 +211,8 @@ def _check_out(out, resume: bool) -> list[str]:
     if not entries:
         return []
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    return [f"--out {str(out)!r} already holds files ({shown}); to continue that run add --resume, to start "
-            f"a new one give another --out folder"]
+    return [(f"--out {str(out)!r} already holds files ({shown}); to continue that run add --resume, to start "
+             "a new one give another --out folder")]
 
 
 class RunError(RuntimeError):
