@@ -12,7 +12,7 @@ DEFAULT_EPS = (0.4, 0.6, 0.8, 0.9)
 TARGETS = ("mlp", "attention", "all-linear")
 DEVICES = ("cpu", "cuda")
 
-# ``--quick``: a tiny model, few steps, one repeat, every method: about a minute on 2 CPU cores
+# ``--quick``: a tiny model, few steps, one repeat, every method
 QUICK = {
     "model": "vit-micro",
     "data": "synthetic",
