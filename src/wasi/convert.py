@@ -176,11 +176,12 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
 
 
 # (linear, activation) attribute pairs of MLP layouts whose forward applies the activation to
-# the linear's output and nothing else: our ViT and timm (fc1, act), BERT-style encoders
-# (intermediate: dense, intermediate_act_fn), GPT-2 (c_fc, act), LLaMA-style gated MLPs
-# (gate_proj, act_fn); and our ViT's attention (qkv, core)
+# the linear's output and nothing else: our ViT and timm (fc1, act), transformers' DINOv2
+# (fc1, activation_fn), BERT-style encoders (intermediate: dense, intermediate_act_fn), GPT-2
+# (c_fc, act), LLaMA-style gated MLPs (gate_proj, act_fn); and our ViT's attention (qkv, core)
 FUSABLE_SITES = (
-    ("fc1", "act"), ("dense", "intermediate_act_fn"), ("c_fc", "act"), ("gate_proj", "act_fn"), ("qkv", "core"),
+    ("fc1", "act"), ("fc1", "activation_fn"), ("dense", "intermediate_act_fn"), ("c_fc", "act"),
+    ("gate_proj", "act_fn"), ("qkv", "core"),
 )
 _TORCH_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU)
 _TRANSFORMERS_ACTIVATIONS = frozenset({
