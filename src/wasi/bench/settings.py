@@ -137,9 +137,12 @@ class BenchSettings:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-4)
 
     def method_lr(self, method: str) -> float:
-        """The learning rate of ``method``'s runs: ``--lora-lr`` for LoRA when given, else ``--lr``."""
-        if split_method(method)[0] == "lora" and self.lora_lr is not None:
-            return self.lora_lr
+        """The learning rate of ``method``'s runs: ``--lr``; LoRA: ``--lora-lr``, default 10x ``--lr``
+        (``wasi train``'s default, ``LORA_LR_FACTOR``)."""
+        if split_method(method)[0] == "lora":
+            from wasi.training.loop import LORA_LR_FACTOR
+
+            return self.lora_lr if self.lora_lr is not None else LORA_LR_FACTOR * self.learning_rate
         return self.learning_rate
 
     def runs(self) -> list[tuple[str, float | None]]:

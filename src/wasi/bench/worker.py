@@ -322,6 +322,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         model=model, data=spec["data"], out=str(out), method=method,
         eps=spec["eps"] if spec["eps"] is not None else 0.8, activation_rank=spec.get("activation_rank"),
         target=spec["target"], epochs=spec["train_epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+        lora_lr=spec["lr"] if method == "lora" else None,  # spec["lr"] is already the method's own
         optimizer=spec["optimizer"], seed=spec["seed"], max_length=spec["max_length"],
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],
