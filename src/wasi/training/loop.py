@@ -245,10 +245,10 @@ class Run:
                 make_lm_split([d.text for d in part], bundle.tokenizer, s.max_length, name)
                 for part, name in zip(documents, ("training", "validation", "test"))
             )
-        else:
-            self.train = make_split(train, bundle, s.max_length, s.image_size)
-            self.val = make_split(val, bundle, s.max_length, s.image_size)
-            self.test = make_split(test, bundle, s.max_length, s.image_size)
+        else:  # cut before resizing: an image split at the model's size can be many times the data's
+            self.train = make_split(_head(train, s.max_train_samples), bundle, s.max_length, s.image_size)
+            self.val = make_split(_head(val, s.max_eval_samples), bundle, s.max_length, s.image_size)
+            self.test = make_split(_head(test, s.max_eval_samples), bundle, s.max_length, s.image_size)
         self.train = _first(self.train, s.max_train_samples)
         self.val = _first(self.val, s.max_eval_samples)
         self.test = _first(self.test, s.max_eval_samples)
@@ -725,6 +725,11 @@ class Run:
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=100)
         plt.close(fig)
+
+
+def _head(ds, count: int | None):
+    """The first ``count`` samples of a Dataset (all when None or larger)."""
+    return ds if count is None or count >= len(ds) else ds.subset(list(range(count)))
 
 
 def _first(split: Split, count: int | None) -> Split:
