@@ -16,7 +16,7 @@ TAGGED = ("\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/
 
 
 def test_untag_strips_tags_and_joins_punctuation():
-    assert untag(TAGGED) == ['The Fulton County said " no evidence " was found.', "It ended (at last), they said."]
+    assert untag(TAGGED) == ['The Fulton County said "no evidence" was found.', "It ended (at last), they said."]
 
 
 def test_chunks_hold_whole_paragraphs_of_at_least_the_word_count():

@@ -20,8 +20,10 @@ FilterFn = Callable[[nn.Module, str], bool]
 # module paths of feed-forward blocks across architectures (section 7 of docs WASI.md)
 _MLP_PARTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
 _ATTENTION_PARTS = ("attn", "attention")
-# classifier heads stay dense under "all-linear", as in the paper
-_HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out")
+# classifier heads stay dense under "all-linear", as in the paper; so does BERT's pooler, which
+# feeds the head one token per sample: its (B, I) input has no token mode to compress, and eps
+# 0.8 cut it to Tucker ranks 1 x 1
+_HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out", "pooler")
 
 
 def _parts(fqn: str) -> list[str]:

