@@ -160,3 +160,14 @@ def test_task_mismatch_between_model_and_data_is_a_run_error(tiny_llama, tmp_pat
     with pytest.raises(RunError, match="image-classification"):
         run_training(_settings("vit-micro", "digits", tmp_path / "x", task="text-classification"),
                      print_fn=lambda _m: None)
+
+
+def test_bench_and_calibrate_refuse_a_causal_lm(tiny_llama, text_folder, tmp_path, capsys):
+    from wasi.bench.settings import BenchSettings
+
+    errors = BenchSettings(model=str(tiny_llama), data="digits", out=str(tmp_path / "b")).validate()
+    assert any("is a causal LM" in e for e in errors)
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f"the cat sat {i},{i % 2}\n" for i in range(12)))
+    code = main(["calibrate", "--model", str(tiny_llama), "--data", str(csv), "--out", str(tmp_path / "p.json")])
+    assert code == 2 and "is a causal LM" in capsys.readouterr().err

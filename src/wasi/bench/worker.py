@@ -183,7 +183,8 @@ def measure(spec: dict) -> dict:
     meter.reset()  # the baseline: libraries and data loaded, no model yet
 
     # ---- model, method, optimizer
-    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"))
+    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"),
+                         cache_dir=spec.get("cache_dir"))
     shaped = []
     if spec["model"] in VIT_PRESETS and spec["spectrum_decay"] > 0:  # random weights only
         shaped = decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"],

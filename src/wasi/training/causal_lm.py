@@ -60,16 +60,20 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lm_evaluate(model: nn.Module, split: Split, pad_id: int, device: torch.device) -> tuple[float, float]:
+def lm_evaluate(model: nn.Module, split: Split, pad_id: int, device: torch.device,
+                batch_size: int = EVAL_WINDOWS) -> tuple[float, float]:
     """Mean next-token loss over every predicted token of ``split``, and its perplexity ``exp(loss)``.
 
-    The model is put in eval mode for the pass and its previous mode restored.
+    Windows go through ``min(batch_size, EVAL_WINDOWS)`` at a time (the training batch, so that
+    evaluation never holds more logits than a step). The model is put in eval mode for the pass
+    and its previous mode restored.
     """
     training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, split.size, EVAL_WINDOWS):
-        idx = torch.arange(start, min(start + EVAL_WINDOWS, split.size))
+    step = max(1, min(batch_size, EVAL_WINDOWS))
+    for start in range(0, split.size, step):
+        idx = torch.arange(start, min(start + step, split.size))
         batch = make_batch(split, idx, pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         targets = lm_labels(batch)[:, 1:]  # (B, T-1): token t is predicted from tokens < t

@@ -332,7 +332,7 @@ class Run:
         """Held-out (test split) perplexity of ``model``, printed with ``when``."""
         from wasi.training.causal_lm import lm_evaluate
 
-        loss, perplexity = lm_evaluate(model, self.test, self.pad_id, self.device)
+        loss, perplexity = lm_evaluate(model, self.test, self.pad_id, self.device, self.s.batch_size)
         self.print(f"test perplexity {when}: {perplexity:.2f} (loss {loss:.4f}, {self.test.size} windows)")
         return perplexity
 
@@ -459,7 +459,7 @@ class Run:
         if self.task == "causal-lm":
             from wasi.training.causal_lm import lm_evaluate
 
-            loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device)
+            loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device, self.s.batch_size)
             return perplexity, loss
         self.model.eval()
         correct, total_loss = 0, 0.0
