@@ -229,8 +229,8 @@ class Run:
             train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
             wanted = "image" if self.task == "image-classification" else "text"
             if dataset.kind != wanted:
-                raise RunError(f"model {s.model!r} is trained for {self.task} ({why}) but data {s.data!r} is "
-                               f"{dataset.kind}")
+                raise RunError(f"model {s.model!r} takes {wanted} inputs but data {s.data!r} is {dataset.kind} "
+                               f"(the model is for {self.task}: {why})")
         _import_libraries(s.method)
         self.meter = PeakMemory(self.device)
         self.meter.reset()  # the baseline: data loaded, libraries imported, no model yet
