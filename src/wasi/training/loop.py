@@ -478,6 +478,8 @@ class Run:
         """Median milliseconds per eval batch and mean per sample over the test split."""
         self.model.eval()
         bs = self.s.eval_batch_size
+        if self.task == "causal-lm":  # a window's logits are (T, vocab): batches no larger than training's
+            bs = min(bs, self.s.batch_size)
         starts = list(range(0, self.test.size, bs))
         batches = [make_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
                    for s in starts]
