@@ -145,8 +145,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--max-eval-samples", default=None,
                         help="use only this many validation and test samples (causal LM: token windows)")
     parser.add_argument("--image-size", default=None,
-                        help="image side fed to an image model (default: the model's own; dinov2-s: 224, any "
-                             "multiple of 14)")
+                        help="image side fed to a DINOv2 model (default: the model's own, dinov2-s: 224; use a "
+                             "multiple of 14); other models take their own size only")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
     parser.add_argument("--cache-dir", default=None,
                         help="data and converted-model cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")

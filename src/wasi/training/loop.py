@@ -238,6 +238,11 @@ class Run:
                              cache_dir=s.cache_dir)
         self.bundle = bundle
         self.pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
+        model_type = getattr(getattr(bundle.model, "config", None), "model_type", None)
+        if s.image_size is not None and s.image_size != bundle.image_size and model_type != "dinov2":
+            raise RunError(f"--image-size {s.image_size}: model {s.model!r} takes {bundle.image_size} px images "
+                           "only (its position embeddings are fixed); another size needs a DINOv2 model, which "
+                           "interpolates them")
         if self.task == "causal-lm":
             from wasi.training.causal_lm import make_lm_split
 

@@ -1,4 +1,4 @@
-"""The causal-LM task end to end on a tiny random Llama: windows, perplexities, export, task checks."""
+"""Tasks of `wasi train`: read from the model or given; the causal-LM task end to end on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -171,3 +171,19 @@ def test_bench_and_calibrate_refuse_a_causal_lm(tiny_llama, text_folder, tmp_pat
     csv.write_text("text,label\n" + "".join(f"the cat sat {i},{i % 2}\n" for i in range(12)))
     code = main(["calibrate", "--model", str(tiny_llama), "--data", str(csv), "--out", str(tmp_path / "p.json")])
     assert code == 2 and "is a causal LM" in capsys.readouterr().err
+
+
+def test_classification_summary_records_the_settings_that_tell_runs_apart(tmp_path):
+    out = tmp_path / "c"
+    summary = run_training(_settings("vit-micro", "digits", out, steps=2, batch_size=16, max_train_samples=40,
+                                     max_eval_samples=30, image_size=8, recompute=True, target="all-linear",
+                                     max_length=64), print_fn=lambda _m: None)
+    written = json.loads((out / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    expected = {"task": "image-classification", "target": "all-linear", "recompute": True, "checkpointing": False,
+                "max_length": 64, "max_train_samples": 40, "max_eval_samples": 30, "image_size": 8,
+                "train_samples": 40}
+    assert {k: written[k] for k in expected} == expected
+    assert "dense_perplexity" not in written and 0 <= written["test_accuracy"] <= 1
+    with pytest.raises(RunError, match="--image-size 16: model 'vit-micro' takes 8 px images only"):
+        run_training(_settings("vit-micro", "digits", tmp_path / "d", steps=1, image_size=16), print_fn=print)
