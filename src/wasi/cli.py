@@ -45,8 +45,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
-         "max_length", "max_train_samples", "init_samples", "image_size")
-_FLOATS = ("eps", "lr")
+         "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
+_FLOATS = ("eps", "lr", "lora_lr")
 
 
 def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[dict, list[str]]:
@@ -79,7 +79,8 @@ def _settings(args: argparse.Namespace, **fixed):
         "device": device, "method": getattr(args, "method", "vanilla"), "plan": getattr(args, "plan", None),
         "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False),
         "checkpointing": getattr(args, "checkpointing", False),
-        "freeze_embeddings": getattr(args, "freeze_embeddings", False), **values,
+        "freeze_embeddings": getattr(args, "freeze_embeddings", False), "task": getattr(args, "task", None),
+        **values,
     }
     fields.update(fixed)
     settings = TrainSettings(**fields)
@@ -116,10 +117,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> None:
     parser.add_argument("--model", required=True,
-                        help="minilm, vit-micro, vit-tiny, vit-small, vit-b32, a model folder, or a weights file "
-                             "(with --arch)")
+                        help="minilm, dinov2-s, smollm2-135m, vit-micro, vit-tiny, vit-small, vit-b32, a model "
+                             "folder, or a weights file (with --arch)")
     parser.add_argument("--data", required=True,
-                        help="spam, fashion-mnist, digits, a class_name/*.png folder, or a text,label CSV/JSONL")
+                        help="spam, fashion-mnist, digits, brown, bbc-news, a class_name/*.png folder, a text,label "
+                             "CSV/JSONL; for a causal LM: brown or a folder of .txt files")
+    if with_method:
+        parser.add_argument("--task", default=None,
+                            help="text-classification, image-classification or causal-lm (default: the model's own; "
+                                 "a transformers folder's from its config's architectures)")
     parser.add_argument("--out", required=True,
                         help="output folder (metrics, checkpoints, summary, model); a new or empty one, or the "
                              "folder of the run to continue with --resume")
@@ -142,6 +148,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     group.add_argument("--steps", default=None, help="optimizer steps instead of epochs")
     parser.add_argument("--batch-size", default=32, help="training batch size (default 32)")
     parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
+    if with_method:
+        parser.add_argument("--lora-lr", default=None,
+                            help="learning rate of --method lora (default 10x --lr: LoRA trains its adapters from zero)")
     parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
     parser.add_argument("--seed", default=0,
                         help="seed of the split, the batch order and the new weights, 0 to 2**32-1 (default 0)")
@@ -167,13 +176,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--checkpoint-every", default=100, help="steps between checkpoints (default 100)")
     parser.add_argument("--log-every", default=20, help="steps between metric lines (default 20)")
     parser.add_argument("--max-length", default=128,
-                        help="tokens per text (default 128; at most the model's positions, 512 for minilm)")
-    parser.add_argument("--max-train-samples", default=None, help="use only this many training samples")
+                        help="tokens per text, or per causal-LM window (default 128; at most the model's positions, "
+                             "512 for minilm)")
+    parser.add_argument("--max-train-samples", default=None,
+                        help="use only this many training samples (causal LM: token windows)")
+    parser.add_argument("--max-eval-samples", default=None,
+                        help="use only this many validation and test samples (causal LM: token windows)")
     parser.add_argument("--image-size", default=None,
-                        help="image folders: resize every image to this square side when loading (needed when "
-                             "their sizes differ; the model's input size follows either way)")
+                        help="image side: a folder of images of different sizes is resized to it when loaded, and "
+                             "the model is fed it (default: the model's own; only dinov2-s takes another, any "
+                             "multiple of 14)")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
-    parser.add_argument("--cache-dir", default=None, help="dataset cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="data and converted-model cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 

@@ -20,8 +20,10 @@ FilterFn = Callable[[nn.Module, str], bool]
 # module paths of feed-forward blocks across architectures (section 7 of docs WASI.md)
 _MLP_PARTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
 _ATTENTION_PARTS = ("attn", "attention")
-# classifier heads stay dense under "all-linear", as in the paper
-_HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out")
+# classifier heads stay dense under "all-linear", as in the paper; so does BERT's pooler, which
+# feeds the head one token per sample: its (B, I) input has no token mode to compress, and eps
+# 0.8 cut it to Tucker ranks 1 x 1
+_HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out", "pooler")
 
 
 def _parts(fqn: str) -> list[str]:
@@ -176,11 +178,12 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
 
 
 # (linear, activation) attribute pairs of MLP layouts whose forward applies the activation to
-# the linear's output and nothing else: our ViT and timm (fc1, act), BERT-style encoders
-# (intermediate: dense, intermediate_act_fn), GPT-2 (c_fc, act), LLaMA-style gated MLPs
-# (gate_proj, act_fn); and our ViT's attention (qkv, core)
+# the linear's output and nothing else: our ViT and timm (fc1, act), transformers' DINOv2
+# (fc1, activation_fn), BERT-style encoders (intermediate: dense, intermediate_act_fn), GPT-2
+# (c_fc, act), LLaMA-style gated MLPs (gate_proj, act_fn); and our ViT's attention (qkv, core)
 FUSABLE_SITES = (
-    ("fc1", "act"), ("dense", "intermediate_act_fn"), ("c_fc", "act"), ("gate_proj", "act_fn"), ("qkv", "core"),
+    ("fc1", "act"), ("fc1", "activation_fn"), ("dense", "intermediate_act_fn"), ("c_fc", "act"),
+    ("gate_proj", "act_fn"), ("qkv", "core"),
 )
 _TORCH_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU)
 _TRANSFORMERS_ACTIVATIONS = frozenset({

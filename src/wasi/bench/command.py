@@ -55,8 +55,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--optimizer", default=None, help="adamw (default) or sgd")
     parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
     parser.add_argument("--lora-lr", default=None,
-                        help="learning rate of the lora runs (default: --lr); LoRA usually wants about 10x "
-                             "full fine-tuning's")
+                        help="learning rate of the lora runs (default 10x --lr, as in `wasi train`: LoRA trains "
+                             "its adapters from zero)")
     parser.add_argument("--seed", default=None, help="default 0")
     parser.add_argument("--max-length", default=None, help="tokens per text (default 128)")
     parser.add_argument("--spectrum-decay", default=None,

@@ -70,6 +70,9 @@ class BenchSettings:
         errors = []
         if self.model not in MODEL_NAMES and not Path(self.model).exists():
             errors.append(f"--model {self.model!r}: not one of {list(MODEL_NAMES)} nor an existing path")
+        elif _is_causal_lm(self.model):
+            errors.append(f"--model {self.model!r} is a causal LM: `wasi bench` measures classification runs "
+                          "(train it with `wasi train`)")
         if self.data not in (SYNTHETIC, *DATA_NAMES) and not Path(self.data).exists():
             errors.append(
                 f"--data {self.data!r}: not one of {[SYNTHETIC, *DATA_NAMES]} nor an existing folder or file"
@@ -137,9 +140,12 @@ class BenchSettings:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-4)
 
     def method_lr(self, method: str) -> float:
-        """The learning rate of ``method``'s runs: ``--lora-lr`` for LoRA when given, else ``--lr``."""
-        if split_method(method)[0] == "lora" and self.lora_lr is not None:
-            return self.lora_lr
+        """The learning rate of ``method``'s runs: ``--lr``; LoRA: ``--lora-lr``, default 10x ``--lr``
+        (``wasi train``'s default, ``LORA_LR_FACTOR``)."""
+        if split_method(method)[0] == "lora":
+            from wasi.training.loop import LORA_LR_FACTOR
+
+            return self.lora_lr if self.lora_lr is not None else LORA_LR_FACTOR * self.learning_rate
         return self.learning_rate
 
     def runs(self) -> list[tuple[str, float | None]]:
@@ -157,3 +163,12 @@ class BenchSettings:
         data["lr"] = self.learning_rate
         data["lora_lr"] = self.method_lr("lora")
         return data
+
+
+def _is_causal_lm(model: str) -> bool:
+    from wasi.training.models import ModelError, resolve_task
+
+    try:
+        return resolve_task(model)[0] == "causal-lm"
+    except ModelError:
+        return False  # an unreadable folder is reported when it is loaded

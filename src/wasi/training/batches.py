@@ -28,11 +28,19 @@ def _prepare_images(images: torch.Tensor, size: int, channels: int) -> torch.Ten
     return images
 
 
-def make_split(ds, bundle: ModelBundle, max_length: int) -> Split:
-    """Resize the images of ``ds`` to ``bundle``'s input, or tokenize its texts (at most ``max_length`` ids)."""
+def _normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> torch.Tensor:
+    if mean is None or std is None:
+        return images
+    shape = (1, -1, 1, 1)
+    return (images - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)  # (N, C, H, W)
+
+
+def make_split(ds, bundle: ModelBundle, max_length: int, image_size: int | None = None) -> Split:
+    """Resize the images of ``ds`` to ``bundle``'s input (or ``image_size``) and normalise them as the
+    model expects, or tokenize its texts (at most ``max_length`` ids)."""
     if bundle.kind == "image":
-        images = _prepare_images(ds.images, bundle.image_size, bundle.channels)
-        return Split(len(ds.labels), ds.labels, images=images)
+        images = _prepare_images(ds.images, image_size or bundle.image_size, bundle.channels)
+        return Split(len(ds.labels), ds.labels, images=_normalize(images, bundle.image_mean, bundle.image_std))
     encoded = bundle.tokenizer(list(ds.texts), truncation=True, max_length=max_length)
     return Split(len(ds.labels), ds.labels, tokens=encoded["input_ids"])
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -33,17 +34,22 @@ from wasi.training.methods import (
 )
 from wasi.training.models import (
     MODEL_NAMES,
+    TASKS,
     ModelError,
     build_model,
     check_model,
+    model_logits,
+    resolve_task,
     save_pretrained_vit,
     text_positions,
 )
 
-DATA_NAMES = ("spam", "fashion-mnist", "digits")
+DATA_NAMES = ("spam", "fashion-mnist", "digits", "brown", "bbc-news")
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
 DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
+# LoRA trains a few adapter weights from zero: its default lr is this many times the full fine-tuning one
+LORA_LR_FACTOR = 10.0
 GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
@@ -85,7 +91,10 @@ class TrainSettings:
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
     init_samples: int | None = None  # wsi/wasi: samples the factors are fitted to (None: 256; 0: plain SVD)
     freeze_embeddings: bool = False  # keep every nn.Embedding (a text model's token tables) out of training
-    image_size: int | None = None  # image folders: resize every image to this square side when loading
+    task: str | None = None  # text-classification, image-classification, causal-lm (None: the model's own)
+    lora_lr: float | None = None  # LoRA's learning rate (None: LORA_LR_FACTOR x the full fine-tuning lr)
+    image_size: int | None = None  # image side the model is fed, and image folders are resized to when loaded
+    max_eval_samples: int | None = None  # use only this many validation and test samples (windows)
 
     def validate(self) -> list[str]:
         errors = []
@@ -117,7 +126,7 @@ class TrainSettings:
         elif self.init_samples and self.method not in FITTED_METHODS:
             errors.append(f"--init-samples fits the weight factors of a layer without a dense weight: it needs "
                           f"--method wsi or wasi, got --method {self.method}")
-        for name in ("epochs", "steps", "activation_rank", "max_train_samples"):
+        for name in ("epochs", "steps", "activation_rank", "max_train_samples", "image_size", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 errors.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
@@ -125,14 +134,18 @@ class TrainSettings:
             errors.append("--epochs and --steps are exclusive: give one")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
             errors.append(f"--lr {self.lr}: must be a positive finite number")
+        if self.lora_lr is not None and (not math.isfinite(self.lora_lr) or self.lora_lr <= 0):
+            errors.append(f"--lora-lr {self.lora_lr}: must be a positive finite number")
+        elif self.lora_lr is not None and self.method != "lora":
+            errors.append(f"--lora-lr is the learning rate of --method lora, got --method {self.method}")
+        if self.task is not None and self.task not in TASKS:
+            errors.append(f"--task {self.task!r}: choose one of {list(TASKS)}")
         if self.optimizer not in DEFAULT_LR:
             errors.append(f"--optimizer {self.optimizer!r}: choose sgd or adamw")
         elif self.method == "galore" and self.optimizer != "adamw":
             errors.append("--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
         if not 0 <= self.seed <= MAX_SEED:
             errors.append(f"--seed {self.seed}: must be in 0 .. {MAX_SEED} (2**32-1)")
-        if self.image_size is not None and self.image_size < 1:
-            errors.append(f"--image-size {self.image_size}: must be a positive integer")
         if self.target not in ("mlp", "attention", "all-linear"):
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
         if not isinstance(self.checkpointing, bool):
@@ -159,7 +172,11 @@ class TrainSettings:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        """The run's learning rate: ``--lr`` (default by optimizer); LoRA: ``--lora-lr``, default 10x that."""
+        base = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        if self.method == "lora":
+            return self.lora_lr if self.lora_lr is not None else LORA_LR_FACTOR * base
+        return base
 
     @property
     def fit_samples(self) -> int:
@@ -235,6 +252,9 @@ class Run:
         self.step_times: list[float] = []
         self.saved_activation_bytes: int | None = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.task = "text-classification"
+        self.dense_perplexity: float | None = None  # causal LM: held-out perplexity before conversion
+        self.converted_perplexity: float | None = None  # ... and right after it, before the first step
 
     # ---------------- setup
     def _setup(self) -> None:
@@ -249,25 +269,57 @@ class Run:
             raise RunError(f"--out {str(self.out)!r} is not writable: {err.strerror or err}") from None
         s = self.s
         self._seed_everything(s.seed)
-        dataset = load_dataset(s.data, cache_dir=s.cache_dir, image_size=s.image_size)
-        check_classifiable(dataset)
-        self.classes = list(dataset.classes)
-        train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
+        try:
+            self.task, why = resolve_task(s.model, s.task)
+        except ValueError as err:
+            raise RunError(str(err)) from None
+        if self.task == "causal-lm":
+            from wasi.data.lmtext import load_lm_documents, split_documents
+
+            if s.data.lower() in DATA_NAMES and s.data.lower() != "brown" or Path(s.data).is_file():
+                raise RunError(f"model {s.model!r} is a causal LM ({why}): it trains on plain text, and data "
+                               f"{s.data!r} is not (give brown or a folder of .txt files); to train a classifier "
+                               f"head on it instead, pass --task text-classification")
+            documents = split_documents(load_lm_documents(s.data, cache_dir=s.cache_dir), seed=s.seed)
+            self.classes = []
+        else:
+            # an image folder of mixed sizes is resized as it is loaded; built-in image data is resized
+            # after the split is cut (at a model's size a whole split can be many times the data's)
+            folder_size = s.image_size if Path(s.data).is_dir() else None
+            dataset = load_dataset(s.data, cache_dir=s.cache_dir, image_size=folder_size)
+            check_classifiable(dataset)
+            self.classes = list(dataset.classes)
+            train, val, test = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=s.seed)
+            wanted = "image" if self.task == "image-classification" else "text"
+            if dataset.kind != wanted:
+                raise RunError(f"model {s.model!r} takes {wanted} inputs but data {s.data!r} is {dataset.kind} "
+                               f"(the model is for {self.task}: {why})")
         _import_libraries(s.method)
         self.meter = PeakMemory(self.device)
         self.meter.reset()  # the baseline: data loaded, libraries imported, no model yet
-        bundle = build_model(s.model, num_classes=len(self.classes), arch=s.arch)
-        if bundle.kind != dataset.kind:
-            raise RunError(f"model {s.model!r} takes {bundle.kind} inputs but data {s.data!r} is {dataset.kind}")
+        bundle = build_model(s.model, num_classes=max(len(self.classes), 1), arch=s.arch, task=self.task,
+                             cache_dir=s.cache_dir)
         self.bundle = bundle
         self.pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
-        self.train = make_split(train, bundle, s.max_length)
-        if s.max_train_samples is not None and s.max_train_samples < self.train.size:
-            self.train = Split(s.max_train_samples, self.train.labels[: s.max_train_samples],
-                               None if self.train.images is None else self.train.images[: s.max_train_samples],
-                               None if self.train.tokens is None else self.train.tokens[: s.max_train_samples])
-        self.val = make_split(val, bundle, s.max_length)
-        self.test = make_split(test, bundle, s.max_length)
+        model_type = getattr(getattr(bundle.model, "config", None), "model_type", None)
+        if s.image_size is not None and s.image_size != bundle.image_size and model_type != "dinov2":
+            raise RunError(f"--image-size {s.image_size}: model {s.model!r} takes {bundle.image_size} px images "
+                           "only (its position embeddings are fixed); another size needs a DINOv2 model, which "
+                           "interpolates them")
+        if self.task == "causal-lm":
+            from wasi.training.causal_lm import make_lm_split
+
+            self.train, self.val, self.test = (
+                make_lm_split([d.text for d in part], bundle.tokenizer, s.max_length, name)
+                for part, name in zip(documents, ("training", "validation", "test"))
+            )
+        else:  # cut before resizing: an image split at the model's size can be many times the data's
+            self.train = make_split(_head(train, s.max_train_samples), bundle, s.max_length, s.image_size)
+            self.val = make_split(_head(val, s.max_eval_samples), bundle, s.max_length, s.image_size)
+            self.test = make_split(_head(test, s.max_eval_samples), bundle, s.max_length, s.image_size)
+        self.train = _first(self.train, s.max_train_samples)
+        self.val = _first(self.val, s.max_eval_samples)
+        self.test = _first(self.test, s.max_eval_samples)
         plan = self._load_plan()
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
@@ -277,6 +329,8 @@ class Run:
             raise RunError(f"--freeze-embeddings: model {s.model!r} has no nn.Embedding layer (a ViT's patch and "
                            f"position embeddings are not token tables)")
         bundle.model.to(self.device)
+        if self.task == "causal-lm" and not s.resume:
+            self.dense_perplexity = self._perplexity(bundle.model, "before conversion")
         calibration = None
         if s.fit_samples and not s.resume:  # a resumed run takes its factors from the checkpoint
             count = min(s.fit_samples, self.train.size)
@@ -297,6 +351,9 @@ class Run:
         # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
         # step to be skipped here
         set_nonfinite_policy(self.model, "skip" if s.skip_nonfinite else "raise")
+        if self.task == "causal-lm" and not s.resume:
+            self.converted_perplexity = (self._perplexity(self.model, f"after {s.method}'s conversion")
+                                         if s.method in WASI_MODES else self.dense_perplexity)
         self.model.train()  # transformers' from_pretrained hands the model over in eval mode
         self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
         self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
@@ -330,9 +387,22 @@ class Run:
         np.random.seed(seed)
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "images" in batch:
-            return self.model(batch["images"])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model_logits(self.model, batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.task == "causal-lm":
+            from wasi.training.causal_lm import lm_loss
+
+            return lm_loss(self.model, batch)
+        return F.cross_entropy(self._logits(batch), batch["labels"])
+
+    def _perplexity(self, model: torch.nn.Module, when: str) -> float:
+        """Held-out (test split) perplexity of ``model``, printed with ``when``."""
+        from wasi.training.causal_lm import lm_evaluate
+
+        loss, perplexity = lm_evaluate(model, self.test, self.pad_id, self.device, self.s.batch_size)
+        self.print(f"test perplexity {when}: {perplexity:.2f} (loss {loss:.4f}, {self.test.size} windows)")
+        return perplexity
 
     # ---------------- checkpoints
     def _checkpoint_path(self) -> Path:
@@ -361,7 +431,9 @@ class Run:
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             },
             "trainer": {"best_val": self.best_val, "val_history": self.val_history,
-                        "loss_history": self.loss_history, "skipped_steps": self.skipped_steps},
+                        "loss_history": self.loss_history, "skipped_steps": self.skipped_steps,
+                        "dense_perplexity": self.dense_perplexity,
+                        "converted_perplexity": self.converted_perplexity},
         }
         state["sha256"] = state_digest(state)
         path = self._checkpoint_path()
@@ -422,6 +494,8 @@ class Run:
         self.val_history = trainer["val_history"]
         self.loss_history = [tuple(x) for x in trainer["loss_history"]]
         self.skipped_steps = trainer.get("skipped_steps", 0)
+        self.dense_perplexity = trainer.get("dense_perplexity")
+        self.converted_perplexity = trainer.get("converted_perplexity")
         self._truncate_metrics(self.step)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
 
@@ -493,7 +567,12 @@ class Run:
     # ---------------- evaluation
     @torch.no_grad()
     def evaluate(self, split: Split) -> tuple[float, float]:
-        """Accuracy and mean loss of ``split`` in eval mode."""
+        """Accuracy and mean loss of ``split`` in eval mode (causal LM: perplexity and mean token loss)."""
+        if self.task == "causal-lm":
+            from wasi.training.causal_lm import lm_evaluate
+
+            loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device, self.s.batch_size)
+            return perplexity, loss
         self.model.eval()
         correct, total_loss = 0, 0.0
         bs = self.s.eval_batch_size
@@ -511,6 +590,8 @@ class Run:
         """Median milliseconds per eval batch and mean per sample over the test split."""
         self.model.eval()
         bs = self.s.eval_batch_size
+        if self.task == "causal-lm":  # a window's logits are (T, vocab): batches no larger than training's
+            bs = min(bs, self.s.batch_size)
         starts = list(range(0, self.test.size, bs))
         batches = [make_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
                    for s in starts]
@@ -526,15 +607,21 @@ class Run:
         return 1000 * median(times), 1000 * sum(times) / self.test.size
 
     def _end_epoch(self) -> None:
-        accuracy, loss = self.evaluate(self.val)
-        self.best_val = accuracy if self.best_val is None else max(self.best_val, accuracy)
-        record = {"type": "val", "step": self.step, "epoch": self.epoch + 1, "val_accuracy": accuracy,
+        score, loss = self.evaluate(self.val)
+        metric = self._score_name
+        better = min if metric == "perplexity" else max
+        self.best_val = score if self.best_val is None else better(self.best_val, score)
+        record = {"type": "val", "step": self.step, "epoch": self.epoch + 1, f"val_{metric}": score,
                   "val_loss": loss}
         self.val_history.append(record)
         self._metric(record)
-        self.print(f"epoch {self.epoch + 1}: val accuracy {accuracy:.4f}, val loss {loss:.4f}")
+        self.print(f"epoch {self.epoch + 1}: val {metric} {score:.4f}, val loss {loss:.4f}")
         self.epoch += 1
         self.batch_index = 0
+
+    @property
+    def _score_name(self) -> str:
+        return "perplexity" if self.task == "causal-lm" else "accuracy"
 
     # ---------------- training
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float | None:
@@ -550,10 +637,10 @@ class Run:
         try:
             if self.saved_activation_bytes is None:
                 with count_saved_tensors(self.model) as counter:
-                    loss = F.cross_entropy(self._logits(batch), batch["labels"])
+                    loss = self._loss(batch)
                 self.saved_activation_bytes = counter.bytes
             else:
-                loss = F.cross_entropy(self._logits(batch), batch["labels"])
+                loss = self._loss(batch)
             value = loss.item()
             problem = None if math.isfinite(value) else f"the loss is {value}"
             if problem is None:
@@ -645,15 +732,20 @@ class Run:
             raise
         self.save_checkpoint()
         peak = self.meter.peak_mb()
-        test_accuracy, _ = self.evaluate(self.test)
+        test_score, test_loss = self.evaluate(self.test)
         ms_batch, ms_sample = self.time_inference()
+        metric = self._score_name
         summary = {
             "method": self.s.method,
             "model": self.s.model,
             "data": self.s.data,
+            "task": self.task,
             "eps": self.s.eps if self.s.method in WASI_MODES else None,
-            "test_accuracy": test_accuracy,
-            "best_val_accuracy": self.best_val,
+            "target": self.s.target,
+            "recompute": self.s.recompute,
+            "checkpointing": self.s.checkpointing,
+            f"test_{metric}": test_score,
+            f"best_val_{metric}": self.best_val,
             "train_steps": self.step,
             "skipped_steps": self.skipped_steps,
             "epochs": self.epoch,
@@ -668,17 +760,30 @@ class Run:
             "optimizer": self.s.optimizer,
             "lr": self.s.learning_rate,
             "init_samples": self.s.fit_samples,
+            "max_length": self.s.max_length,
+            "max_train_samples": self.s.max_train_samples,
+            "max_eval_samples": self.s.max_eval_samples,
+            "image_size": self.s.image_size,
+            "train_samples": self.train.size,
             "seed": self.s.seed,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
             "wall_s": time.perf_counter() - wall,
         }
+        if self.task == "causal-lm":
+            summary.update({"test_loss": test_loss, "dense_perplexity": self.dense_perplexity,
+                            "converted_perplexity": self.converted_perplexity})
+            from wasi.training.causal_lm import generation_sample
+
+            prompt, continuation = generation_sample(self.model, self.bundle.tokenizer, self.test, self.device)
+            summary["generation_sample"] = {"prompt": prompt, "continuation": continuation}
+            self.print(f"sample: {prompt!r} -> {continuation!r}")
         self._export()
         self._plot()
         # written last: a summary.json means the model, metrics and plot before it are all complete
         self._write_file(self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
         step_s = summary["train_step_s_median"]  # None when a resumed run had no step left to take
-        self.print(f"test accuracy {test_accuracy:.4f}; peak memory {peak:.1f} MB; median step "
+        self.print(f"test {metric} {test_score:.4f}; peak memory {peak:.1f} MB; median step "
                    f"{'n/a' if step_s is None else f'{step_s:.4f} s'}; summary in {self.out / 'summary.json'}")
         return summary
 
@@ -705,7 +810,7 @@ class Run:
                 save(self.model, self.out / "model")
             except OSError as err:
                 raise self._write_failed(self.out / "model", err) from None
-        else:
+        elif self.task != "causal-lm":  # a causal LM's model is the transformers folder below
             from safetensors.torch import save_model
 
             folder = self.out / "model"
@@ -719,9 +824,43 @@ class Run:
                     save_model(self.model, str(tmp))
 
             self._write_file(folder / "model.safetensors", write)
+        if self.task == "causal-lm":
+            self._export_transformers()
+
+    def _export_transformers(self) -> None:
+        """``DIR/transformers``: the trained causal LM as a plain folder ``transformers`` loads.
+
+        WASI layers are merged back into dense ones (``wasi.unconvert``, in place: the run is
+        over), LoRA adapters into their base weights; the tokenizer is saved beside. The folder is
+        written under a temporary name and renamed, so a failed write (disk full) leaves none.
+
+        Raises:
+            RunError: the folder could not be written (named), with how to go on.
+        """
+        from wasi.convert import unconvert, wasi_layers
+
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # LoRA
+            model = model.merge_and_unload()
+        elif wasi_layers(model):
+            unconvert(model)
+        folder = self.out / "transformers"
+        tmp = folder.with_name(folder.name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+            self.bundle.tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(folder, ignore_errors=True)  # a resumed run's earlier export
+            os.replace(tmp, folder)
+            fsync_dir(folder.parent)
+        except BaseException as err:  # Ctrl-C too: no temporary folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise self._write_failed(folder, err) from None
+            raise
 
     def _plot(self) -> None:
-        fig = draw_curves(self.s.method, self.loss_history, self.val_history)
+        fig = draw_curves(self.s.method, self.loss_history, self.val_history, self._score_name)
         try:
             self._write_file(self.out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         finally:
@@ -730,8 +869,9 @@ class Run:
             plt.close(fig)
 
 
-def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history: list[dict]):
-    """The training loss and validation accuracy against the step, as a matplotlib figure.
+def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history: list[dict],
+                metric: str = "accuracy"):
+    """The training loss and the validation ``metric`` against the step, as a matplotlib figure.
 
     Each logged value is drawn as a point, joined by lines: a short run's single value still shows.
     """
@@ -745,11 +885,25 @@ def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history:
         steps, losses = zip(*loss_history)
         ax1.plot(steps, losses, "o-", markersize=3)
     ax1.set(xlabel="step", ylabel="training loss", title=f"{method}: loss")
-    if val_history:
-        ax2.plot([r["step"] for r in val_history], [r["val_accuracy"] for r in val_history], "o-")
-    ax2.set(xlabel="step", ylabel="validation accuracy", title=f"{method}: accuracy")
+    points = [(r["step"], r[f"val_{metric}"]) for r in val_history if f"val_{metric}" in r]
+    if points:
+        ax2.plot(*zip(*points), "o-")
+    ax2.set(xlabel="step", ylabel=f"validation {metric}", title=f"{method}: {metric}")
     fig.tight_layout()
     return fig
+
+
+def _head(ds, count: int | None):
+    """The first ``count`` samples of a Dataset (all when None or larger)."""
+    return ds if count is None or count >= len(ds) else ds.subset(list(range(count)))
+
+
+def _first(split: Split, count: int | None) -> Split:
+    """The first ``count`` samples of ``split`` (all when None or larger)."""
+    if count is None or count >= split.size:
+        return split
+    return Split(count, split.labels[:count], None if split.images is None else split.images[:count],
+                 None if split.tokens is None else split.tokens[:count])
 
 
 def _import_libraries(method: str) -> None:

