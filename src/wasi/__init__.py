@@ -1,6 +1,6 @@
 """WASI: train and serve transformers with low-rank weights and Tucker-compressed activations."""
 
-from wasi.calibrate import Plan, apply_plan, calibrate
+from wasi.calibrate import Plan, RankChoice, apply_plan, calibrate, choose_ranks
 from wasi.checkpoint import CheckpointError, load, save
 from wasi.config import WASIConfig
 from wasi.convert import convert, unconvert, wasi_layers
@@ -13,11 +13,13 @@ __all__ = [
     "CheckpointError",
     "NonFiniteError",
     "Plan",
+    "RankChoice",
     "WASIConfig",
     "WASILinear",
     "__version__",
     "apply_plan",
     "calibrate",
+    "choose_ranks",
     "convert",
     "count_saved_tensors",
     "load",
