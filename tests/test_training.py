@@ -97,7 +97,7 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
         return original(model, method, options, head=head, calibration=calibration)
 
     monkeypatch.setattr(loop, "apply_method", spy)
-    run_training(_settings(tmp_path / "fit", init_samples=40, steps=2), print_fn=lambda _m: None)
+    run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "plain", init_samples=0, steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "default", steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "vanilla", method="vanilla", steps=2), print_fn=lambda _m: None)
@@ -115,6 +115,33 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
     code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"),
                  "--init-samples", "-3"])
     assert code == 2 and "--init-samples -3: must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_fidelity_chooses_the_ranks_by_default_and_is_checked(tmp_path, capsys):
+    from wasi.training.loop import DEFAULT_FIDELITY
+
+    lines = []
+    default = run_training(_settings(tmp_path / "default", steps=2), print_fn=lines.append)
+    loose = run_training(_settings(tmp_path / "loose", steps=2, fidelity=0.9), print_fn=lambda _m: None)
+    energy = run_training(_settings(tmp_path / "energy", steps=2, fidelity=0.0), print_fn=lambda _m: None)
+    assert (default["fidelity"], loose["fidelity"], energy["fidelity"]) == (DEFAULT_FIDELITY, 0.9, None)
+    assert any("kept dense" in line for line in lines)
+    configs = [json.loads((tmp_path / n / "model" / "wasi_config.json").read_text())["layers"]
+               for n in ("default", "loose", "energy")]
+    assert len(configs[2]) == 4  # by --eps every target layer is factored
+    assert len(configs[0]) < len(configs[1])  # a looser target keeps fewer layers dense
+    assert all(configs[1][name]["rank"] <= layer["rank"] for name, layer in configs[0].items())
+
+    for argv, message in (
+        (["--fidelity", "1.5"], "--fidelity 1.5: must be in (0, 1]"),
+        (["--fidelity", "0.9", "--method", "lora"], "--fidelity chooses the ranks of the weight factors"),
+        (["--fidelity", "0.9", "--init-samples", "0"], "--init-samples 0 leaves none"),
+        (["--fidelity", "high"], "--fidelity 'high': must be a number"),
+        (["--fidelity", "1", "--steps", "1"], "--fidelity 1: all 4 selected layers stay dense"),
+    ):
+        code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, argv
 
 
 def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):

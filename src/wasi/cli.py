@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
          "max_length", "max_train_samples", "init_samples")
-_FLOATS = ("eps", "lr")
+_FLOATS = ("eps", "lr", "fidelity")
 
 
 def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[dict, list[str]]:
@@ -103,6 +103,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
                             help="wsi and wasi: fit each converted layer's factors to its outputs on this many "
                                  "training samples (whitened SVD, same ranks as the truncated SVD; default 256); "
                                  "0 = the truncated SVD of the weight")
+    if with_method:
+        parser.add_argument("--fidelity", default=None,
+                            help="wsi and wasi: choose each layer's weight rank so that the converted layers keep "
+                                 "this mean fraction of their output energy on the --init-samples samples, with "
+                                 "the fewest parameters; layers whose factors would not pay stay dense "
+                                 "(default 0.999); 0 = ranks from --eps")
     parser.add_argument("--activation-rank", default=None,
                         help="fixed Tucker rank per mode (default: ranks from --eps)")
     parser.add_argument("--target", default="mlp", help="layers to adapt: mlp (default), attention, all-linear")
