@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -12,7 +13,13 @@ from torch import nn
 
 import wasi
 from wasi.calibrate import knapsack
-from wasi.calibrate.fidelity import LayerSpectrum, allocate, choose_ranks, measure_spectra
+from wasi.calibrate.fidelity import (
+    LayerSpectrum,
+    allocate,
+    choose_ranks,
+    measure_sensitivities,
+    measure_spectra,
+)
 from wasi.config import WASIConfig
 from wasi.modules import WASILinear
 
@@ -68,6 +75,60 @@ def test_the_tolerant_layer_gets_the_lower_rank(model, one_thread):
     # the same measured error as the spectrum predicts: 2^-2j energies, rank k keeps 1 - 4^-k of them
     assert choice.layers[0].errors[tolerant] == pytest.approx(4.0**-tolerant, rel=0.05)
     assert choice.layers[1].errors[SIZE // 2] == pytest.approx(0.5, rel=0.05)
+
+
+class Scaled(nn.Module):
+    """``y = loud(x) + 0.01 * quiet(x)``: two layers with the same spectrum, one barely reaching the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Linear(SIZE, SIZE, bias=False)
+        self.quiet = nn.Linear(SIZE, SIZE, bias=False)
+        spectrum = 0.8 ** torch.arange(SIZE, dtype=torch.float64)
+        with torch.no_grad():
+            self.loud.weight.copy_(_weight(spectrum, seed=4))
+            self.quiet.weight.copy_(_weight(spectrum, seed=5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_the_layer_that_barely_moves_the_output_gets_the_lower_rank(one_thread):
+    model = Scaled()
+    x = _white_inputs()
+    weights = measure_sensitivities(model, ["loud", "quiet"], lambda: model(x))
+    assert weights["quiet"] == pytest.approx(weights["loud"] * 1e-4, rel=0.3)  # the gradient is 0.01 as large
+    assert sum(weights.values()) == pytest.approx(2.0)  # normalised to a mean of 1
+    choice = choose_ranks(model, WASIConfig(target="all-linear", fidelity=0.99), calibration=lambda: model(x))
+    assert choice.ranks["quiet"] < (choice.ranks["loud"] or SIZE)
+    assert model.loud.weight.grad is None and model.quiet.weight.grad is None  # no trace left
+    plain = allocate([dataclasses.replace(layer, sensitivity=1.0) for layer in choice.layers], fidelity=0.99)
+    assert abs(plain.ranks["quiet"] - plain.ranks["loud"]) <= 1  # the same spectra: alike without sensitivities
+
+
+def test_a_frozen_model_is_measured_and_left_frozen(one_thread):
+    model = Scaled().requires_grad_(False)
+    x = _white_inputs()
+    weights = measure_sensitivities(model, ["loud", "quiet"], lambda: model(x))
+    assert weights["quiet"] < 1e-3 * weights["loud"]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+class Total(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoBranches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).sum(-1)  # (rows,): no class scores
+
+
+def test_an_output_without_logits_counts_every_layer_alike(one_thread):
+    model = Total()
+    x = _white_inputs()
+    with pytest.warns(UserWarning, match="has no logits"):
+        weights = measure_sensitivities(model, ["inner.tolerant", "inner.sensitive"], lambda: model(x))
+    assert weights == {"inner.tolerant": 1.0, "inner.sensitive": 1.0}
 
 
 def test_a_tighter_target_never_lowers_a_rank(model, one_thread):

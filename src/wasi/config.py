@@ -56,12 +56,12 @@ class WASIConfig:
             function's input from it in backward, instead of that function storing its
             ``(..., O)`` input (the GELU input; the attention's q, k, v and output). Exact
             (same gradients); modes with weight factors.
-        fidelity: choose each layer's weight rank by its effect on the layer's outputs
-            instead of ``eps`` (docs WASI.md section 11): the mean over the converted layers
-            of the output energy kept on calibration data must reach this, in (0, 1], with
-            the fewest parameters; a layer whose factors would not pay stays an
-            ``nn.Linear``. Needs ``wasi.convert(..., calibration=...)``; modes ``factored``
-            and ``weights-only``.
+        fidelity: choose each layer's weight rank by its effect on the model's outputs
+            instead of ``eps`` (docs WASI.md section 11): the converted layers must keep this
+            fraction, in (0, 1], of their output energy on calibration data (a mean weighted by
+            each layer's measured effect on the output distribution), with the fewest
+            parameters; a layer whose factors would not pay stays an ``nn.Linear``. Needs
+            ``wasi.convert(..., calibration=...)``; modes ``factored`` and ``weights-only``.
         param_budget: the same choice under a parameter budget: the converted layers' weights
             may hold at most this fraction, in (0, 1], of their dense parameters (with
             ``fidelity``: the fewest parameters reaching it, never above the budget).

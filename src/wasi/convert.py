@@ -270,10 +270,11 @@ def convert(
             per group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only. With ``config.fidelity`` or
             ``config.param_budget``, the ranks too come from the calibration: each layer's
-            output error per rank is measured on the unconverted model first (one more run per
-            group), and :func:`wasi.calibrate.fidelity.allocate` picks every layer's rank, or
-            keeps it dense (docs WASI.md section 11); :func:`wasi.calibrate.choose_ranks`
-            shows that choice without converting.
+            output error per rank and its effect on the output are measured on the unconverted
+            model first (one more run per group, and one with gradients), and
+            :func:`wasi.calibrate.fidelity.allocate` picks every layer's rank, or keeps it dense
+            (docs WASI.md section 11); :func:`wasi.calibrate.choose_ranks` shows that choice
+            without converting.
 
     Returns:
         The same model.
