@@ -108,7 +108,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
                             help="wsi and wasi: choose each layer's weight rank so that the converted layers keep "
                                  "this mean fraction of their output energy on the --init-samples samples, with "
                                  "the fewest parameters; layers whose factors would not pay stay dense "
-                                 "(default 0.999); 0 = ranks from --eps")
+                                 "(default 0.9998); 0 = ranks from --eps")
     parser.add_argument("--activation-rank", default=None,
                         help="fixed Tucker rank per mode (default: ranks from --eps)")
     parser.add_argument("--target", default="mlp", help="layers to adapt: mlp (default), attention, all-linear")

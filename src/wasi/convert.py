@@ -25,6 +25,10 @@ _ATTENTION_PARTS = ("attn", "attention")
 _HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out")
 
 
+class AllDenseError(ValueError):
+    """Ranks chosen by fidelity keep every selected layer dense: there is nothing to convert."""
+
+
 def _parts(fqn: str) -> list[str]:
     return fqn.lower().split(".")
 
@@ -340,7 +344,7 @@ def convert(
     if dense:
         chosen = [fqn for fqn in chosen if fqn not in dense]
         if not chosen:
-            raise ValueError(
+            raise AllDenseError(
                 f"all {len(dense)} selected layers stay dense"
                 + (f" at fidelity {config.fidelity:g}" if config.fidelity is not None else "")
                 + ": nothing to convert; lower WASIConfig.fidelity or raise param_budget"
@@ -454,4 +458,4 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]
+__all__ = ["AllDenseError", "convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]

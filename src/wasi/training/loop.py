@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wasi.checkpoint import fsync_dir, remove_quietly
+from wasi.convert import AllDenseError
 from wasi.memory import count_saved_tensors
 from wasi.modules import NonFiniteError, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
@@ -43,7 +44,7 @@ DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
 # wsi/wasi: the mean fraction of each converted layer's output energy kept on the fit samples,
 # which chooses the weight ranks (docs WASI.md section 11) unless --fidelity 0 leaves them to --eps
-DEFAULT_FIDELITY = 0.999
+DEFAULT_FIDELITY = 0.9998
 
 
 @dataclass
@@ -269,16 +270,29 @@ class Run:
 
             self.print(f"fitting the weight factors to the outputs of {count} training samples"
                        + (f", ranks by fidelity {s.weight_fidelity:g}" if s.weight_fidelity else ""))
+        self.fidelity = s.weight_fidelity
         try:
-            self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
-                                      calibration=calibration).to(self.device)
+            try:
+                self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
+                                          calibration=calibration).to(self.device)
+            except AllDenseError:
+                if s.fidelity is not None:
+                    raise
+                # the default target on a model none of whose layers it would cut (small or random
+                # weights): the ranks of --eps, as before ranks by fidelity existed
+                self.print(f"note: at the default fidelity {self.fidelity:g} every target layer would stay dense; "
+                           f"ranks from --eps {s.eps:g} instead (give --fidelity to require a target)")
+                self.fidelity = None
+                options = dataclasses.replace(options, fidelity=None)
+                self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
+                                          calibration=calibration).to(self.device)
         except ValueError as err:
             if plan is not None:
                 raise RunError(f"--plan {s.plan}: {err}") from None
             if s.weight_fidelity:
                 raise RunError(f"--fidelity {s.weight_fidelity:g}: {err} (--fidelity 0: ranks by --eps)") from None
             raise
-        if s.weight_fidelity:
+        if self.fidelity:
             self.print(_describe_ranks(self.model, s.target))
         # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
         # step to be skipped here
@@ -623,7 +637,7 @@ class Run:
             "optimizer": self.s.optimizer,
             "lr": self.s.learning_rate,
             "init_samples": self.s.fit_samples,
-            "fidelity": self.s.weight_fidelity,
+            "fidelity": self.fidelity,
             "seed": self.s.seed,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
