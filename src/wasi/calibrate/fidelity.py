@@ -145,6 +145,8 @@ class RankChoice:
         """Mean over the layers of the output energy kept, weighted by their sensitivities (what
         ``fidelity`` bounds)."""
         total = sum(layer.sensitivity for layer in self.layers)
+        if total <= 0:
+            return 1.0  # no layer reaches the output: nothing of it is lost
         return 1.0 - sum(layer.cost(self.ranks[layer.name]) for layer in self.layers) / total
 
     @property
@@ -207,7 +209,7 @@ def allocate(
 
     Args:
         layers: the layers' spectra (:func:`measure_spectra`).
-        fidelity: mean fraction of output energy kept to reach, in (0, 1].
+        fidelity: the sensitivity-weighted mean fraction of output energy to keep, in (0, 1].
         budget: most weight parameters over the layers.
 
     Returns:
