@@ -5,8 +5,11 @@ Converts all-MiniLM-L6-v2 at one eps with each target, once with the truncated S
 e-mails (``wasi.convert(..., calibration=...)``, the same ranks), and prints the mean cosine
 between the converted and the dense model's outputs on held-out SpamAssassin e-mails: the tokens'
 last hidden states and the pooled output. Evaluation and calibration e-mails do not overlap.
+With ``--fidelity F``, one more row per target: ranks chosen by output fidelity F
+(``WASIConfig(fidelity=F)``, docs WASI.md section 11; layers kept dense are counted apart),
+with the weight parameters of the target layers against the dense ones.
 
-    python benchmarks/init_fidelity.py --eps 0.8 --samples 256
+    python benchmarks/init_fidelity.py --eps 0.8 --samples 256 --fidelity 0.999
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import wasi
+from wasi.convert import select_layers
 from wasi.data import load_dataset
 from wasi.training.models import build_model
 
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=128, help="held-out e-mails scored")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fidelity", type=float, nargs="*", default=[], help="also convert with ranks by fidelity")
+    parser.add_argument("--targets", nargs="+", default=["mlp", "attention", "all-linear"])
     args = parser.parse_args()
 
     bundle = build_model("minilm", num_classes=2)
@@ -58,10 +64,13 @@ def main() -> None:
 
     print(f"all-MiniLM-L6-v2, eps {args.eps}: mean cosine to the dense model on {len(held_out)} held-out "
           f"e-mails; fit on {len(calibration_texts)} others")
-    print("| target | init | layers | hidden-state cosine | pooled cosine | convert s |")
-    print("|---|---|---|---|---|---|")
-    for target in ("mlp", "attention", "all-linear"):
-        for fitted in (False, True):
+    print("| target | init | layers factored / dense | weight parameters | hidden-state cosine | pooled cosine "
+          "| convert s |")
+    print("|---|---|---|---|---|---|---|")
+    for target in args.targets:
+        paths = select_layers(dense, wasi.WASIConfig(target=target))
+        full = sum(dense.get_submodule(p).weight.numel() for p in paths)
+        for fitted, fidelity in [(False, None), (True, None), *((True, f) for f in args.fidelity)]:
             model = copy.deepcopy(dense)
 
             def calibration(model=model) -> None:
@@ -69,12 +78,19 @@ def main() -> None:
                     model(**chunk)
 
             start = time.perf_counter()
-            wasi.convert(model, wasi.WASIConfig(eps=args.eps, target=target),
+            wasi.convert(model, wasi.WASIConfig(eps=args.eps, target=target, fidelity=fidelity),
                          calibration=calibration if fitted else None)
             seconds = time.perf_counter() - start
             hidden, pooled = _cosines(model.eval(), reference, batch)
             name = f"fitted ({len(calibration_texts)})" if fitted else "plain SVD"
-            print(f"| {target} | {name} | {len(wasi.wasi_layers(model))} | {hidden:.3f} | {pooled:.3f} | {seconds:.1f} |")
+            if fidelity is not None:
+                name = f"fidelity {fidelity:g}, {name}"
+            layers = wasi.wasi_layers(model)
+            kept = sum(model.get_submodule(p).weight.numel() for p in paths
+                       if isinstance(model.get_submodule(p), torch.nn.Linear))
+            params = kept + sum(m.left.numel() + m.right.numel() for _, m in layers)
+            print(f"| {target} | {name} | {len(layers)} / {len(paths) - len(layers)} | "
+                  f"{params / 1e6:.2f} M of {full / 1e6:.2f} M | {hidden:.3f} | {pooled:.3f} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
         return original(model, method, options, head=head, calibration=calibration)
 
     monkeypatch.setattr(loop, "apply_method", spy)
-    run_training(_settings(tmp_path / "fit", init_samples=40, steps=2), print_fn=lambda _m: None)
+    run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "plain", init_samples=0, steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "default", steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "vanilla", method="vanilla", steps=2), print_fn=lambda _m: None)
@@ -115,6 +115,46 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
     code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"),
                  "--init-samples", "-3"])
     assert code == 2 and "--init-samples -3: must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_fidelity_chooses_the_ranks_and_is_checked(tmp_path, capsys):
+    from wasi.training.loop import DEFAULT_FIDELITY
+
+    assert _settings(tmp_path).weight_fidelity == DEFAULT_FIDELITY  # wsi / wasi by default
+    assert _settings(tmp_path, init_samples=0).weight_fidelity is None  # no samples to measure on
+    assert _settings(tmp_path, method="asi").weight_fidelity is None
+    lines = []
+    tight = run_training(_settings(tmp_path / "tight", steps=2, fidelity=0.99), print_fn=lines.append)
+    loose = run_training(_settings(tmp_path / "loose", steps=2, fidelity=0.9), print_fn=lambda _m: None)
+    energy = run_training(_settings(tmp_path / "energy", steps=2, fidelity=0.0), print_fn=lambda _m: None)
+    assert (tight["fidelity"], loose["fidelity"], energy["fidelity"]) == (0.99, 0.9, None)
+    assert any("kept dense" in line for line in lines)
+    configs = [json.loads((tmp_path / n / "model" / "wasi_config.json").read_text())["layers"]
+               for n in ("tight", "loose", "energy")]
+    assert len(configs[2]) == 4  # by --eps every target layer is factored
+
+    def weights(layers: dict) -> int:  # the four MLP layers are 64 x 256: a missing one stayed dense
+        return sum(layers[n]["rank"] * 320 if n in layers else 64 * 256 for n in configs[2])
+
+    assert weights(configs[0]) > weights(configs[1])  # a tighter target keeps more
+    assert all(configs[1][name]["rank"] <= layer["rank"] for name, layer in configs[0].items() if name in configs[1])
+
+    # the random-weight micro ViT: the default target would keep every layer dense, so --eps decides
+    lines.clear()
+    default = run_training(_settings(tmp_path / "default", steps=2), print_fn=lines.append)
+    assert default["fidelity"] is None and any("ranks from --eps 0.8 instead" in line for line in lines)
+    assert json.loads((tmp_path / "default" / "model" / "wasi_config.json").read_text())["layers"] == configs[2]
+
+    for argv, message in (
+        (["--fidelity", "1.5"], "--fidelity 1.5: must be in (0, 1]"),
+        (["--fidelity", "0.9", "--method", "lora"], "--fidelity chooses the ranks of the weight factors"),
+        (["--fidelity", "0.9", "--init-samples", "0"], "--init-samples 0 leaves none"),
+        (["--fidelity", "high"], "--fidelity 'high': must be a number"),
+        (["--fidelity", "0.9999", "--steps", "1"], "--fidelity 0.9999: all 4 selected layers stay dense"),
+    ):
+        code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, argv
 
 
 def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):

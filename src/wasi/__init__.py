@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Plan": "wasi.calibrate",
+    "RankChoice": "wasi.calibrate",
+    "choose_ranks": "wasi.calibrate",
     "apply_plan": "wasi.calibrate",
     "calibrate": "wasi.calibrate",
     "CheckpointError": "wasi.checkpoint",
@@ -35,11 +37,13 @@ __all__ = [
     "CheckpointError",
     "NonFiniteError",
     "Plan",
+    "RankChoice",
     "WASIConfig",
     "WASILinear",
     "__version__",
     "apply_plan",
     "calibrate",
+    "choose_ranks",
     "convert",
     "count_saved_tensors",
     "load",
@@ -79,7 +83,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from wasi.calibrate import Plan, apply_plan, calibrate
+    from wasi.calibrate import Plan, RankChoice, apply_plan, calibrate, choose_ranks
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers

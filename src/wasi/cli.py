@@ -46,7 +46,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
          "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
-_FLOATS = ("eps", "lr", "lora_lr")
+_FLOATS = ("eps", "lr", "lora_lr", "fidelity")
 
 
 def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[dict, list[str]]:
@@ -139,6 +139,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
                             help="wsi and wasi: fit each converted layer's factors to its outputs on this many "
                                  "training samples (whitened SVD, same ranks as the truncated SVD; default 256); "
                                  "0 = the truncated SVD of the weight")
+        parser.add_argument("--fidelity", default=None,
+                            help="wsi and wasi: choose each layer's weight rank so that the converted layers keep "
+                                 "this mean fraction of their output energy on the --init-samples samples, with "
+                                 "the fewest parameters; layers whose factors would not pay stay dense "
+                                 "(default 0.9998); 0 = ranks from --eps")
         parser.add_argument("--activation-rank", default=None,
                             help="fixed Tucker rank per mode (default: ranks from --eps)")
         parser.add_argument("--target", default="mlp",

@@ -56,6 +56,15 @@ class WASIConfig:
             function's input from it in backward, instead of that function storing its
             ``(..., O)`` input (the GELU input; the attention's q, k, v and output). Exact
             (same gradients); modes with weight factors.
+        fidelity: choose each layer's weight rank by its effect on the model's outputs
+            instead of ``eps`` (docs WASI.md section 11): the converted layers must keep this
+            fraction, in (0, 1], of their output energy on calibration data (a mean weighted by
+            each layer's measured effect on the output distribution), with the fewest
+            parameters; a layer whose factors would not pay stays an ``nn.Linear``. Needs
+            ``wasi.convert(..., calibration=...)``; modes ``factored`` and ``weights-only``.
+        param_budget: the same choice under a parameter budget: the converted layers' weights
+            may hold at most this fraction, in (0, 1], of their dense parameters (with
+            ``fidelity``: the fewest parameters reaching it, never above the budget).
 
     Raises:
         ValueError: naming the field and the value when a field is invalid.
@@ -70,6 +79,8 @@ class WASIConfig:
     seed: int = 0
     reorth_every: int = 1
     recompute_from_code: bool = False
+    fidelity: float | None = None
+    param_budget: float | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("eps", self.eps)
@@ -115,6 +126,23 @@ class WASIConfig:
                 "WASIConfig.recompute_from_code rebuilds inputs from the weight factors' code X R^T; "
                 "mode 'activations-only' keeps a dense weight (use 'factored', 'reference' or 'weights-only')"
             )
+
+        for name in ("fidelity", "param_budget"):
+            if getattr(self, name) is not None:
+                _check_fraction(name, getattr(self, name))
+        if self.chooses_ranks:
+            knob = "fidelity" if self.fidelity is not None else "param_budget"
+            if self.rank is not None:
+                raise ValueError(f"WASIConfig.rank and WASIConfig.{knob} are exclusive: rank fixes every "
+                                 f"layer's weight rank, {knob} chooses them, got rank={self.rank!r}")
+            if self.mode not in ("factored", "weights-only"):
+                raise ValueError(f"WASIConfig.{knob} chooses weight ranks from the fitted init, which modes "
+                                 f"'factored' and 'weights-only' use; got mode={self.mode!r}")
+
+    @property
+    def chooses_ranks(self) -> bool:
+        """True when weight ranks come from calibration data (``fidelity`` or ``param_budget``)."""
+        return self.fidelity is not None or self.param_budget is not None
 
     @property
     def compress_activations(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,6 +25,10 @@ _ATTENTION_PARTS = ("attn", "attention")
 # feeds the head one token per sample: its (B, I) input has no token mode to compress, and eps
 # 0.8 cut it to Tucker ranks 1 x 1
 _HEAD_NAMES = ("head", "heads", "classifier", "lm_head", "score", "fc_out", "pooler")
+
+
+class AllDenseError(ValueError):
+    """Ranks chosen by fidelity keep every selected layer dense: there is nothing to convert."""
 
 
 def _parts(fqn: str) -> list[str]:
@@ -239,7 +244,7 @@ def convert(
     config: WASIConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
-    ranks: dict[str, int] | None = None,
+    ranks: dict[str, int | None] | None = None,
     initialise: bool = True,
     plan: Plan | None = None,
     calibration: Callable[[], object] | None = None,
@@ -254,7 +259,8 @@ def convert(
         model: any ``nn.Module``.
         config: the conversion config (default ``WASIConfig()``).
         filter_fn: optional selector of the layers to wrap.
-        ranks: per-layer weight ranks by path (overrides ``config.eps`` / ``config.rank``).
+        ranks: per-layer weight ranks by path (overrides ``config.eps`` / ``config.rank`` and
+            the choice by fidelity); ``None`` keeps that layer a dense ``nn.Linear``.
         initialise: False skips the SVD; the factors are left for a checkpoint to fill.
         plan: a :class:`wasi.calibrate.Plan` (docs WASI.md section 8): converts exactly its
             layers (unless ``filter_fn`` is given), with its weight ranks where it has them
@@ -269,14 +275,21 @@ def convert(
             fitted in model order, in groups whose ``(I, I)`` float32 input Gram matrices fit
             ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once
             per group, and each group sees the inputs the layers converted before it produce.
-            Modes ``factored`` and ``weights-only`` only.
+            Modes ``factored`` and ``weights-only`` only. With ``config.fidelity`` or
+            ``config.param_budget``, the ranks too come from the calibration: each layer's
+            output error per rank and its effect on the output are measured on the unconverted
+            model first (one more run per group, and one with gradients), and
+            :func:`wasi.calibrate.fidelity.allocate` picks every layer's rank, or keeps it dense
+            (docs WASI.md section 11); :func:`wasi.calibrate.choose_ranks` shows that choice
+            without converting.
 
     Returns:
         The same model.
 
     Raises:
         ValueError: the model is already converted, or nothing matches; with a plan: the
-            model lacks planned layers, the config fixes activation ranks or keeps exact inputs.
+            model lacks planned layers, the config fixes activation ranks or keeps exact inputs;
+            ranks by fidelity without a calibration, or with every layer kept dense.
         TypeError: ``config`` is not a :class:`WASIConfig`, or ``calibration`` is not callable.
     """
     config = WASIConfig() if config is None else config
@@ -326,7 +339,21 @@ def convert(
             + (f", e.g. {', '.join(linears[:6])}" if linears else "")
             + ". Targets: 'mlp', 'attention', 'all-linear', or pass filter_fn(module, fqn)."
         )
-    ranks = ranks or {}
+    ranks = dict(ranks or {})
+    if config.chooses_ranks:
+        ranks.update(_ranks_by_fidelity(model, config, [fqn for fqn in chosen if fqn not in ranks], calibration,
+                                        initialise))
+    dense = [fqn for fqn in chosen if fqn in ranks and ranks[fqn] is None]
+    if dense:
+        chosen = [fqn for fqn in chosen if fqn not in dense]
+        if not chosen:
+            raise AllDenseError(
+                f"all {len(dense)} selected layers stay dense"
+                + (f" at fidelity {config.fidelity:g}" if config.fidelity is not None else "")
+                + ": nothing to convert; lower WASIConfig.fidelity or raise param_budget"
+            )
+        if plan is not None:
+            plan = dataclasses.replace(plan, layers=tuple(p for p in plan.layers if p.name not in dense))
     grams: dict[str, torch.Tensor] = {}
     groups = _gram_groups(model, chosen) if calibration is not None else [chosen]
     first_of_group = {group[0]: group for group in groups}
@@ -367,6 +394,25 @@ def convert(
 
         apply_plan(model, plan)
     return model
+
+
+def _ranks_by_fidelity(
+    model: nn.Module, config: WASIConfig, paths: list[str], calibration: Callable[[], object] | None,
+    initialise: bool,
+) -> dict[str, int | None]:
+    # the ranks of the layers without an explicit one, from their output errors on the calibration
+    if not paths:
+        return {}
+    knob = "fidelity" if config.fidelity is not None else "param_budget"
+    if calibration is None or not initialise:
+        raise ValueError(
+            f"WASIConfig.{knob} chooses weight ranks from calibration data: pass calibration= (a callable that "
+            f"runs the model), or ranks= for every layer ({len(paths)} lack one, e.g. {paths[0]!r})"
+        )
+    from wasi.calibrate.fidelity import allocate, budget_params, measure_spectra
+
+    spectra = measure_spectra(model, paths, calibration)
+    return allocate(spectra, fidelity=config.fidelity, budget=budget_params(spectra, config.param_budget)).ranks
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -415,4 +461,4 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]
+__all__ = ["AllDenseError", "convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]

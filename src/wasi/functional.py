@@ -197,31 +197,25 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
-def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, rank: int | None = None,
-                     damping: float = 1e-2, name: str = "weight") -> tuple[Tensor, Tensor]:
-    """Data-aware init of the weight factors: the rank-``k`` ``L R`` closest to ``W`` on the inputs.
+def whitened_svd(weight: Tensor, gram: Tensor, *, damping: float = 1e-2,
+                 name: str = "weight") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD of the weight whitened by its inputs: ``W Lc = U S V^T`` with ``C = Lc Lc^T``.
 
-    With ``C = X^T X`` the input Gram matrix of a calibration run and ``C = Lc Lc^T`` its
-    Cholesky factor, ``||X W^T - X (L R)^T||_F = ||(W - L R) Lc||_F``, so the best rank-``k``
-    factors come from the SVD of ``W Lc = U S V^T``: ``L = U_k`` (orthonormal columns) and
-    ``R = S_k V_k^T Lc^{-1}``. The rank is the one :func:`svd_factors` gives (``eps`` on the
-    weight's own spectrum, or ``rank``), so the factors take exactly the memory of the plain
-    init; only which rank-``k`` subspace is kept changes. ``C`` is normalised to a unit mean
-    diagonal and ``damping * I`` is added: input directions the calibration never visited keep
-    a small weight instead of none (``damping`` large tends to the plain SVD).
-
+    ``C`` is the input Gram matrix normalised to a unit mean diagonal plus ``damping * I``
+    (input directions the calibration never visited keep a small weight instead of none).
+    For every rank ``k``, ``||(W - W_k) Lc||_F^2 = sum_{j>k} s_j^2`` is the least squared
+    output error on those inputs (docs WASI.md section 11), so ``s`` prices every rank.
     Runs in float64 (one-off, ``I x I`` and ``O x I`` sized).
 
     Args:
         weight: ``(O, I)``.
         gram: ``(I, I)``, the sum of ``x^T x`` over the calibration inputs of the layer.
-        eps: energy threshold picking the rank (used when ``rank`` is None).
-        rank: explicit rank.
         damping: ridge added to the normalised Gram matrix, > 0.
         name: what to call the layer in messages.
 
     Returns:
-        ``L: (O, k)`` with orthonormal columns and ``R: (k, I)``, in the compute dtype.
+        ``U (O, m)``, ``s (m,)``, ``V^T (m, I)`` and ``Lc (I, I)`` lower triangular, float64,
+        ``m = min(O, I)``.
 
     Raises:
         ValueError: ``gram`` is not ``(I, I)``, is zero, or ``damping`` is not positive.
@@ -233,7 +227,6 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
                          f"got {tuple(gram.shape)}")
     if not damping > 0:
         raise ValueError(f"{name}: damping must be positive, got {damping!r}")
-    dtype = compute_dtype(weight.dtype)
     w = weight.detach().double()  # (O, I)
     c = gram.detach().double()  # (I, I)
     if not is_finite(w):
@@ -244,10 +237,62 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
     if not mean_diag > 0:
         raise ValueError(f"{name}: the calibration inputs are all zero; they cannot weight the factors")
     c = (c + c.T) / (2 * mean_diag) + damping * torch.eye(in_features, dtype=c.dtype, device=c.device)
-    if rank is None:
-        rank = spectrum_rank(torch.linalg.svdvals(w), eps)  # the weight's own spectrum picks k, as svd_factors
     chol = torch.linalg.cholesky(c)  # (I, I) lower, C = Lc Lc^T
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)  # (O, m), (m,), (m, I)
+    return u, s, vh, chol
+
+
+def output_errors(singular_values: Tensor) -> Tensor:
+    """Relative output error of every rank from a whitened spectrum (section 11).
+
+    ``errors[k] = sum_{j>k} s_j^2 / sum_j s_j^2`` for ``k = 0 .. m``: the fraction of the
+    layer's output energy on the calibration inputs that rank ``k`` loses (0 at ``k = m``).
+
+    Args:
+        singular_values: ``(m,)``, decreasing, from :func:`whitened_svd`.
+
+    Returns:
+        ``(m + 1,)`` float64, non-increasing, from 1 (``k = 0``) to 0.
+    """
+    s = singular_values.detach().double()
+    energy = (s * unit_scale(s)).square()  # (m,), scale-free
+    total = energy.sum()
+    if not total > 0:
+        return torch.cat([torch.ones(1, dtype=torch.float64), torch.zeros_like(energy)])  # (m + 1,)
+    tail = total - torch.cat([torch.zeros(1, dtype=energy.dtype), torch.cumsum(energy, 0)])  # (m + 1,)
+    return (tail / total).clamp(0.0, 1.0)
+
+
+def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, rank: int | None = None,
+                     damping: float = 1e-2, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """Data-aware init of the weight factors: the rank-``k`` ``L R`` closest to ``W`` on the inputs.
+
+    With ``C = X^T X`` the input Gram matrix of a calibration run and ``C = Lc Lc^T`` its
+    Cholesky factor, ``||X W^T - X (L R)^T||_F = ||(W - L R) Lc||_F``, so the best rank-``k``
+    factors come from the SVD of ``W Lc = U S V^T`` (:func:`whitened_svd`): ``L = U_k``
+    (orthonormal columns) and ``R = S_k V_k^T Lc^{-1}``. Without ``rank``, the rank is the one
+    :func:`svd_factors` gives (``eps`` on the weight's own spectrum), so the factors take
+    exactly the memory of the plain init; only which rank-``k`` subspace is kept changes.
+
+    Args:
+        weight: ``(O, I)``.
+        gram: ``(I, I)``, the sum of ``x^T x`` over the calibration inputs of the layer.
+        eps: energy threshold picking the rank (used when ``rank`` is None).
+        rank: explicit rank.
+        damping: ridge added to the normalised Gram matrix, > 0 (large tends to the plain SVD).
+        name: what to call the layer in messages.
+
+    Returns:
+        ``L: (O, k)`` with orthonormal columns and ``R: (k, I)``, in the compute dtype.
+
+    Raises:
+        ValueError: ``gram`` is not ``(I, I)``, is zero, or ``damping`` is not positive.
+        NonFiniteError: the weight or the Gram matrix contains NaN or inf.
+    """
+    dtype = compute_dtype(weight.dtype)
+    u, s, vh, chol = whitened_svd(weight, gram, damping=damping, name=name)
+    if rank is None:
+        rank = spectrum_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
     right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)
     return u[:, :rank].to(dtype).contiguous(), right.to(dtype).contiguous()  # (O, k), (k, I)
 

@@ -330,6 +330,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
         checkpointing=checkpointing or spec.get("checkpointing", False),
         init_samples=spec.get("init_samples") if method in FITTED_METHODS else None,
+        fidelity=0.0 if method in FITTED_METHODS else None,  # the ranks of --eps, which the step measurement used
         freeze_embeddings=spec.get("freeze_embeddings", False),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))

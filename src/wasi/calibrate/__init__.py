@@ -9,7 +9,8 @@ print it, save it (:meth:`Plan.to_json`), and apply it to a converted model
 
 Modules: :mod:`~wasi.calibrate.measure` (hooks, HOSVD tables), :mod:`~wasi.calibrate.knapsack`
 (the dynamic programme), :mod:`~wasi.calibrate.plan` (the plan, JSON, applying),
-:mod:`~wasi.calibrate.command` (``wasi calibrate``).
+:mod:`~wasi.calibrate.command` (``wasi calibrate``); weight ranks by output fidelity:
+:mod:`~wasi.calibrate.fidelity` (docs WASI.md section 11).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from wasi.calibrate.fidelity import RankChoice, choose_ranks
 from wasi.calibrate.measure import LossFn, as_batch_list, default_loss, measure
 from wasi.calibrate.plan import (
     MB,
@@ -179,11 +181,13 @@ __all__ = [
     "ActivationCandidate",
     "LayerPlan",
     "Plan",
+    "RankChoice",
     "WeightCandidate",
     "add_calibrate_parser",
     "apply_plan",
     "build_plan",
     "calibrate",
+    "choose_ranks",
     "default_loss",
     "target_modules",
 ]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wasi.checkpoint import fsync_dir, fsync_file, remove_quietly
+from wasi.convert import AllDenseError
 from wasi.memory import count_saved_tensors
 from wasi.modules import NonFiniteError, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
@@ -31,6 +32,7 @@ from wasi.training.methods import (
     apply_method,
     build_optimizer,
     embedding_tables,
+    target_layers,
 )
 from wasi.training.models import (
     MODEL_NAMES,
@@ -54,6 +56,9 @@ GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+# wsi/wasi: the mean fraction of each converted layer's output energy kept on the fit samples,
+# which chooses the weight ranks (docs WASI.md section 11) unless --fidelity 0 leaves them to --eps
+DEFAULT_FIDELITY = 0.9998
 
 
 @dataclass
@@ -90,6 +95,7 @@ class TrainSettings:
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
     init_samples: int | None = None  # wsi/wasi: samples the factors are fitted to (None: 256; 0: plain SVD)
+    fidelity: float | None = None  # wsi/wasi: weight ranks by output fidelity (None: the default; 0: by --eps)
     freeze_embeddings: bool = False  # keep every nn.Embedding (a text model's token tables) out of training
     task: str | None = None  # text-classification, image-classification, causal-lm (None: the model's own)
     lora_lr: float | None = None  # LoRA's learning rate (None: LORA_LR_FACTOR x the full fine-tuning lr)
@@ -126,6 +132,15 @@ class TrainSettings:
         elif self.init_samples and self.method not in FITTED_METHODS:
             errors.append(f"--init-samples fits the weight factors of a layer without a dense weight: it needs "
                           f"--method wsi or wasi, got --method {self.method}")
+        if self.fidelity is not None:
+            if math.isnan(self.fidelity) or not 0 <= self.fidelity <= 1:
+                errors.append(f"--fidelity {self.fidelity}: must be in (0, 1], or 0 for ranks by --eps")
+            elif self.fidelity and self.method not in FITTED_METHODS:
+                errors.append(f"--fidelity chooses the ranks of the weight factors from their fit: it needs "
+                              f"--method wsi or wasi, got --method {self.method}")
+            elif self.fidelity and self.init_samples == 0:
+                errors.append("--fidelity measures each layer's output error on the fit samples: --init-samples 0 "
+                              "leaves none (give --fidelity 0 for ranks by --eps)")
         for name in ("epochs", "steps", "activation_rank", "max_train_samples", "image_size", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -185,6 +200,15 @@ class TrainSettings:
             return self.init_samples
         return DEFAULT_INIT_SAMPLES if self.method in FITTED_METHODS else 0
 
+    @property
+    def weight_fidelity(self) -> float | None:
+        """The fidelity that chooses the weight ranks, or None for ranks by ``eps``."""
+        if self.method not in FITTED_METHODS or not self.fit_samples:
+            return None
+        if self.fidelity is None:
+            return DEFAULT_FIDELITY
+        return self.fidelity or None
+
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -230,6 +254,20 @@ def _check_out(out, resume: bool) -> list[str]:
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
     return [(f"--out {str(out)!r} already holds files ({shown}); to continue that run add --resume, to start "
              "a new one give another --out folder")]
+def _describe_ranks(model: torch.nn.Module, target: str) -> str:
+    """One line on the weight ranks a conversion chose: layers factored and dense, parameters."""
+    from wasi.convert import wasi_layers
+
+    layers = wasi_layers(model)
+    paths = target_layers(model, target)
+    dense = [model.get_submodule(p) for p in paths]
+    dense = [m for m in dense if isinstance(m, torch.nn.Linear)]
+    ranks = [layer.rank for _, layer in layers]
+    factored = sum(layer.rank * (layer.in_features + layer.out_features) for _, layer in layers)
+    full = sum(layer.in_features * layer.out_features for _, layer in layers)
+    kept = sum(m.weight.numel() for m in dense)
+    return (f"weight ranks {min(ranks)}-{max(ranks)} on {len(layers)} layers, {len(dense)} kept dense; "
+            f"{factored + kept:,} of {full + kept:,} weight parameters of the target layers")
 
 
 class RunError(RuntimeError):
@@ -324,7 +362,8 @@ class Run:
         options = MethodOptions(eps=s.eps, activation_rank=s.activation_rank, target=s.target,
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
                                 recompute=s.recompute, checkpointing=s.checkpointing,
-                                freeze_embeddings=s.freeze_embeddings)
+                                freeze_embeddings=s.freeze_embeddings, fidelity=s.weight_fidelity,
+                                ranks=self._checkpoint_ranks(bundle.model) if s.resume and s.weight_fidelity else None)
         if s.freeze_embeddings and not embedding_tables(bundle.model):
             raise RunError(f"--freeze-embeddings: model {s.model!r} has no nn.Embedding layer (a ViT's patch and "
                            f"position embeddings are not token tables)")
@@ -340,14 +379,32 @@ class Run:
                     idx = torch.arange(start, min(start + s.eval_batch_size, count))
                     bundle.logits(make_batch(self.train, idx, self.pad_id, self.device))
 
-            self.print(f"fitting the weight factors to the outputs of {count} training samples")
+            self.print(f"fitting the weight factors to the outputs of {count} training samples"
+                       + (f", ranks by fidelity {s.weight_fidelity:g}" if s.weight_fidelity else ""))
+        self.fidelity = s.weight_fidelity
         try:
-            self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
-                                      calibration=calibration).to(self.device)
+            try:
+                self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
+                                          calibration=calibration).to(self.device)
+            except AllDenseError:
+                if s.fidelity is not None:
+                    raise
+                # the default target on a model none of whose layers it would cut (small or random
+                # weights): the ranks of --eps, as before ranks by fidelity existed
+                self.print(f"note: at the default fidelity {self.fidelity:g} every target layer would stay dense; "
+                           f"ranks from --eps {s.eps:g} instead (give --fidelity to require a target)")
+                self.fidelity = None
+                options = dataclasses.replace(options, fidelity=None)
+                self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
+                                          calibration=calibration).to(self.device)
         except ValueError as err:
-            if plan is None:
-                raise
-            raise RunError(f"--plan {s.plan}: {err}") from None
+            if plan is not None:
+                raise RunError(f"--plan {s.plan}: {err}") from None
+            if s.weight_fidelity:
+                raise RunError(f"--fidelity {s.weight_fidelity:g}: {err} (--fidelity 0: ranks by --eps)") from None
+            raise
+        if self.fidelity:
+            self.print(_describe_ranks(self.model, s.target))
         # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
         # step to be skipped here
         set_nonfinite_policy(self.model, "skip" if s.skip_nonfinite else "raise")
@@ -362,6 +419,19 @@ class Run:
             self.optimizer, T_max=self.total_steps, eta_min=0.1 * s.learning_rate
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _checkpoint_ranks(self, model: torch.nn.Module) -> dict[str, int | None]:
+        # ranks chosen by fidelity before the interruption: the shapes of the checkpoint's factors
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise RunError(f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets one message
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise RunError(f"--resume: cannot read the ranks from {path}: {reason}") from None
+        return {name: state[f"{name}.left"].shape[1] if f"{name}.left" in state else None
+                for name in target_layers(model, self.s.target)}
 
     def _load_plan(self):
         if self.s.plan is None:
@@ -765,6 +835,7 @@ class Run:
             "max_eval_samples": self.s.max_eval_samples,
             "image_size": self.s.image_size,
             "train_samples": self.train.size,
+            "fidelity": self.fidelity,
             "seed": self.s.seed,
             "threads": torch.get_num_threads(),
             "device": str(self.device),

@@ -46,6 +46,7 @@ class MethodOptions:
     recompute: bool = False  # WASIConfig.recompute_from_code, for the WASI methods with weight factors
     checkpointing: bool = False  # activation checkpointing on top of any method
     freeze_embeddings: bool = False  # every nn.Embedding keeps its pretrained table (no gradient, no optimizer state)
+    fidelity: float | None = None  # wsi/wasi: weight ranks by output fidelity on the calibration (WASIConfig.fidelity)
 
 
 def target_layers(model: nn.Module, target: str) -> list[str]:
@@ -88,7 +89,9 @@ def apply_method(
     """Prepare ``model`` for ``method``; returns the model to train (LoRA wraps it).
 
     ``calibration`` (methods wsi and wasi) runs the model on training samples so that
-    :func:`wasi.convert` fits each layer's factors to its outputs (whitened SVD).
+    :func:`wasi.convert` fits each layer's factors to its outputs (whitened SVD), and with
+    ``options.fidelity`` chooses their ranks from the same outputs (a ``None`` rank in
+    ``options.ranks`` keeps that layer dense).
 
     Raises:
         ValueError: unknown method, or ``freeze_embeddings`` on a model without ``nn.Embedding``.
@@ -113,6 +116,7 @@ def apply_method(
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
             recompute_from_code=options.recompute and WASI_MODES[method] != "activations-only",
+            fidelity=options.fidelity,
         )
         convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
     return model

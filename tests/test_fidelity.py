@@ -1,0 +1,316 @@
+"""Weight ranks by output fidelity (wasi.calibrate.fidelity, docs WASI.md section 11)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import wasi
+from wasi.calibrate import knapsack
+from wasi.calibrate.fidelity import (
+    LayerSpectrum,
+    allocate,
+    choose_ranks,
+    measure_sensitivities,
+    measure_spectra,
+)
+from wasi.config import WASIConfig
+from wasi.modules import WASILinear
+
+SIZE = 32  # 32 x 32 layers: factors pay up to rank (1024 - 1) // 64 = 15
+
+
+def _weight(spectrum: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(SIZE, SIZE, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(SIZE, SIZE, generator=g, dtype=torch.float64))
+    return (u * spectrum) @ v.T  # (O, I) with singular values ``spectrum``
+
+
+class TwoBranches(nn.Module):
+    """``y = tolerant(x) + sensitive(x)``: a fast-decaying spectrum beside a flat one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tolerant = nn.Linear(SIZE, SIZE)
+        self.sensitive = nn.Linear(SIZE, SIZE)
+        j = torch.arange(SIZE, dtype=torch.float64)
+        with torch.no_grad():
+            self.tolerant.weight.copy_(_weight(0.5**j, seed=1))  # s_j = 2^-j: rank 2 keeps 94 %
+            self.sensitive.weight.copy_(_weight(torch.ones(SIZE, dtype=torch.float64), seed=2))  # flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tolerant(x) + self.sensitive(x)
+
+
+def _white_inputs(rows: int = 256) -> torch.Tensor:
+    # inputs whose Gram matrix is a multiple of the identity: the whitened spectrum is the weight's
+    q, _ = torch.linalg.qr(torch.randn(rows, SIZE, generator=torch.Generator().manual_seed(3)))
+    return q * math.sqrt(rows)  # (rows, I), X^T X = rows * I
+
+
+@pytest.fixture
+def model():
+    return TwoBranches()
+
+
+def _spectrum(errors: list[float], out_features: int = SIZE, in_features: int = SIZE, name: str = "x"):
+    return LayerSpectrum(name, out_features, in_features, tuple(errors))
+
+
+# ---------------------------------------------------------------- the known-spectra model
+def test_the_tolerant_layer_gets_the_lower_rank(model, one_thread):
+    x = _white_inputs()
+    choice = choose_ranks(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x))
+    tolerant, sensitive = choice.ranks["tolerant"], choice.ranks["sensitive"]
+    assert tolerant is not None and sensitive is None  # the flat layer loses 1/32 per rank dropped: dense
+    assert tolerant <= 4
+    assert choice.kept >= 0.9
+    # the same measured error as the spectrum predicts: 2^-2j energies, rank k keeps 1 - 4^-k of them
+    assert choice.layers[0].errors[tolerant] == pytest.approx(4.0**-tolerant, rel=0.05)
+    assert choice.layers[1].errors[SIZE // 2] == pytest.approx(0.5, rel=0.05)
+
+
+class Scaled(nn.Module):
+    """``y = loud(x) + 0.01 * quiet(x)``: two layers with the same spectrum, one barely reaching the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Linear(SIZE, SIZE, bias=False)
+        self.quiet = nn.Linear(SIZE, SIZE, bias=False)
+        spectrum = 0.8 ** torch.arange(SIZE, dtype=torch.float64)
+        with torch.no_grad():
+            self.loud.weight.copy_(_weight(spectrum, seed=4))
+            self.quiet.weight.copy_(_weight(spectrum, seed=5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_the_layer_that_barely_moves_the_output_gets_the_lower_rank(one_thread):
+    model = Scaled()
+    x = _white_inputs()
+    weights = measure_sensitivities(model, ["loud", "quiet"], lambda: model(x))
+    assert weights["quiet"] == pytest.approx(weights["loud"] * 1e-4, rel=0.3)  # the gradient is 0.01 as large
+    assert sum(weights.values()) == pytest.approx(2.0)  # normalised to a mean of 1
+    choice = choose_ranks(model, WASIConfig(target="all-linear", fidelity=0.99), calibration=lambda: model(x))
+    assert choice.ranks["quiet"] < (choice.ranks["loud"] or SIZE)
+    assert model.loud.weight.grad is None and model.quiet.weight.grad is None  # no trace left
+    plain = allocate([dataclasses.replace(layer, sensitivity=1.0) for layer in choice.layers], fidelity=0.99)
+    assert abs(plain.ranks["quiet"] - plain.ranks["loud"]) <= 1  # the same spectra: alike without sensitivities
+
+
+def test_a_frozen_model_is_measured_and_left_frozen(one_thread):
+    model = Scaled().requires_grad_(False)
+    x = _white_inputs()
+    weights = measure_sensitivities(model, ["loud", "quiet"], lambda: model(x))
+    assert weights["quiet"] < 1e-3 * weights["loud"]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+class Total(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoBranches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).sum(-1)  # (rows,): no class scores
+
+
+def test_an_output_without_logits_counts_every_layer_alike(one_thread):
+    model = Total()
+    x = _white_inputs()
+    with pytest.warns(UserWarning, match="has no logits"):
+        weights = measure_sensitivities(model, ["inner.tolerant", "inner.sensitive"], lambda: model(x))
+    assert weights == {"inner.tolerant": 1.0, "inner.sensitive": 1.0}
+
+
+def test_a_tighter_target_never_lowers_a_rank(model, one_thread):
+    x = _white_inputs()
+    choice = choose_ranks(model, WASIConfig(target="all-linear", fidelity=0.6), calibration=lambda: model(x))
+    previous = None
+    for fidelity in (0.6, 0.8, 0.95, 0.999, 0.999999):
+        picked = choice.reallocate(fidelity=fidelity)
+        assert picked.kept >= fidelity - 1e-9
+        assert previous is None or picked.params >= previous.params
+        for name, rank in picked.ranks.items():
+            before = None if previous is None else previous.ranks[name]
+            assert before is None or rank is None or rank >= before or previous.ranks[name] is None
+        previous = picked
+
+
+def test_convert_with_fidelity_factors_the_tolerant_layer_and_keeps_the_other_dense(model, one_thread):
+    x = _white_inputs()
+    dense_out = model(x).detach()
+    wasi.convert(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x))
+    assert isinstance(model.tolerant, WASILinear) and isinstance(model.sensitive, nn.Linear)
+    assert model.tolerant.rank <= 4
+    with torch.no_grad():
+        error = (model.eval()(x) - dense_out).square().sum() / dense_out.square().sum()
+    assert float(error) < 0.1  # the allocation's target bounds this model's output error
+
+
+def test_param_budget_bounds_the_parameters(model, one_thread):
+    x = _white_inputs()
+    config = WASIConfig(target="all-linear", param_budget=0.5)
+    choice = choose_ranks(model, config, calibration=lambda: model(x))
+    assert choice.params <= 0.5 * 2 * SIZE * SIZE
+    assert choice.ranks["tolerant"] < (choice.ranks["sensitive"] or SIZE)
+    wasi.convert(model, config, calibration=lambda: model(x))
+    weights = sum(m.left.numel() + m.right.numel() for _, m in wasi.wasi_layers(model))
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert weights + dense == choice.params
+
+
+def test_a_budget_short_of_the_target_warns_and_keeps_to_the_budget():
+    layers = [_spectrum([1.0] + [1 - k / SIZE for k in range(1, SIZE + 1)], name=n) for n in "ab"]
+    with pytest.warns(UserWarning, match="short of the fidelity target 0.99"):
+        choice = allocate(layers, fidelity=0.99, budget=4 * 2 * SIZE)
+    assert choice.params <= 4 * 2 * SIZE
+
+
+# ---------------------------------------------------------------- the allocation is the knapsack's optimum
+@pytest.mark.parametrize("seed", range(6))
+def test_the_greedy_choice_is_the_knapsack_optimum_at_its_own_size(seed):
+    rng = random.Random(seed)
+    layers = []
+    for index in range(4):
+        o, i = rng.choice([(8, 8), (12, 6), (6, 16), (10, 10)])
+        energies = sorted((rng.random() ** rng.choice([1, 3, 8]) for _ in range(min(o, i))), reverse=True)
+        total = sum(energies)
+        errors = [1 - sum(energies[:k]) / total for k in range(len(energies) + 1)]
+        layers.append(LayerSpectrum(f"l{index}", o, i, tuple(max(e, 0.0) for e in errors)))
+    for fidelity in (0.5, 0.8, 0.9, 0.97, 0.995):
+        choice = allocate(layers, fidelity=fidelity)
+        assert choice.kept >= fidelity - 1e-9
+        candidates = [[*range(1, layer.max_rank + 1), None] for layer in layers]
+        sizes = [[layer.params(k) for k in row] for layer, row in zip(layers, candidates)]
+        errors = [[layer.error(k) for k in row] for layer, row in zip(layers, candidates)]
+        best = knapsack.solve(sizes, errors, choice.params)
+        optimum = sum(errors[j][k] for j, k in enumerate(best))
+        greedy = sum(layer.error(choice.ranks[layer.name]) for layer in layers)
+        assert greedy == pytest.approx(optimum, abs=1e-9)  # no choice of that size loses less
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_budget_gets_the_least_error_of_all_choices_within_it(seed):
+    rng = random.Random(seed)
+    layers = []
+    for index in range(3):
+        o, i = rng.choice([(8, 8), (12, 6), (6, 16)])
+        energies = sorted((rng.random() ** rng.choice([1, 4]) for _ in range(min(o, i))), reverse=True)
+        errors = [max(0.0, 1 - sum(energies[:k]) / sum(energies)) for k in range(len(energies) + 1)]
+        layers.append(LayerSpectrum(f"l{index}", o, i, tuple(errors)))
+    options = [[*range(1, layer.max_rank + 1), None] for layer in layers]
+    for budget in (70, 100, 140, 200):
+        choice = allocate(layers, budget=budget)
+        assert choice.params <= budget
+        best = min(sum(layer.error(k) for layer, k in zip(layers, pick))
+                   for pick in itertools.product(*options)
+                   if sum(layer.params(k) for layer, k in zip(layers, pick)) <= budget)
+        assert sum(layer.error(choice.ranks[layer.name]) for layer in layers) == pytest.approx(best, abs=1e-12)
+
+
+def test_a_layer_too_small_to_pay_stays_dense():
+    # (1, 3): one rank costs 4 parameters, the weight 3
+    layer = _spectrum([1.0, 0.0], out_features=1, in_features=3, name="tiny")
+    assert layer.max_rank == 0
+    assert allocate([layer], fidelity=0.5).ranks == {"tiny": None}
+
+
+def test_ranks_never_cost_as_much_as_the_dense_weight():
+    layer = _spectrum([1 - k / SIZE for k in range(SIZE + 1)])
+    assert layer.max_rank == 15 and layer.params(15) < layer.dense_params <= layer.params(16)
+    assert allocate([layer], fidelity=0.999).ranks["x"] is None  # a flat spectrum: only dense keeps 99.9 %
+
+
+# ---------------------------------------------------------------- measured spectra
+def test_measured_errors_are_the_fitted_factors_output_errors(one_thread):
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    x = torch.randn(64, 12) @ torch.randn(12, 12)  # correlated inputs
+    spectrum = measure_spectra(layer_model := nn.Sequential(layer), ["0"], lambda: layer_model(x), damping=1e-9)[0]
+    exact = x @ layer.weight.detach().T  # (T, O), the bias cancels
+    for k in (1, 3, 6):
+        left, right = wasi.functional.whitened_factors(layer.weight.detach(), x.T @ x, rank=k, damping=1e-9)
+        lost = (exact - x @ (left @ right).T).square().sum() / exact.square().sum()
+        assert spectrum.errors[k] == pytest.approx(float(lost), rel=1e-4)
+
+
+# ---------------------------------------------------------------- save / load
+def test_non_uniform_ranks_and_dense_layers_survive_save_and_load(tmp_path, model, one_thread):
+    x = _white_inputs()
+    config = WASIConfig(target="all-linear", fidelity=0.9)
+    wasi.convert(model, config, calibration=lambda: model(x))
+    fresh = TwoBranches()
+    with torch.no_grad():
+        fresh.sensitive.weight.zero_()  # load must restore the dense layer's weight too
+    wasi.save(model, tmp_path / "m")
+    wasi.load(fresh, tmp_path / "m")  # the saved ranks, no calibration needed
+    assert isinstance(fresh.tolerant, WASILinear) and fresh.tolerant.rank == model.tolerant.rank
+    assert isinstance(fresh.sensitive, nn.Linear)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_explicit_ranks_with_a_dense_entry_round_trip(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    wasi.convert(model, WASIConfig(), filter_fn=lambda m, n: True, ranks={"0": 3, "2": 5, "4": None})
+    assert [type(model[i]).__name__ for i in (0, 2, 4)] == ["WASILinear", "WASILinear", "Linear"]
+    wasi.save(model, tmp_path / "m")
+    wasi.load(fresh, tmp_path / "m")
+    assert (fresh[0].rank, fresh[2].rank, type(fresh[4])) == (3, 5, nn.Linear)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("field", ["fidelity", "param_budget"])
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan"), True, "0.9"])
+def test_knob_values_out_of_range_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"WASIConfig\.{field} must be a number in \(0, 1\], got"):
+        WASIConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"fidelity": 0.9, "rank": 4}, "rank and WASIConfig.fidelity are exclusive"),
+    ({"param_budget": 0.5, "rank": 4}, "rank and WASIConfig.param_budget are exclusive"),
+    ({"fidelity": 0.9, "mode": "activations-only"}, "got mode='activations-only'"),
+    ({"fidelity": 0.9, "mode": "reference"}, "got mode='reference'"),
+])
+def test_knob_conflicts_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WASIConfig(**kwargs)
+
+
+def test_fidelity_without_calibration_says_what_to_pass(model):
+    with pytest.raises(ValueError, match="WASIConfig.fidelity chooses weight ranks from calibration data: pass "
+                                         "calibration="):
+        wasi.convert(model, WASIConfig(target="all-linear", fidelity=0.9))
+    assert isinstance(model.tolerant, nn.Linear)  # nothing converted
+
+
+def test_every_layer_dense_is_an_error_naming_the_knob(model, one_thread):
+    x = _white_inputs()
+    with pytest.raises(ValueError, match="all 2 selected layers stay dense at fidelity 1: nothing to convert"):
+        wasi.convert(model, WASIConfig(target="all-linear", fidelity=1.0), calibration=lambda: model(x))
+    assert isinstance(model.tolerant, nn.Linear) and isinstance(model.sensitive, nn.Linear)
+
+
+def test_allocate_argument_errors():
+    layers = [_spectrum([1.0] + [0.5] * SIZE)]
+    with pytest.raises(ValueError, match="give a fidelity target, a parameter budget, or both"):
+        allocate(layers)
+    with pytest.raises(ValueError, match="budget of 10 parameters is below the least these 1 layers can take, 64"):
+        allocate(layers, budget=10)
+    with pytest.raises(ValueError, match="budget must be a positive number of parameters"):
+        allocate(layers, budget=2.5)
+    with pytest.raises(ValueError, match="no layer"):
+        allocate([], fidelity=0.9)
