@@ -44,7 +44,7 @@ def _train_step(layer, x, seed=0):
 @pytest.mark.parametrize("mode", MODES)
 def test_full_rank_equals_dense_layer(mode, out_features, in_features):
     dense = dense_linear(in_features, out_features, dtype=D, seed=1)
-    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode))
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode, precondition=False))
     x = randn(3, 5, in_features, seed=2, dtype=D)
     x_dense, x_wasi = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_dense, g = _train_step(dense, x_dense, seed=3)
@@ -72,7 +72,7 @@ def test_full_rank_equals_dense_layer(mode, out_features, in_features):
 @pytest.mark.parametrize("shape", [(11, 7), (3, 5, 7), (2, 3, 4, 7)])
 def test_full_rank_equals_dense_for_2d_3d_4d_inputs_with_and_without_bias(shape, bias):
     dense = dense_linear(7, 6, bias=bias, dtype=D, seed=4)
-    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0))
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, precondition=False))
     left, right = _factors(layer)
     x = randn(*shape, seed=5, dtype=D)
     x_dense, x_wasi = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -111,7 +111,8 @@ class _SavedCapture:
 @pytest.mark.parametrize("mode", ["factored", "reference", "activations-only"])
 def test_compressed_gradients_equal_hand_derivation_from_the_same_bases_and_core(mode):
     ranks = (2, 3, 4)
-    layer = _layer(9, 8, dtype=D, rank=3, activation_rank=ranks, mode=mode, seed=7)
+    layer = _layer(9, 8, dtype=D, rank=3, activation_rank=ranks, mode=mode, seed=7, precondition=False,
+                   fidelity_every=0)
     x = randn(3, 5, 9, seed=8, dtype=D)
     xr = x.clone().requires_grad_()
     # one step first, so the second runs the warm-started power step and (factored) a re-orthonormalisation
@@ -146,7 +147,7 @@ def test_compressed_gradients_equal_hand_derivation_from_the_same_bases_and_core
 
 
 def test_weights_only_uses_the_exact_input():
-    layer = _layer(9, 8, dtype=D, rank=3, mode="weights-only")
+    layer = _layer(9, 8, dtype=D, rank=3, mode="weights-only", precondition=False)
     left, right = _factors(layer)
     x = randn(3, 5, 9, seed=11, dtype=D)
     _, g = _train_step(layer, x)
@@ -234,7 +235,7 @@ def test_two_forwards_before_one_backward(mode):
 # ---------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_saved_bytes_equal_the_analytic_tucker_count(dtype):
-    layer = _layer(32, 24, dtype=dtype, rank=5, activation_rank=(2, 4, 8))
+    layer = _layer(32, 24, dtype=dtype, rank=5, activation_rank=(2, 4, 8), fidelity_every=0)
     x = randn(4, 16, 32, seed=18, dtype=dtype).requires_grad_()
     elsize = x.element_size()
     for step in range(2):  # cold start, then warm start

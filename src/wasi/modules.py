@@ -16,6 +16,9 @@ from wasi.functional import NonFiniteError
 
 MAX_MODES = 4  # inputs of 2, 3 or 4 dims: (B, I), (B, N, I), (B, H, W, C)
 
+# buffers a state saved by an older version lacks, and the value that state behaved with
+LEGACY_BUFFERS = {"scaled_step": False, "rank_boost": 1}
+
 # What a training forward / backward does with NaN or inf (see ``set_nonfinite_policy``)
 NONFINITE_POLICIES = ("raise", "skip", "off")
 
@@ -86,11 +89,22 @@ class WASILinear(nn.Module):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("backward_seen", torch.tensor(False, device=device))
+        if config.factor_weights and mode != "reference":
+            # whether the factor gradients are scaled (section 11); a state saved before this
+            # buffer existed trained without (see _load_from_state_dict)
+            self.register_buffer("scaled_step", torch.tensor(config.scaled_step, device=device))
         if config.compress_activations:
             # ranks measured once from the first batch when the config gives an energy
             self.register_buffer("activation_ranks", torch.zeros(MAX_MODES, dtype=torch.int64, device=device))
             for n in range(MAX_MODES):
                 self.register_buffer(f"basis_{n}", torch.empty(0, 0, device=device))
+            # the activation ranks are multiplied by this (doubled when the gradient fidelity falls
+            # below config.fidelity_floor), then clipped to the input's shape
+            self.register_buffer("rank_boost", torch.tensor(1, dtype=torch.int64, device=device))
+            # the cosine a probe step's backward writes (WASILinearFunction's probe); a measurement,
+            # not state: not saved
+            self.register_buffer("grad_cosine", torch.tensor(math.nan, dtype=torch.float64, device=device),
+                                 persistent=False)
         # an elementwise activation fused into the layer (WASIConfig.recompute_from_code):
         # its input is rebuilt from the code X R^T in backward; site is the parent's attribute
         self.activation: nn.Module | None = None
@@ -99,6 +113,10 @@ class WASILinear(nn.Module):
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
         self._warned: set[str] = set()  # fallbacks already reported (once per layer and kind)
+        self.fidelity: list[tuple[int, float]] = []  # (step, cosine) of every probe so far
+        self.fidelity_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
+        self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
+        self._probe_step: int | None = None  # the step whose backward measures the cosine
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -226,10 +244,13 @@ class WASILinear(nn.Module):
             scale = self._check_finite(x)
             if scale is None:
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
-                y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias)
+                y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
+                                precondition=self._scaled())
                 return y if self.activation is None else self.activation(y)
+        self.collect_fidelity()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
+        probe = self._start_probe()
         self.step += 1
         y = wasi_linear(
             x,
@@ -241,6 +262,8 @@ class WASILinear(nn.Module):
             bases=tuple(bases),
             notify=self.backward_seen,
             activation=self.activation,
+            precondition=self._scaled(),
+            probe=probe,
         )
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
@@ -250,7 +273,8 @@ class WASILinear(nn.Module):
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                               notify=self.backward_seen, activation=self.activation)
+                               notify=self.backward_seen, activation=self.activation,
+                               precondition=self._scaled())
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
             (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
@@ -259,10 +283,78 @@ class WASILinear(nn.Module):
         with torch.no_grad():
             core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
         saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        # the step's probe (if it is one) is measured here: the first forward's saved tensors are gone
+        probe = self.grad_cosine if self._probe_step == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
             bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
+            precondition=self._scaled(), probe=probe,
         )
+
+    def _scaled(self) -> bool:
+        scaled = self._buffers.get("scaled_step")
+        return scaled is not None and bool(scaled)
+
+    # ------------------------------------------------------------------ gradient fidelity
+    def probes_at(self, step: int) -> bool:
+        """Whether this layer measures its gradient cosine at training step ``step`` (0-based).
+
+        Every ``config.fidelity_every`` steps from step 1 (step 0 picks the ranks), shifted by the
+        layer's seed (its index in the model), so that the layers take turns keeping their exact
+        input.
+        """
+        every = self.config.fidelity_every
+        return bool(every) and self.config.compress_activations and step >= 1 and (step - 1 - int(self.seed)) % every == 0
+
+    def _start_probe(self) -> Tensor | None:
+        step = int(self.step)
+        if not self.probes_at(step):
+            return None
+        self.grad_cosine.fill_(math.nan)  # stays NaN if no weight gradient is computed
+        self._probe_step = step
+        return self.grad_cosine
+
+    def collect_fidelity(self) -> float | None:
+        """The cosine measured by the last probe step's backward, once; None if there is none new.
+
+        Records it in ``self.fidelity`` and, below ``config.fidelity_floor``, doubles the layer's
+        activation ranks for the next steps (``rank_boost``), warning once per layer; a layer
+        whose ranks cannot grow, or whose ranks came from a plan's memory budget, says so.
+        :func:`collect_fidelity` does this for a whole model (a training loop calls it after
+        backward); otherwise the layer's next training forward does it.
+        """
+        if self._probe_step is None:
+            return None
+        step, self._probe_step = self._probe_step, None
+        value = float(self.grad_cosine)
+        if math.isnan(value):  # no backward ran, or it computed no weight gradient
+            return None
+        self.fidelity.append((step, value))
+        floor = self.config.fidelity_floor
+        if floor > 0 and value < floor:
+            self._raise_ranks(step, value, floor)
+        return value
+
+    def _raise_ranks(self, step: int, value: float, floor: float) -> None:
+        shape = self.last_input_shape
+        ranks = self.last_activation_ranks
+        total = math.prod(shape) if shape else 0
+        limits = [min(d, total // d) for d in shape] if shape else []
+        if ranks is None or all(r >= lim for r, lim in zip(ranks, limits)):
+            self.fidelity_actions.append({"step": step, "cosine": value, "action": "none", "ranks": ranks})
+            self._warn_once("fidelity-full", f"the compressed weight gradient has cosine {value:.3f} to the "
+                            f"exact one (below {floor}) at full activation rank {ranks}; nothing left to "
+                            "raise (warned once per layer)")
+            return
+        self.rank_boost.mul_(2)
+        boost = int(self.rank_boost)
+        new = tuple(min(r * 2, lim) for r, lim in zip(ranks, limits))
+        self.fidelity_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
+                                      "new_ranks": new, "boost": boost})
+        budget = " beyond the memory budget of its plan" if self.planned else ""
+        self._warn_once("fidelity-raise", f"the compressed weight gradient has cosine {value:.3f} to the exact "
+                        f"one at step {step} (below fidelity_floor {floor}): activation ranks {ranks} -> "
+                        f"{new}{budget} (warned once per layer; later raises are in fidelity_actions)")
 
     def _check_dtype(self, x: Tensor, training: bool) -> None:
         own = (self.left if self.left is not None else self.weight).dtype
@@ -437,6 +529,8 @@ class WASILinear(nn.Module):
                 stored.zero_()
                 stored[:dims] = torch.tensor(measured)
             ranks = stored[:dims].tolist()
+        boost = int(self.rank_boost)
+        ranks = [r * boost for r in ranks]
         total = x.numel()
         # a rank cannot exceed the mode nor the product of the other modes
         return [max(1, min(r, d, total // d)) for r, d in zip(ranks, x.shape)]
@@ -458,6 +552,11 @@ class WASILinear(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state saved before these buffers existed: what it trained with (no scaled step, no raise)
+        for name, value in LEGACY_BUFFERS.items():
+            current = self._buffers.get(name)
+            if current is not None and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = torch.tensor(value, dtype=current.dtype, device=current.device)
         # bases change shape with the batch: take the checkpoint's shape
         for n in range(MAX_MODES):
             key = f"{prefix}basis_{n}"
@@ -497,6 +596,22 @@ class WASILinear(nn.Module):
         if self.activation is not None:
             parts.append(f"fused_activation={self.activation_site}")
         return ", ".join(parts)
+
+
+def collect_fidelity(model: nn.Module) -> dict[str, float]:
+    """Read every WASI layer's gradient cosine measured in the backward just run.
+
+    Call it after ``loss.backward()``: returns ``{layer path: cosine}`` for the layers that
+    probed this step (see ``WASIConfig.fidelity_every``), records them in each layer's
+    ``fidelity`` list, and applies ``fidelity_floor`` (:meth:`WASILinear.collect_fidelity`).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WASILinear):
+            value = module.collect_fidelity()
+            if value is not None:
+                found[module.name or name] = value
+    return found
 
 
 def _in_backward() -> bool:
@@ -580,10 +695,12 @@ def is_wrappable(module: nn.Module) -> bool:
 
 
 __all__ = [
+    "LEGACY_BUFFERS",
     "MAX_MODES",
     "NONFINITE_POLICIES",
     "NonFiniteError",
     "WASILinear",
+    "collect_fidelity",
     "dense_weight_of",
     "is_wrappable",
     "set_nonfinite_policy",
