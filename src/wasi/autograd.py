@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,23 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
+
+
+@dataclass
+class Probe:
+    """Where a probe step's backward puts its measurement (section 11).
+
+    ``cosine`` (0-dim float64) receives the cosine between the compressed and the exact weight
+    gradient. With ``boost`` (0-dim int64, a layer's persistent rank multiplier) and a
+    ``floor`` > 0, a cosine below the floor doubles ``boost`` (up to ``cap``) in the same
+    backward, on the device: the decision is part of the layer's state as soon as backward
+    ends, so a state saved then restores it.
+    """
+
+    cosine: Tensor
+    boost: Tensor | None = None
+    floor: float = 0.0
+    cap: int = 1
 
 
 class WASILinearFunction(torch.autograd.Function):
@@ -24,9 +42,9 @@ class WASILinearFunction(torch.autograd.Function):
     Inputs: ``x (..., I)``, ``weight (O, I) | None``, ``left (O, k) | None``,
     ``right (k, I) | None``, ``bias (O,) | None``, ``notify`` (0-dim bool, set in backward)
     ``| None``, ``precondition`` (bool: scale the factor gradients,
-    :func:`wasi.functional.scale_factor_grads`), ``probe`` (0-dim float64 ``| None``: with a
-    core, the exact ``x`` is saved too and backward writes the cosine between the compressed
-    and the exact weight gradient into it), ``core (r_1..r_m) | None`` and the
+    :func:`wasi.functional.scale_factor_grads`), ``probe`` (:class:`Probe` ``| None``: with a
+    core, the exact ``x`` is saved too and backward measures the cosine between the compressed
+    and the exact weight gradient), ``core (r_1..r_m) | None`` and the
     bases ``U_n: (d_n, r_n)``. With no core the exact ``x`` is saved.
     """
 
@@ -238,7 +256,12 @@ def _finish_weight_grads(ctx, left, right, grads, exact):
             exact_scaled = (exact[0], *WF.scale_factor_grads(exact[1], exact[2], left, right))
             metric = tuple(scaled[i] for i in pick) + tuple(exact_scaled[i] for i in pick)
         if compressed:
-            ctx.probe.copy_(WF.gradient_cosine(compressed, reference, scaled=metric))
+            probe = ctx.probe
+            cosine = WF.gradient_cosine(compressed, reference, scaled=metric)
+            probe.cosine.copy_(cosine)
+            if probe.boost is not None and probe.floor > 0:
+                raised = (probe.boost * 2).clamp_max(max(probe.cap, 1))
+                probe.boost.copy_(torch.where(cosine < probe.floor, raised, probe.boost))
     return scaled
 
 
@@ -285,17 +308,17 @@ def wasi_linear(
     notify: Tensor | None = None,
     activation: Callable[[Tensor], Tensor] | None = None,
     precondition: bool = False,
-    probe: Tensor | None = None,
+    probe: Probe | None = None,
 ) -> Tensor:
     """Functional entry point of :class:`WASILinearFunction` (keyword arguments only).
 
     ``notify``, a 0-dim bool tensor, is set to True when the backward runs. ``activation``,
     an elementwise function applied to the output, switches to
     :class:`WASILinearActFunction` (needs ``left`` and ``right``). ``precondition`` scales the
-    factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe``, a 0-dim float64
-    tensor, receives in backward the cosine between the compressed and the exact weight
-    gradient (:func:`wasi.functional.gradient_cosine`; in the scaled metric with
-    ``precondition``); with a core it makes the forward save the exact ``x`` as well.
+    factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
+    receives in backward the cosine between the compressed and the exact weight gradient
+    (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
+    a core it makes the forward save the exact ``x`` as well.
     """
     if activation is not None:
         if left is None or right is None:

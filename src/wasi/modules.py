@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wasi import functional as WF
-from wasi.autograd import act_from_code, wasi_linear
+from wasi.autograd import Probe, act_from_code, wasi_linear
 from wasi.config import WASIConfig
 from wasi.functional import NonFiniteError
 
@@ -116,7 +116,7 @@ class WASILinear(nn.Module):
         self.fidelity: list[tuple[int, float]] = []  # (step, cosine) of every probe so far
         self.fidelity_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
         self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
-        self._probe_step: int | None = None  # the step whose backward measures the cosine
+        self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -284,7 +284,7 @@ class WASILinear(nn.Module):
             core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
         saved = torch.float32 if x.dtype == torch.float16 else x.dtype
         # the step's probe (if it is one) is measured here: the first forward's saved tensors are gone
-        probe = self.grad_cosine if self._probe_step == int(self.step) - 1 else None
+        probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
             bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
@@ -306,51 +306,56 @@ class WASILinear(nn.Module):
         every = self.config.fidelity_every
         return bool(every) and self.config.compress_activations and step >= 1 and (step - 1 - int(self.seed)) % every == 0
 
-    def _start_probe(self) -> Tensor | None:
+    def _start_probe(self) -> Probe | None:
         step = int(self.step)
         if not self.probes_at(step):
             return None
         self.grad_cosine.fill_(math.nan)  # stays NaN if no weight gradient is computed
-        self._probe_step = step
-        return self.grad_cosine
+        # the boost that would make every mode full: doubling further changes nothing
+        ranks, x_shape = self.last_activation_ranks, self.last_input_shape
+        total = math.prod(x_shape)
+        need = max(math.ceil(min(d, total // d) / r) for r, d in zip(ranks, x_shape))
+        boost = int(self.rank_boost)
+        cap = boost * 2 ** max(0, math.ceil(math.log2(need))) if need > 1 else boost
+        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.fidelity_floor), cap)
+        self._probe = (step, boost, probe)
+        return probe
 
     def collect_fidelity(self) -> float | None:
         """The cosine measured by the last probe step's backward, once; None if there is none new.
 
-        Records it in ``self.fidelity`` and, below ``config.fidelity_floor``, doubles the layer's
-        activation ranks for the next steps (``rank_boost``), warning once per layer; a layer
-        whose ranks cannot grow, or whose ranks came from a plan's memory budget, says so.
+        Records it in ``self.fidelity``. Below ``config.fidelity_floor`` the backward has already
+        doubled the layer's activation ranks for the next steps (``rank_boost``, part of the
+        state); this reports it in ``fidelity_actions`` and warns once per layer, and says so
+        when the ranks could not grow or came from a plan's memory budget.
         :func:`collect_fidelity` does this for a whole model (a training loop calls it after
         backward); otherwise the layer's next training forward does it.
         """
-        if self._probe_step is None:
+        if self._probe is None:
             return None
-        step, self._probe_step = self._probe_step, None
+        (step, before, _), self._probe = self._probe, None
         value = float(self.grad_cosine)
         if math.isnan(value):  # no backward ran, or it computed no weight gradient
             return None
         self.fidelity.append((step, value))
         floor = self.config.fidelity_floor
         if floor > 0 and value < floor:
-            self._raise_ranks(step, value, floor)
+            self._report_raise(step, value, floor, before, int(self.rank_boost))
         return value
 
-    def _raise_ranks(self, step: int, value: float, floor: float) -> None:
-        shape = self.last_input_shape
+    def _report_raise(self, step: int, value: float, floor: float, before: int, after: int) -> None:
         ranks = self.last_activation_ranks
-        total = math.prod(shape) if shape else 0
-        limits = [min(d, total // d) for d in shape] if shape else []
-        if ranks is None or all(r >= lim for r, lim in zip(ranks, limits)):
+        if after == before:
             self.fidelity_actions.append({"step": step, "cosine": value, "action": "none", "ranks": ranks})
             self._warn_once("fidelity-full", f"the compressed weight gradient has cosine {value:.3f} to the "
                             f"exact one (below {floor}) at full activation rank {ranks}; nothing left to "
                             "raise (warned once per layer)")
             return
-        self.rank_boost.mul_(2)
-        boost = int(self.rank_boost)
-        new = tuple(min(r * 2, lim) for r, lim in zip(ranks, limits))
+        shape = self.last_input_shape
+        total = math.prod(shape)
+        new = tuple(min(r * after // before, d, total // d) for r, d in zip(ranks, shape))
         self.fidelity_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
-                                      "new_ranks": new, "boost": boost})
+                                      "new_ranks": new, "boost": after})
         budget = " beyond the memory budget of its plan" if self.planned else ""
         self._warn_once("fidelity-raise", f"the compressed weight gradient has cosine {value:.3f} to the exact "
                         f"one at step {step} (below fidelity_floor {floor}): activation ranks {ranks} -> "
