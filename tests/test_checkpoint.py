@@ -254,7 +254,7 @@ def test_a_version_1_checkpoint_loads_with_the_plain_factor_step(tmp_path):
     meta.pop("weights_sha256", None)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
     tensors = {k: v for k, v in load_file(str(tmp_path / WEIGHTS_FILE)).items()
-               if not k.endswith((".scaled_step", ".rank_boost"))}
+               if not k.endswith((".scaled_step", ".rank_boost", ".recheck"))}
     save_file(tensors, str(tmp_path / WEIGHTS_FILE))
 
     loaded = wasi.load(_vit(seed=1), tmp_path)
@@ -272,6 +272,6 @@ def test_a_state_without_the_new_buffers_loads_into_a_default_layer_as_trained()
     # a training checkpoint of a run that began before the scaled step: the layer follows the state
     layer = wasi.WASILinear.from_module(dense_linear(8, 6, seed=1), WASIConfig(rank=3))
     assert bool(layer.scaled_step)
-    state = {k: v for k, v in layer.state_dict().items() if k not in ("scaled_step", "rank_boost")}
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("scaled_step", "rank_boost", "recheck")}
     layer.load_state_dict(state)  # strict: the missing buffers take their old meaning, no error
     assert not bool(layer.scaled_step) and int(layer.rank_boost) == 1

@@ -20,14 +20,15 @@ class Probe:
     ``cosine`` (0-dim float64) receives the cosine between the compressed and the exact weight
     gradient. With ``boost`` (0-dim int64, a layer's persistent rank multiplier) and a
     ``floor`` > 0, a cosine below the floor doubles ``boost`` (up to ``cap``) in the same
-    backward, on the device: the decision is part of the layer's state as soon as backward
-    ends, so a state saved then restores it.
+    backward, on the device, and sets ``recheck``: the decision is part of the layer's state as
+    soon as backward ends, so a state saved then restores it.
     """
 
     cosine: Tensor
     boost: Tensor | None = None
     floor: float = 0.0
     cap: int = 1
+    recheck: Tensor | None = None  # 0-dim bool: set when the ranks were raised (probe again next step)
 
 
 class WASILinearFunction(torch.autograd.Function):
@@ -261,7 +262,10 @@ def _finish_weight_grads(ctx, left, right, grads, exact):
             probe.cosine.copy_(cosine)
             if probe.boost is not None and probe.floor > 0:
                 raised = (probe.boost * 2).clamp_max(max(probe.cap, 1))
-                probe.boost.copy_(torch.where(cosine < probe.floor, raised, probe.boost))
+                new = torch.where(cosine < probe.floor, raised, probe.boost)
+                if probe.recheck is not None:
+                    probe.recheck.copy_(new != probe.boost)
+                probe.boost.copy_(new)
     return scaled
 
 

@@ -87,7 +87,7 @@ class WASIConfig:
     recompute_from_code: bool = False
     precondition: bool = True
     fidelity_every: int = 32
-    fidelity_floor: float = 0.2
+    fidelity_floor: float = 0.4
 
     def __post_init__(self) -> None:
         _check_fraction("eps", self.eps)

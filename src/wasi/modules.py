@@ -17,7 +17,7 @@ from wasi.functional import NonFiniteError
 MAX_MODES = 4  # inputs of 2, 3 or 4 dims: (B, I), (B, N, I), (B, H, W, C)
 
 # buffers a state saved by an older version lacks, and the value that state behaved with
-LEGACY_BUFFERS = {"scaled_step": False, "rank_boost": 1}
+LEGACY_BUFFERS = {"scaled_step": False, "rank_boost": 1, "recheck": False}
 
 # What a training forward / backward does with NaN or inf (see ``set_nonfinite_policy``)
 NONFINITE_POLICIES = ("raise", "skip", "off")
@@ -101,6 +101,8 @@ class WASILinear(nn.Module):
             # the activation ranks are multiplied by this (doubled when the gradient fidelity falls
             # below config.fidelity_floor), then clipped to the input's shape
             self.register_buffer("rank_boost", torch.tensor(1, dtype=torch.int64, device=device))
+            # set when a probe raised the ranks: the next step probes again, until the cosine holds
+            self.register_buffer("recheck", torch.tensor(False, device=device))
             # the cosine a probe step's backward writes (WASILinearFunction's probe); a measurement,
             # not state: not saved
             self.register_buffer("grad_cosine", torch.tensor(math.nan, dtype=torch.float64, device=device),
@@ -301,10 +303,12 @@ class WASILinear(nn.Module):
 
         Every ``config.fidelity_every`` steps from step 1 (step 0 picks the ranks), shifted by the
         layer's seed (its index in the model), so that the layers take turns keeping their exact
-        input.
+        input; and the step after a probe that raised the ranks, until the cosine holds.
         """
         every = self.config.fidelity_every
-        return bool(every) and self.config.compress_activations and step >= 1 and (step - 1 - int(self.seed)) % every == 0
+        if not (every and self.config.compress_activations and step >= 1):
+            return False
+        return (step - 1 - int(self.seed)) % every == 0 or bool(self.recheck)
 
     def _start_probe(self) -> Probe | None:
         step = int(self.step)
@@ -317,7 +321,7 @@ class WASILinear(nn.Module):
         need = max(math.ceil(min(d, total // d) / r) for r, d in zip(ranks, x_shape))
         boost = int(self.rank_boost)
         cap = boost * 2 ** max(0, math.ceil(math.log2(need))) if need > 1 else boost
-        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.fidelity_floor), cap)
+        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.fidelity_floor), cap, self.recheck)
         self._probe = (step, boost, probe)
         return probe
 
