@@ -179,8 +179,10 @@ def main() -> None:
             ref = results["reference"][n]
             print(f"{n:<40} " + " ".join(f"{v[n]:>21.3e} ({v[n] / ref:5.1f}x)" for v in results.values()))
     else:
-        results = [run_variant(args, v) for v in args.variants.split(",")]
-        for r in results:
+        results = []
+        for variant in args.variants.split(","):
+            r = run_variant(args, variant)
+            results.append(r)
             print(f"\n{r['variant']} {r['config']}: val accuracy {r['val_accuracy']:.4f}, val loss "
                   f"{r['val_loss']:.4f}, loss first {r['first_loss']:.4f} / mean of last 10 "
                   f"{r['last10_loss']:.4f} ({r['seconds']:.0f} s)")
@@ -188,7 +190,8 @@ def main() -> None:
                 if layer["min"] is None:
                     continue
                 print(f"  {n:<40} cosine min {layer['min']:6.3f} median {layer['median']:6.3f} "
-                      f"({len(layer['cosines'])} probes) final ranks {layer['final_activation_ranks']}")
+                      f"({len(layer['cosines'])} probes) final ranks {layer['final_activation_ranks']}",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
