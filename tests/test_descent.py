@@ -239,3 +239,29 @@ def test_plain_and_scaled_gradients_agree_at_the_same_point_up_to_the_preconditi
     expected_r = torch.linalg.solve(ltl + 1e-3 * torch.diagonal(ltl).mean() * torch.eye(ltl.shape[0], dtype=ltl.dtype),
                                     base.right.grad)
     torch.testing.assert_close(scaled.right.grad, expected_r, atol=1e-10, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------- probes on every path
+def _probe_once(layer: WASILinear, x: torch.Tensor, g: torch.Tensor, *, checkpointed: bool = False,
+                after=None) -> float:
+    from torch.utils.checkpoint import checkpoint
+
+    for _ in range(2):  # step 0 picks the ranks, step 1 probes
+        layer.zero_grad()
+        y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        (((after(y)) if after is not None else y) * g).sum().backward()
+    return collect_fidelity(layer)[""]
+
+
+@pytest.mark.parametrize("mode", ["factored", "reference"])
+def test_the_probe_measures_the_same_through_a_fused_activation_and_under_checkpointing(mode):
+    x = randn(5, 6, 32, seed=7, dtype=torch.float64)
+    g = randn(5, 6, 24, seed=8, dtype=torch.float64)
+    layer = _spectrum_layer(mode=mode, activation_rank=(3, 4, 6), fidelity_every=1, fidelity_floor=0.0)
+    plain, checkpointed, fused, unfused = (copy.deepcopy(layer) for _ in range(4))
+    base = _probe_once(plain, x, g)
+    assert 0 < base < 0.999
+    assert _probe_once(checkpointed, x, g, checkpointed=True) == pytest.approx(base, abs=1e-12)
+    fused.activation = nn.GELU()  # what recompute_from_code fuses: backward rebuilds the GELU input
+    expected = _probe_once(unfused, x, g, after=nn.GELU())
+    assert _probe_once(fused, x, g) == pytest.approx(expected, abs=1e-12)

@@ -239,7 +239,9 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
     """Per-layer analytic table of a converted model (section 9).
 
     Activation columns use the input each layer last saw (run one training step first), or
-    ``input_shapes[path]`` when given.
+    ``input_shapes[path]`` when given. The gradient-cosine column is measured, not analytic:
+    the last and lowest cosine of each layer's probes (``WASIConfig.fidelity_every``),
+    including one measured in a backward not yet collected.
 
     Raises:
         ValueError: the model has no WASI layer.
@@ -248,6 +250,8 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
     if not layers:
         raise ValueError("model has no WASI layer: call wasi.convert first")
     input_shapes = input_shapes or {}
+    for _, layer in layers:
+        layer.collect_fidelity()
     costs = [layer_cost(m, n, input_shapes.get(n)) for n, m in layers]
     p = next(iter(layers[0][1].parameters()))
     return Summary(costs, p.element_size())
