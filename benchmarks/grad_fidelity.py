@@ -154,6 +154,23 @@ def first_step(args):
     return out
 
 
+def markdown(results: list[dict]) -> str:
+    """One row per layer: each variant's lowest and median cosine and its final activation ranks."""
+    head = "| layer | " + " | ".join(f"{r['variant']}: cosine min / median | ranks" for r in results) + " |"
+    lines = [head, "|---|" + "---|---|" * len(results)]
+    for name in results[0]["layers"]:
+        cells = []
+        for r in results:
+            layer = r["layers"][name]
+            cosine = "-" if layer["min"] is None else f"{layer['min']:.3f} / {layer['median']:.3f}"
+            ranks = layer["final_activation_ranks"]
+            cells += [cosine, "x".join(map(str, ranks)) if ranks else "-"]
+        lines.append(f"| {name.replace('bert.encoder.', '')} | " + " | ".join(cells) + " |")
+    lines.append("| val accuracy / loss | " + " | ".join(
+        f"{r['val_accuracy']:.4f} / {r['val_loss']:.4f} | " for r in results) + "|")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="before,after", help=f"comma list of {list(VARIANTS)}")
@@ -169,7 +186,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--first-step", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--table", default=None, help="print the markdown table of a --json file and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as handle:
+            print(markdown(json.load(handle)["results"]))
+        return
     warnings.simplefilter("ignore", FutureWarning)
     if args.first_step:
         results = first_step(args)
@@ -192,6 +214,7 @@ def main() -> None:
                 print(f"  {n:<40} cosine min {layer['min']:6.3f} median {layer['median']:6.3f} "
                       f"({len(layer['cosines'])} probes) final ranks {layer['final_activation_ranks']}",
                       flush=True)
+        print("\n" + markdown(results))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
