@@ -445,7 +445,7 @@ def test_from_module_reuses_bias_and_dense_weight_and_freezing():
 def test_extra_repr_tells_rank_mode_and_eps():
     text = repr(_layer(12, 10, eps=0.7, activation_rank=(2, 3, 4)))
     for part in ("in_features=12", "out_features=10", "rank=", "mode=factored", "eps=0.7",
-                 "activation_rank=(2, 3, 4)", "bias=True"):
+                 "activation_rank=(2, 3, 4)", "bias=True", "scaled_step=True"):
         assert part in text, part
 
 
@@ -454,7 +454,8 @@ def test_every_state_that_affects_the_numbers_is_in_the_state_dict():
     _train_step(layer, randn(4, 6, 12))
     keys = set(layer.state_dict())
     assert {"left", "right", "bias", "seed", "step", "backward_seen", "activation_ranks",
-            "basis_0", "basis_1", "basis_2", "basis_3"} <= keys
+            "basis_0", "basis_1", "basis_2", "basis_3", "scaled_step", "rank_boost", "recheck"} <= keys
+    assert "grad_cosine" not in keys  # a measurement, not state
     assert int(layer.step) == 1 and layer.activation_ranks[:3].gt(0).all() and layer.activation_ranks[3] == 0
 
 

@@ -593,6 +593,8 @@ class WASILinear(nn.Module):
         if self.rank is not None:
             parts.append(f"rank={self.rank}")
         parts.append(f"mode={self.config.mode}")
+        if "scaled_step" in self._buffers:
+            parts.append(f"scaled_step={self._scaled()}")
         if self.config.rank is None and self.config.factor_weights:
             parts.append(f"eps={self.config.eps}")
         if self.config.compress_activations:
@@ -612,7 +614,8 @@ def collect_fidelity(model: nn.Module) -> dict[str, float]:
 
     Call it after ``loss.backward()``: returns ``{layer path: cosine}`` for the layers that
     probed this step (see ``WASIConfig.fidelity_every``), records them in each layer's
-    ``fidelity`` list, and applies ``fidelity_floor`` (:meth:`WASILinear.collect_fidelity`).
+    ``fidelity`` list and reports what ``fidelity_floor`` did in its ``fidelity_actions``
+    (:meth:`WASILinear.collect_fidelity`).
     """
     found = {}
     for name, module in model.named_modules():
