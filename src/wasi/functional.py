@@ -533,15 +533,21 @@ def scale_factor_grads(grad_left: Tensor | None, grad_right: Tensor | None, left
         The scaled ``(dL, dR)`` in their dtypes (None stays None).
     """
     out_left = out_right = None
+    # the Gram matrix of c R (c = 2^-e ~ 1 / max|R|, exact) so that R R^T neither overflows (weights of
+    # 1e30) nor underflows; (R R^T)^-1 = c^2 (cR (cR)^T)^-1, c applied once before and once after
     if grad_left is not None:
         dtype = compute_dtype(grad_left.dtype)
-        gram = _damped_gram(right.to(dtype), rows=True, damping=damping)  # (k, k)
+        r = right.to(dtype)
+        c = unit_scale(r)
+        gram = _damped_gram(r * c, rows=True, damping=damping)  # (k, k)
         # symmetric: dL A^-1 = (A^-1 dL^T)^T
-        out_left = torch.linalg.solve(gram, grad_left.to(dtype).T).T.to(grad_left.dtype)  # (O, k)
+        out_left = (torch.linalg.solve(gram, (grad_left.to(dtype) * c).T).T * c).to(grad_left.dtype)  # (O, k)
     if grad_right is not None:
         dtype = compute_dtype(grad_right.dtype)
-        gram = _damped_gram(left.to(dtype), rows=False, damping=damping)  # (k, k)
-        out_right = torch.linalg.solve(gram, grad_right.to(dtype)).to(grad_right.dtype)  # (k, I)
+        lf = left.to(dtype)
+        c = unit_scale(lf)
+        gram = _damped_gram(lf * c, rows=False, damping=damping)  # (k, k)
+        out_right = (torch.linalg.solve(gram, grad_right.to(dtype) * c) * c).to(grad_right.dtype)  # (k, I)
     return out_left, out_right
 
 
