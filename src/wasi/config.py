@@ -70,7 +70,9 @@ class WASIConfig:
             exact weight gradient (``WASILinear.grad_cosine``); the layers take turns, so one step
             holds the exact input of about ``layers / fidelity_every`` layers. 0 never measures.
         fidelity_floor: a measured cosine below this doubles the layer's activation ranks (up to
-            the input's size) and warns once; a layer already at full rank warns. 0 never acts.
+            the input's size; ranks from a plan too, saying that its budget no longer holds), warns
+            once, and measures again on the next step until the cosine holds; a layer already at
+            full rank warns. 0 only measures.
 
     Raises:
         ValueError: naming the field and the value when a field is invalid.
