@@ -265,3 +265,36 @@ def test_the_probe_measures_the_same_through_a_fused_activation_and_under_checkp
     fused.activation = nn.GELU()  # what recompute_from_code fuses: backward rebuilds the GELU input
     expected = _probe_once(unfused, x, g, after=nn.GELU())
     assert _probe_once(fused, x, g) == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------- never silently
+def test_a_raise_is_reported_once_and_says_when_it_breaks_a_plans_budget():
+    layer = _spectrum_layer(mode="factored", activation_rank=(1, 1, 2), fidelity_every=1, fidelity_floor=0.9)
+    layer.planned = True  # as wasi.calibrate.apply_plan marks it
+    x = randn(6, 5, 32, seed=11, dtype=torch.float64)
+    g = randn(6, 5, 24, seed=12, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            layer.zero_grad()
+            (layer(x) * g).sum().backward()
+            collect_fidelity(layer)
+    messages = [str(w.message) for w in caught if "fidelity_floor" in str(w.message)]
+    assert len(messages) == 1  # once per layer
+    assert "activation ranks (1, 1, 2) -> (2, 2, 4) beyond the memory budget of its plan" in messages[0]
+    raises = [a for a in layer.fidelity_actions if a["action"] == "raise"]
+    assert raises[0]["ranks"] == (1, 1, 2) and raises[0]["new_ranks"] == (2, 2, 4)
+    assert [a["step"] for a in raises] == [1, 2, 3]  # re-measured on the next step while below the floor
+    # the ranks of the last forward (boost 4); its backward doubled the boost for the next one
+    assert layer.last_activation_ranks == (4, 4, 8) and int(layer.rank_boost) == 8
+
+
+def test_at_full_rank_the_probe_measures_an_exact_gradient_and_raises_nothing():
+    layer = _spectrum_layer(mode="factored", activation_eps=1.0, fidelity_every=1, fidelity_floor=0.9)
+    x = randn(6, 5, 32, seed=11, dtype=torch.float64)
+    g = randn(6, 5, 24, seed=12, dtype=torch.float64)
+    for _ in range(2):
+        layer.zero_grad()
+        (layer(x) * g).sum().backward()
+    assert collect_fidelity(layer)[""] == pytest.approx(1.0, abs=1e-9)
+    assert int(layer.rank_boost) == 1 and layer.fidelity_actions == []
