@@ -2,8 +2,8 @@
 
 A two-layer MLP block with a residual and a linear head, 64 samples of 6 tokens x 40 features,
 labels a linear function of the inputs, full-batch steps. Each config runs twice: as version 1
-trained it (plain factor gradients, no fidelity floor) and with today's defaults (scaled factor
-step, ``fidelity_floor``), same weights and data.
+trained it (plain factor gradients, no gradient-cosine floor) and with today's defaults (scaled factor
+step, ``grad_cosine_floor``), same weights and data.
 
     python benchmarks/descent_toy.py --steps 150
 
@@ -28,7 +28,7 @@ CONFIGS = {
     "activations-only, activation_rank 8": {"activation_rank": 8, "mode": "activations-only"},
     "weights-only": {"mode": "weights-only"},
 }
-BEFORE = {"precondition": False, "fidelity_floor": 0.0}
+BEFORE = {"precondition": False, "grad_cosine_floor": 0.0}
 
 
 class Block(nn.Module):

@@ -3,15 +3,15 @@
 Fine-tunes all-MiniLM-L6-v2 on SpamAssassin e-mails (the split ``wasi train --data spam`` uses,
 factors fitted to 256 training e-mails as ``wasi train`` does) once per variant, every variant from
 the same model, batches and seed, and prints for each converted layer the cosine between the
-compressed and the exact weight gradient at its probes (``WASIConfig.fidelity_every``), the
+compressed and the exact weight gradient at its probes (``WASIConfig.grad_check_every``), the
 activation ranks it ends with, and the validation accuracy and loss at the end.
 
 Variants: ``before`` (plain factor gradients, no fidelity floor: the behaviour of format version
-1), ``after`` (the defaults: scaled factor step, ``fidelity_floor``), ``reference`` (the paper's
+1), ``after`` (the defaults: scaled factor step, ``grad_cosine_floor``), ``reference`` (the paper's
 algorithm). ``--first-step`` instead measures, per layer, how far one SGD step moves ``L R``
 (``||delta(L R)||``) in each mode from the same weights and batch, and its ratio to ``reference``.
 
-    python benchmarks/grad_fidelity.py --steps 96 --fidelity-every 8 --variants before,after
+    python benchmarks/grad_fidelity.py --steps 96 --grad-check-every 8 --variants before,after
     python benchmarks/grad_fidelity.py --first-step --lr 0.05
 """
 
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 import wasi
 from wasi.data import load_dataset, split_stratified
-from wasi.modules import collect_fidelity
+from wasi.modules import collect_grad_cosines
 from wasi.training.batches import epoch_order, make_batch, make_split
 from wasi.training.models import build_model
 
 VARIANTS = {
-    "before": {"mode": "factored", "precondition": False, "fidelity_floor": 0.0},
+    "before": {"mode": "factored", "precondition": False, "grad_cosine_floor": 0.0},
     "after": {"mode": "factored"},
     "reference": {"mode": "reference"},
 }
@@ -57,7 +57,7 @@ def _convert(args, bundle, train, pad, fields, fit=True):
             bundle.logits(make_batch(train, idx, pad, torch.device("cpu")))
 
     config = wasi.WASIConfig(eps=args.eps, target=args.target, seed=args.seed,
-                             fidelity_every=args.fidelity_every, **fields)
+                             grad_check_every=args.grad_check_every, **fields)
     fit = fit and args.init_samples > 0 and fields["mode"] != "reference"  # as wasi train: wsi and wasi only
     wasi.convert(model, config, calibration=calibration if fit else None)
     model.train()
@@ -103,7 +103,7 @@ def run_variant(args, name):
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, make_batch(train, idx, pad, torch.device("cpu")))
         loss.backward()
-        for layer, value in collect_fidelity(model).items():
+        for layer, value in collect_grad_cosines(model).items():
             cosines.setdefault(layer, []).append((step + 1, value))
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 2.0)
         opt.step()
@@ -134,7 +134,7 @@ def first_step(args):
                          ("factored, plain factor gradients", {"mode": "factored", "precondition": False}),
                          ("factored, scaled step (default)", {"mode": "factored"})):
         bundle, train, _, pad = _setup(args)
-        model = _convert(args, bundle, train, pad, {**fields, "fidelity_floor": 0.0}, fit=False)
+        model = _convert(args, bundle, train, pad, {**fields, "grad_cosine_floor": 0.0}, fit=False)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr or 0.05)
         idx = epoch_order(train.size, args.seed, 0)[: args.batch_size]
         loss = _loss(model, make_batch(train, idx, pad, torch.device("cpu")))
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--target", default="mlp")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     parser.add_argument("--lr", type=float, default=None, help="default 1e-4 adamw, 0.05 sgd")
-    parser.add_argument("--fidelity-every", type=int, default=8)
+    parser.add_argument("--grad-check-every", type=int, default=8)
     parser.add_argument("--init-samples", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

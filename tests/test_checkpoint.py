@@ -244,12 +244,12 @@ def test_a_version_1_checkpoint_loads_with_the_plain_factor_step(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=(2, 3, 4), precondition=False,
-                                            fidelity_floor=0.0))
+                                            grad_cosine_floor=0.0))
     _train(model, _batches((4,)))
     wasi.save(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     meta["version"] = 1
-    for key in ("precondition", "fidelity_every", "fidelity_floor"):
+    for key in ("precondition", "grad_check_every", "grad_cosine_floor"):
         del meta["config"][key]
     meta.pop("weights_sha256", None)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
@@ -259,7 +259,7 @@ def test_a_version_1_checkpoint_loads_with_the_plain_factor_step(tmp_path):
 
     loaded = wasi.load(_vit(seed=1), tmp_path)
     for (_, a), (_, b) in zip(wasi.wasi_layers(model), wasi.wasi_layers(loaded)):
-        assert b.config.precondition is False and b.config.fidelity_floor == 0.0
+        assert b.config.precondition is False and b.config.grad_cosine_floor == 0.0
         assert not bool(b.scaled_step) and int(b.rank_boost) == 1
         assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
     more = _batches((5, 3))

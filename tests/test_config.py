@@ -40,8 +40,8 @@ def test_eps_inside_unit_interval_is_accepted(eps):
     ("seed", -1, "-1"), ("seed", 1.0, "1.0"), ("seed", True, "True"),
     ("reorth_every", -1, "-1"), ("reorth_every", 0.5, "0.5"), ("reorth_every", True, "True"),
     ("mode", "dense", "'dense'"), ("target", "conv", "'conv'"),
-    ("precondition", 1, "1"), ("fidelity_every", -1, "-1"), ("fidelity_every", 2.0, "2.0"),
-    ("fidelity_floor", 1.0, "1.0"), ("fidelity_floor", -0.1, "-0.1"), ("fidelity_floor", math.nan, "nan"),
+    ("precondition", 1, "1"), ("grad_check_every", -1, "-1"), ("grad_check_every", 2.0, "2.0"),
+    ("grad_cosine_floor", 1.0, "1.0"), ("grad_cosine_floor", -0.1, "-0.1"), ("grad_cosine_floor", math.nan, "nan"),
 ])
 def test_invalid_field_raises_naming_field_and_value(field, value, shown):
     with pytest.raises(ValueError, match=rf"WASIConfig\.{field}\b.*got {re.escape(shown)}$"):
@@ -116,9 +116,9 @@ def test_a_version_1_config_keeps_the_behaviour_it_was_trained_with():
            "target": "mlp", "seed": 0, "reorth_every": 1, "recompute_from_code": False}  # as version 1 wrote it
     config, unknown = WASIConfig.from_dict(old, version=1)
     assert unknown == []
-    assert config.precondition is False and config.fidelity_floor == 0.0 and not config.scaled_step
+    assert config.precondition is False and config.grad_cosine_floor == 0.0 and not config.scaled_step
     today, _ = WASIConfig.from_dict(old)  # the current version: today's defaults
-    assert today.precondition is True and today.fidelity_floor == WASIConfig().fidelity_floor > 0
+    assert today.precondition is True and today.grad_cosine_floor == WASIConfig().grad_cosine_floor > 0
     explicit, _ = WASIConfig.from_dict({**old, "precondition": True}, version=1)
     assert explicit.precondition is True  # a value that is there wins
 

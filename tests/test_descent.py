@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import dense_linear, randn
 from wasi import WASIConfig, WASILinear, convert
-from wasi.modules import collect_fidelity
+from wasi.modules import collect_grad_cosines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +106,7 @@ def test_without_the_floor_a_small_fixed_rank_stalls():
     shape = SHAPES["3d"]
     dense = _dense("3d", "adamw")
     _, rescued = _train(WASIConfig(activation_rank=4), shape, "adamw")
-    _, stalled = _train(WASIConfig(activation_rank=4, fidelity_floor=0.0), shape, "adamw")
+    _, stalled = _train(WASIConfig(activation_rank=4, grad_cosine_floor=0.0), shape, "adamw")
     assert rescued <= 5 * dense + 0.05
     assert stalled > 10 * rescued and stalled > 0.3
 
@@ -127,7 +127,7 @@ def test_default_compressed_step_has_a_positive_inner_product_with_the_exact_gra
     # at the defaults, on random batches: the first-order loss change of an SGD step along the
     # compressed (scaled) gradient, <dW_exact, delta W>, is negative, and the probe measures it
     for trial in range(4):
-        layer = _spectrum_layer(seed=trial, mode=mode, fidelity_every=1)
+        layer = _spectrum_layer(seed=trial, mode=mode, grad_check_every=1)
         x = randn(*shape, seed=10 + trial, dtype=torch.float64)
         g = randn(*shape[:-1], 24, seed=20 + trial, dtype=torch.float64)
         for step in range(3):  # cold start, then warm-started bases and probes
@@ -143,13 +143,13 @@ def test_default_compressed_step_has_a_positive_inner_product_with_the_exact_gra
                 left, right = layer.left.detach(), layer.right.detach()
                 delta = -(layer.left.grad @ right + left @ layer.right.grad)  # first-order change of L R
             assert float((delta * exact).sum()) < 0, (trial, step)
-            cosine = collect_fidelity(layer)[layer.name or ""] if step >= 1 else None
+            cosine = collect_grad_cosines(layer)[layer.name or ""] if step >= 1 else None
             if cosine is not None:
                 assert cosine > 0
 
 
 def test_probe_cosine_matches_a_dense_computation_of_the_factor_gradients():
-    layer = _spectrum_layer(mode="factored", precondition=False, fidelity_every=1, fidelity_floor=0.0,
+    layer = _spectrum_layer(mode="factored", precondition=False, grad_check_every=1, grad_cosine_floor=0.0,
                             activation_rank=(3, 4, 6))
     x = randn(5, 6, 32, seed=1, dtype=torch.float64)
     g = randn(5, 6, 24, seed=2, dtype=torch.float64)
@@ -161,17 +161,17 @@ def test_probe_cosine_matches_a_dense_computation_of_the_factor_gradients():
     compressed = torch.cat([layer.left.grad.flatten(), layer.right.grad.flatten()])
     reference = torch.cat([(exact @ right.T).flatten(), (left.T @ exact).flatten()])
     expected = float(torch.nn.functional.cosine_similarity(compressed, reference, dim=0))
-    measured = collect_fidelity(layer)[""]
+    measured = collect_grad_cosines(layer)[""]
     assert measured == pytest.approx(expected, abs=1e-9)
     assert measured < 0.999  # the compression is real
-    assert layer.fidelity == [(1, measured)]
-    assert collect_fidelity(layer) == {}  # read once
+    assert layer.grad_cosines == [(1, measured)]
+    assert collect_grad_cosines(layer) == {}  # read once
 
 
 # ---------------------------------------------------------------------------- step size
 def _factored_step(scale: float, precondition: bool, lr: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """``delta(L R)`` of one SGD step and the exact ``dW``, under the linear loss ``<Y, G>`` (dW fixed)."""
-    layer = _spectrum_layer(scale=scale, mode="factored", precondition=precondition, fidelity_every=0)
+    layer = _spectrum_layer(scale=scale, mode="factored", precondition=precondition, grad_check_every=0)
     x = randn(4, 8, 32, seed=3, dtype=torch.float64)
     g = randn(4, 8, 24, seed=4, dtype=torch.float64)
     opt = torch.optim.SGD([layer.left, layer.right], lr=lr)
@@ -201,7 +201,7 @@ def test_scaled_factor_step_does_not_grow_with_the_weights_scale():
 
 def test_scaled_step_holds_without_reorthonormalisation():
     # reorth_every=0: L drifts from orthonormal; (L^T L)^-1 on dR keeps the step bounded
-    layer = _spectrum_layer(scale=10.0, mode="factored", reorth_every=0, fidelity_every=0)
+    layer = _spectrum_layer(scale=10.0, mode="factored", reorth_every=0, grad_check_every=0)
     with torch.no_grad():
         mix = torch.tensor([[2.0, 0.5], [0.0, 0.3]], dtype=torch.float64)
         k = layer.rank
@@ -250,14 +250,14 @@ def _probe_once(layer: WASILinear, x: torch.Tensor, g: torch.Tensor, *, checkpoi
         layer.zero_grad()
         y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         (((after(y)) if after is not None else y) * g).sum().backward()
-    return collect_fidelity(layer)[""]
+    return collect_grad_cosines(layer)[""]
 
 
 @pytest.mark.parametrize("mode", ["factored", "reference"])
 def test_the_probe_measures_the_same_through_a_fused_activation_and_under_checkpointing(mode):
     x = randn(5, 6, 32, seed=7, dtype=torch.float64)
     g = randn(5, 6, 24, seed=8, dtype=torch.float64)
-    layer = _spectrum_layer(mode=mode, activation_rank=(3, 4, 6), fidelity_every=1, fidelity_floor=0.0)
+    layer = _spectrum_layer(mode=mode, activation_rank=(3, 4, 6), grad_check_every=1, grad_cosine_floor=0.0)
     plain, checkpointed, fused, unfused = (copy.deepcopy(layer) for _ in range(4))
     base = _probe_once(plain, x, g)
     assert 0 < base < 0.999
@@ -269,7 +269,7 @@ def test_the_probe_measures_the_same_through_a_fused_activation_and_under_checkp
 
 # ---------------------------------------------------------------------------- never silently
 def test_a_raise_is_reported_once_and_says_when_it_breaks_a_plans_budget():
-    layer = _spectrum_layer(mode="factored", activation_rank=(1, 1, 2), fidelity_every=1, fidelity_floor=0.9)
+    layer = _spectrum_layer(mode="factored", activation_rank=(1, 1, 2), grad_check_every=1, grad_cosine_floor=0.9)
     layer.planned = True  # as wasi.calibrate.apply_plan marks it
     x = randn(6, 5, 32, seed=11, dtype=torch.float64)
     g = randn(6, 5, 24, seed=12, dtype=torch.float64)
@@ -278,11 +278,11 @@ def test_a_raise_is_reported_once_and_says_when_it_breaks_a_plans_budget():
         for _ in range(4):
             layer.zero_grad()
             (layer(x) * g).sum().backward()
-            collect_fidelity(layer)
-    messages = [str(w.message) for w in caught if "fidelity_floor" in str(w.message)]
+            collect_grad_cosines(layer)
+    messages = [str(w.message) for w in caught if "grad_cosine_floor" in str(w.message)]
     assert len(messages) == 1  # once per layer
     assert "activation ranks (1, 1, 2) -> (2, 2, 4) beyond the memory budget of its plan" in messages[0]
-    raises = [a for a in layer.fidelity_actions if a["action"] == "raise"]
+    raises = [a for a in layer.grad_actions if a["action"] == "raise"]
     assert raises[0]["ranks"] == (1, 1, 2) and raises[0]["new_ranks"] == (2, 2, 4)
     assert [a["step"] for a in raises] == [1, 2, 3]  # re-measured on the next step while below the floor
     # the ranks of the last forward (boost 4); its backward doubled the boost for the next one
@@ -290,11 +290,11 @@ def test_a_raise_is_reported_once_and_says_when_it_breaks_a_plans_budget():
 
 
 def test_at_full_rank_the_probe_measures_an_exact_gradient_and_raises_nothing():
-    layer = _spectrum_layer(mode="factored", activation_eps=1.0, fidelity_every=1, fidelity_floor=0.9)
+    layer = _spectrum_layer(mode="factored", activation_eps=1.0, grad_check_every=1, grad_cosine_floor=0.9)
     x = randn(6, 5, 32, seed=11, dtype=torch.float64)
     g = randn(6, 5, 24, seed=12, dtype=torch.float64)
     for _ in range(2):
         layer.zero_grad()
         (layer(x) * g).sum().backward()
-    assert collect_fidelity(layer)[""] == pytest.approx(1.0, abs=1e-9)
-    assert int(layer.rank_boost) == 1 and layer.fidelity_actions == []
+    assert collect_grad_cosines(layer)[""] == pytest.approx(1.0, abs=1e-9)
+    assert int(layer.rank_boost) == 1 and layer.grad_actions == []

@@ -153,7 +153,7 @@ def test_summary_shows_the_measured_gradient_cosine():
     from conftest import dense_linear, randn
 
     model = nn.Sequential(dense_linear(16, 12, seed=1), nn.GELU(), dense_linear(12, 16, seed=2))
-    wasi.convert(model, wasi.WASIConfig(activation_rank=(2, 3, 4), fidelity_every=1, fidelity_floor=0.0),
+    wasi.convert(model, wasi.WASIConfig(activation_rank=(2, 3, 4), grad_check_every=1, grad_cosine_floor=0.0),
                  filter_fn=lambda m, _n: isinstance(m, nn.Linear))
     before = str(wasi.summary(model))
     assert "grad cos last/min" in before and "gradient fidelity" not in before  # nothing measured yet
@@ -162,7 +162,7 @@ def test_summary_shows_the_measured_gradient_cosine():
         model(x).square().sum().backward()
     table = wasi.summary(model)
     for cost, (_, layer) in zip(table.layers, wasi.wasi_layers(model)):
-        values = [v for _, v in layer.fidelity]
+        values = [v for _, v in layer.grad_cosines]
         assert len(values) == 2  # steps 1 and 2
         assert (cost.grad_cosine_last, cost.grad_cosine_min) == (values[-1], min(values))
         assert f"{values[-1]:.2f}/{min(values):.2f}" in str(table)

@@ -112,7 +112,7 @@ class _SavedCapture:
 def test_compressed_gradients_equal_hand_derivation_from_the_same_bases_and_core(mode):
     ranks = (2, 3, 4)
     layer = _layer(9, 8, dtype=D, rank=3, activation_rank=ranks, mode=mode, seed=7, precondition=False,
-                   fidelity_every=0)
+                   grad_check_every=0)
     x = randn(3, 5, 9, seed=8, dtype=D)
     xr = x.clone().requires_grad_()
     # one step first, so the second runs the warm-started power step and (factored) a re-orthonormalisation
@@ -235,7 +235,7 @@ def test_two_forwards_before_one_backward(mode):
 # ---------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_saved_bytes_equal_the_analytic_tucker_count(dtype):
-    layer = _layer(32, 24, dtype=dtype, rank=5, activation_rank=(2, 4, 8), fidelity_every=0)
+    layer = _layer(32, 24, dtype=dtype, rank=5, activation_rank=(2, 4, 8), grad_check_every=0)
     x = randn(4, 16, 32, seed=18, dtype=dtype).requires_grad_()
     elsize = x.element_size()
     for step in range(2):  # cold start, then warm start

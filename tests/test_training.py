@@ -67,7 +67,7 @@ def test_run_writes_summary_model_and_plot(tmp_path):
     vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["type"] == "val" for r in vals) == 2
     # the gradient cosine each WASI layer measured: logged per step, summarised per layer
-    probes = [r for r in vals if r["type"] == "fidelity"]
+    probes = [r for r in vals if r["type"] == "grad_cosine"]
     layers = {name for r in probes for name in r["grad_cosine"]}
     assert layers == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"}
     assert all(-1.0 <= v <= 1.0 for r in probes for v in r["grad_cosine"].values())

@@ -11,8 +11,8 @@ MODES = ("factored", "reference", "activations-only", "weights-only")
 TARGETS = ("mlp", "attention", "all-linear")
 CONFIG_VERSION = 2
 # what a field missing from a config saved at an older version meant then: such a config loads
-# with the behaviour it was trained with (version 1 had no scaled factor step, no fidelity floor)
-LEGACY_DEFAULTS = {1: {"precondition": False, "fidelity_floor": 0.0}}
+# with the behaviour it was trained with (version 1 had no scaled factor step, no gradient-cosine floor)
+LEGACY_DEFAULTS = {1: {"precondition": False, "grad_cosine_floor": 0.0}}
 
 
 def _is_real(value: Any) -> bool:
@@ -65,11 +65,11 @@ class WASIConfig:
             ``-lr (P_L dW + dW P_R)``, bounded by ``2 lr ||dW||`` whatever the layer's singular
             values; False gives the plain factor gradients, whose step moves the top directions
             ``1 + s^2`` times faster. The factors' ``.grad`` holds the scaled gradient.
-        fidelity_every: every this many training steps a layer that compresses its input keeps
+        grad_check_every: every this many training steps a layer that compresses its input keeps
             the exact input for one step and measures the cosine between the compressed and the
             exact weight gradient (``WASILinear.grad_cosine``); the layers take turns, so one step
-            holds the exact input of about ``layers / fidelity_every`` layers. 0 never measures.
-        fidelity_floor: a measured cosine below this doubles the layer's activation ranks (up to
+            holds the exact input of about ``layers / grad_check_every`` layers. 0 never measures.
+        grad_cosine_floor: a measured cosine below this doubles the layer's activation ranks (up to
             the input's size; ranks from a plan too, saying that its budget no longer holds), warns
             once, and measures again on the next step until the cosine holds; a layer already at
             full rank warns. 0 only measures.
@@ -88,8 +88,8 @@ class WASIConfig:
     reorth_every: int = 1
     recompute_from_code: bool = False
     precondition: bool = True
-    fidelity_every: int = 32
-    fidelity_floor: float = 0.4
+    grad_check_every: int = 32
+    grad_cosine_floor: float = 0.4
 
     def __post_init__(self) -> None:
         _check_fraction("eps", self.eps)
@@ -134,14 +134,14 @@ class WASIConfig:
             raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
                 f"WASIConfig.precondition must be True or False, got {self.precondition!r}"
             )
-        every = self.fidelity_every
+        every = self.grad_check_every
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ValueError(
-                f"WASIConfig.fidelity_every must be a non-negative integer, got {self.fidelity_every!r}"
+                f"WASIConfig.grad_check_every must be a non-negative integer, got {self.grad_check_every!r}"
             )
-        floor = self.fidelity_floor
+        floor = self.grad_cosine_floor
         if not _is_real(floor) or math.isnan(floor) or not 0.0 <= floor < 1.0:
-            raise ValueError(f"WASIConfig.fidelity_floor must be a number in [0, 1), got {floor!r}")
+            raise ValueError(f"WASIConfig.grad_cosine_floor must be a number in [0, 1), got {floor!r}")
         if self.recompute_from_code and self.mode == "activations-only":
             raise ValueError(
                 "WASIConfig.recompute_from_code rebuilds inputs from the weight factors' code X R^T; "

@@ -69,7 +69,7 @@ class LayerCost:
     activation_wasi: int | None = None
     flops: dict[str, int] = field(default_factory=dict)  # forward/backward/inference, dense and wasi
     # measured, not analytic: the cosine between the compressed and the exact weight gradient at the
-    # layer's probes (WASIConfig.fidelity_every); None before the first probe or without compression
+    # layer's probes (WASIConfig.grad_check_every); None before the first probe or without compression
     grad_cosine_last: float | None = None
     grad_cosine_min: float | None = None
     scaled_step: bool = False  # factor gradients scaled (WASIConfig.precondition)
@@ -98,9 +98,9 @@ def layer_cost(
         activation_ranks=None, mode=mode, weight_dense=o * i,
         weight_wasi=o * i if k is None else k * (o + i),
     )
-    if layer.fidelity:
-        cost.grad_cosine_last = layer.fidelity[-1][1]
-        cost.grad_cosine_min = min(v for _, v in layer.fidelity)
+    if layer.grad_cosines:
+        cost.grad_cosine_last = layer.grad_cosines[-1][1]
+        cost.grad_cosine_min = min(v for _, v in layer.grad_cosines)
     scaled = layer._buffers.get("scaled_step")
     cost.scaled_step = scaled is not None and bool(scaled)
     if shape is None:
@@ -240,7 +240,7 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
 
     Activation columns use the input each layer last saw (run one training step first), or
     ``input_shapes[path]`` when given. The gradient-cosine column is measured, not analytic:
-    the last and lowest cosine of each layer's probes (``WASIConfig.fidelity_every``),
+    the last and lowest cosine of each layer's probes (``WASIConfig.grad_check_every``),
     including one measured in a backward not yet collected.
 
     Raises:
@@ -251,7 +251,7 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
         raise ValueError("model has no WASI layer: call wasi.convert first")
     input_shapes = input_shapes or {}
     for _, layer in layers:
-        layer.collect_fidelity()
+        layer.collect_grad_cosines()
     costs = [layer_cost(m, n, input_shapes.get(n)) for n, m in layers]
     p = next(iter(layers[0][1].parameters()))
     return Summary(costs, p.element_size())

@@ -99,7 +99,7 @@ class WASILinear(nn.Module):
             for n in range(MAX_MODES):
                 self.register_buffer(f"basis_{n}", torch.empty(0, 0, device=device))
             # the activation ranks are multiplied by this (doubled when the gradient fidelity falls
-            # below config.fidelity_floor), then clipped to the input's shape
+            # below config.grad_cosine_floor), then clipped to the input's shape
             self.register_buffer("rank_boost", torch.tensor(1, dtype=torch.int64, device=device))
             # set when a probe raised the ranks: the next step probes again, until the cosine holds
             self.register_buffer("recheck", torch.tensor(False, device=device))
@@ -115,8 +115,8 @@ class WASILinear(nn.Module):
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
         self._warned: set[str] = set()  # fallbacks already reported (once per layer and kind)
-        self.fidelity: list[tuple[int, float]] = []  # (step, cosine) of every probe so far
-        self.fidelity_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
+        self.grad_cosines: list[tuple[int, float]] = []  # (step, cosine) of every probe so far
+        self.grad_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
         self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
         self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
 
@@ -249,7 +249,7 @@ class WASILinear(nn.Module):
                 y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
                                 precondition=self._scaled())
                 return y if self.activation is None else self.activation(y)
-        self.collect_fidelity()  # the previous step's probe, if any: may raise the ranks used below
+        self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
         probe = self._start_probe()
@@ -301,11 +301,11 @@ class WASILinear(nn.Module):
     def probes_at(self, step: int) -> bool:
         """Whether this layer measures its gradient cosine at training step ``step`` (0-based).
 
-        Every ``config.fidelity_every`` steps from step 1 (step 0 picks the ranks), shifted by the
+        Every ``config.grad_check_every`` steps from step 1 (step 0 picks the ranks), shifted by the
         layer's seed (its index in the model), so that the layers take turns keeping their exact
         input; and the step after a probe that raised the ranks, until the cosine holds.
         """
-        every = self.config.fidelity_every
+        every = self.config.grad_check_every
         if not (every and self.config.compress_activations and step >= 1):
             return False
         return (step - 1 - int(self.seed)) % every == 0 or bool(self.recheck)
@@ -321,18 +321,18 @@ class WASILinear(nn.Module):
         need = max(math.ceil(min(d, total // d) / r) for r, d in zip(ranks, x_shape))
         boost = int(self.rank_boost)
         cap = boost * 2 ** max(0, math.ceil(math.log2(need))) if need > 1 else boost
-        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.fidelity_floor), cap, self.recheck)
+        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.grad_cosine_floor), cap, self.recheck)
         self._probe = (step, boost, probe)
         return probe
 
-    def collect_fidelity(self) -> float | None:
+    def collect_grad_cosines(self) -> float | None:
         """The cosine measured by the last probe step's backward, once; None if there is none new.
 
-        Records it in ``self.fidelity``. Below ``config.fidelity_floor`` the backward has already
+        Records it in ``self.grad_cosines``. Below ``config.grad_cosine_floor`` the backward has already
         doubled the layer's activation ranks for the next steps (``rank_boost``, part of the
-        state); this reports it in ``fidelity_actions`` and warns once per layer, and says so
+        state); this reports it in ``grad_actions`` and warns once per layer, and says so
         when the ranks could not grow or came from a plan's memory budget.
-        :func:`collect_fidelity` does this for a whole model (a training loop calls it after
+        :func:`collect_grad_cosines` does this for a whole model (a training loop calls it after
         backward); otherwise the layer's next training forward does it.
         """
         if self._probe is None:
@@ -341,8 +341,8 @@ class WASILinear(nn.Module):
         value = float(self.grad_cosine)
         if math.isnan(value):  # no backward ran, or it computed no weight gradient
             return None
-        self.fidelity.append((step, value))
-        floor = self.config.fidelity_floor
+        self.grad_cosines.append((step, value))
+        floor = self.config.grad_cosine_floor
         if floor > 0 and value < floor:
             self._report_raise(step, value, floor, before, int(self.rank_boost))
         return value
@@ -350,7 +350,7 @@ class WASILinear(nn.Module):
     def _report_raise(self, step: int, value: float, floor: float, before: int, after: int) -> None:
         ranks = self.last_activation_ranks
         if after == before:
-            self.fidelity_actions.append({"step": step, "cosine": value, "action": "none", "ranks": ranks})
+            self.grad_actions.append({"step": step, "cosine": value, "action": "none", "ranks": ranks})
             self._warn_once("fidelity-full", f"the compressed weight gradient has cosine {value:.3f} to the "
                             f"exact one (below {floor}) at full activation rank {ranks}; nothing left to "
                             "raise (warned once per layer)")
@@ -358,12 +358,12 @@ class WASILinear(nn.Module):
         shape = self.last_input_shape
         total = math.prod(shape)
         new = tuple(min(r * after // before, d, total // d) for r, d in zip(ranks, shape))
-        self.fidelity_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
+        self.grad_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
                                       "new_ranks": new, "boost": after})
         budget = " beyond the memory budget of its plan" if self.planned else ""
         self._warn_once("fidelity-raise", f"the compressed weight gradient has cosine {value:.3f} to the exact "
-                        f"one at step {step} (below fidelity_floor {floor}): activation ranks {ranks} -> "
-                        f"{new}{budget} (warned once per layer; later raises are in fidelity_actions)")
+                        f"one at step {step} (below grad_cosine_floor {floor}): activation ranks {ranks} -> "
+                        f"{new}{budget} (warned once per layer; later raises are in grad_actions)")
 
     def _check_dtype(self, x: Tensor, training: bool) -> None:
         own = (self.left if self.left is not None else self.weight).dtype
@@ -609,18 +609,18 @@ class WASILinear(nn.Module):
         return ", ".join(parts)
 
 
-def collect_fidelity(model: nn.Module) -> dict[str, float]:
+def collect_grad_cosines(model: nn.Module) -> dict[str, float]:
     """Read every WASI layer's gradient cosine measured in the backward just run.
 
     Call it after ``loss.backward()``: returns ``{layer path: cosine}`` for the layers that
-    probed this step (see ``WASIConfig.fidelity_every``), records them in each layer's
-    ``fidelity`` list and reports what ``fidelity_floor`` did in its ``fidelity_actions``
-    (:meth:`WASILinear.collect_fidelity`).
+    probed this step (see ``WASIConfig.grad_check_every``), records them in each layer's
+    ``grad_cosines`` list and reports what ``grad_cosine_floor`` did in its ``grad_actions``
+    (:meth:`WASILinear.collect_grad_cosines`).
     """
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, WASILinear):
-            value = module.collect_fidelity()
+            value = module.collect_grad_cosines()
             if value is not None:
                 found[module.name or name] = value
     return found
@@ -712,7 +712,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "NonFiniteError",
     "WASILinear",
-    "collect_fidelity",
+    "collect_grad_cosines",
     "dense_weight_of",
     "is_wrappable",
     "set_nonfinite_policy",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from wasi.checkpoint import fsync_dir, remove_quietly
 from wasi.memory import count_saved_tensors
-from wasi.modules import NonFiniteError, WASILinear, collect_fidelity, set_nonfinite_policy
+from wasi.modules import NonFiniteError, WASILinear, collect_grad_cosines, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import (
@@ -387,29 +387,29 @@ class Run:
             tmp.write_text("".join(k + "\n" for k in kept))
             os.replace(tmp, path)
 
-    def _log_fidelity(self) -> None:
+    def _log_grad_cosines(self) -> None:
         """Record the gradient cosines the WASI layers measured in this backward, and what they did."""
-        cosines = collect_fidelity(self.model)
+        cosines = collect_grad_cosines(self.model)
         if not cosines:
             return
         step = self.step + 1
-        self._metric({"type": "fidelity", "step": step, "epoch": self.epoch + 1, "grad_cosine": cosines})
+        self._metric({"type": "grad_cosine", "step": step, "epoch": self.epoch + 1, "grad_cosine": cosines})
         for name, module in self.model.named_modules():
-            if isinstance(module, WASILinear) and module.fidelity_actions:
-                for action in module.fidelity_actions:
+            if isinstance(module, WASILinear) and module.grad_actions:
+                for action in module.grad_actions:
                     label = module.name or name
-                    self._metric({"type": "fidelity_action", "step": step, "layer": label, **action})
+                    self._metric({"type": "grad_action", "step": step, "layer": label, **action})
                     if action["action"] == "raise":
                         budget = " (beyond the plan's memory budget)" if module.planned else ""
                         self.print(f"step {step}: {label}: gradient cosine {action['cosine']:.3f} below "
-                                   f"{module.config.fidelity_floor}: activation ranks {action['ranks']} -> "
+                                   f"{module.config.grad_cosine_floor}: activation ranks {action['ranks']} -> "
                                    f"{action['new_ranks']}{budget}")
                     else:
                         self.print(f"step {step}: warning: {label}: gradient cosine {action['cosine']:.3f} "
-                                   f"below {module.config.fidelity_floor} at full activation rank")
-                module.fidelity_actions.clear()
+                                   f"below {module.config.grad_cosine_floor} at full activation rank")
+                module.grad_actions.clear()
 
-    def _fidelity_records(self) -> list[dict]:
+    def _grad_cosine_records(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
         records = []
         if path.is_file():
@@ -418,11 +418,11 @@ class Run:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and record.get("type") == "fidelity":
+                if isinstance(record, dict) and record.get("type") == "grad_cosine":
                     records.append(record)
         return records
 
-    def _fidelity_summary(self, records: list[dict]) -> dict | None:
+    def _grad_cosine_summary(self, records: list[dict]) -> dict | None:
         """Per layer: min, median and last measured cosine and the number of probes (None: none)."""
         per_layer: dict[str, list[float]] = {}
         for record in records:
@@ -501,7 +501,7 @@ class Run:
             problem = None if math.isfinite(value) else f"the loss is {value}"
             if problem is None:
                 loss.backward()
-                self._log_fidelity()
+                self._log_grad_cosines()
                 norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP))
                 problem = None if math.isfinite(norm) else f"the gradient norm is {norm}"
         except NonFiniteError as err:
@@ -617,13 +617,13 @@ class Run:
             "device": str(self.device),
             "wall_s": time.perf_counter() - wall,
         }
-        fidelity = self._fidelity_records()
-        layers = self._fidelity_summary(fidelity)
+        cosines = self._grad_cosine_records()
+        layers = self._grad_cosine_summary(cosines)
         summary["grad_cosine_min"] = min(v["min"] for v in layers.values()) if layers else None
         summary["grad_cosine"] = layers
         self._export()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._plot(fidelity)
+        self._plot(cosines)
         step_s = summary["train_step_s_median"]  # None when a resumed run had no step left to take
         self.print(f"test accuracy {test_accuracy:.4f}; peak memory {peak:.1f} MB; median step "
                    f"{'n/a' if step_s is None else f'{step_s:.4f} s'}; summary in {self.out / 'summary.json'}")
@@ -642,23 +642,23 @@ class Run:
             (self.out / "model").mkdir(exist_ok=True)
             save_model(self.model, str(self.out / "model" / "model.safetensors"))
 
-    def _plot(self, fidelity: list[dict]) -> None:
+    def _plot(self, cosines: list[dict]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = 3 if fidelity else 2
+        panels = 3 if cosines else 2
         fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
         ax1, ax2 = axes[0], axes[-1]
         if self.loss_history:
             steps, losses = zip(*self.loss_history)
             ax1.plot(steps, losses)
         ax1.set(xlabel="step", ylabel="training loss", title=f"{self.s.method}: loss")
-        if fidelity:  # beside the loss: one line per layer
+        if cosines:  # beside the loss: one line per layer
             ax = axes[1]
             series: dict[str, list[tuple[int, float]]] = {}
-            for record in fidelity:
+            for record in cosines:
                 for name, value in record["grad_cosine"].items():
                     series.setdefault(name, []).append((record["step"], value))
             for name, points in series.items():
