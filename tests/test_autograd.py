@@ -26,14 +26,14 @@ def _full_bases(x: torch.Tensor) -> list[torch.Tensor]:
 def test_gradcheck_factored_with_exact_input():
     x, left, right, bias = _leaf(B, N, I, seed=1), _leaf(O, K, seed=2), _leaf(K, I, seed=3), _leaf(O, seed=4)
     assert torch.autograd.gradcheck(
-        lambda x, l, r, b: WASILinearFunction.apply(x, None, l, r, b, None, None), (x, left, right, bias)
+        lambda x, l, r, b: WASILinearFunction.apply(x, None, l, r, b, None, False, None, None), (x, left, right, bias)
     )
 
 
 def test_gradcheck_dense_with_exact_input():
     x, weight, bias = _leaf(B, N, I, seed=5), _leaf(O, I, seed=6), _leaf(O, seed=7)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: WASILinearFunction.apply(x, w, None, None, b, None, None), (x, weight, bias)
+        lambda x, w, b: WASILinearFunction.apply(x, w, None, None, b, None, False, None, None), (x, weight, bias)
     )
 
 

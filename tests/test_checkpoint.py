@@ -238,3 +238,41 @@ def test_missing_files(tmp_path, saved):
 def test_saving_an_unconverted_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="call wasi.convert before wasi.save"):
         wasi.save(_vit(), tmp_path)
+
+
+def test_a_version_1_checkpoint_loads_with_the_plain_factor_step(tmp_path):
+    # written before the scaled step existed: no precondition key, no scaled_step / rank_boost tensors
+    from safetensors.torch import load_file, save_file
+
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=(2, 3, 4), precondition=False,
+                                            grad_cosine_floor=0.0))
+    _train(model, _batches((4,)))
+    wasi.save(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["version"] = 1
+    for key in ("precondition", "grad_check_every", "grad_cosine_floor"):
+        del meta["config"][key]
+    meta.pop("weights_sha256", None)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    tensors = {k: v for k, v in load_file(str(tmp_path / WEIGHTS_FILE)).items()
+               if not k.endswith((".scaled_step", ".rank_boost", ".recheck"))}
+    save_file(tensors, str(tmp_path / WEIGHTS_FILE))
+
+    loaded = wasi.load(_vit(seed=1), tmp_path)
+    for (_, a), (_, b) in zip(wasi.wasi_layers(model), wasi.wasi_layers(loaded)):
+        assert b.config.precondition is False and b.config.grad_cosine_floor == 0.0
+        assert not bool(b.scaled_step) and int(b.rank_boost) == 1
+        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+    more = _batches((5, 3))
+    _train(model, more)
+    _train(loaded, more)
+    _assert_same_state(model, loaded)  # trains on as it was trained
+
+
+def test_a_state_without_the_new_buffers_loads_into_a_default_layer_as_trained():
+    # a training checkpoint of a run that began before the scaled step: the layer follows the state
+    layer = wasi.WASILinear.from_module(dense_linear(8, 6, seed=1), WASIConfig(rank=3))
+    assert bool(layer.scaled_step)
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("scaled_step", "rank_boost", "recheck")}
+    layer.load_state_dict(state)  # strict: the missing buffers take their old meaning, no error
+    assert not bool(layer.scaled_step) and int(layer.rank_boost) == 1

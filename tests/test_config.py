@@ -40,6 +40,8 @@ def test_eps_inside_unit_interval_is_accepted(eps):
     ("seed", -1, "-1"), ("seed", 1.0, "1.0"), ("seed", True, "True"),
     ("reorth_every", -1, "-1"), ("reorth_every", 0.5, "0.5"), ("reorth_every", True, "True"),
     ("mode", "dense", "'dense'"), ("target", "conv", "'conv'"),
+    ("precondition", 1, "1"), ("grad_check_every", -1, "-1"), ("grad_check_every", 2.0, "2.0"),
+    ("grad_cosine_floor", 1.0, "1.0"), ("grad_cosine_floor", -0.1, "-0.1"), ("grad_cosine_floor", math.nan, "nan"),
 ])
 def test_invalid_field_raises_naming_field_and_value(field, value, shown):
     with pytest.raises(ValueError, match=rf"WASIConfig\.{field}\b.*got {re.escape(shown)}$"):
@@ -107,3 +109,22 @@ def test_dict_round_trip_and_unknown_keys():
 def test_from_dict_still_validates():
     with pytest.raises(ValueError, match="WASIConfig.eps"):
         WASIConfig.from_dict({"eps": 2.0})
+
+
+def test_a_version_1_config_keeps_the_behaviour_it_was_trained_with():
+    old = {"eps": 0.8, "rank": None, "activation_rank": None, "activation_eps": None, "mode": "factored",
+           "target": "mlp", "seed": 0, "reorth_every": 1, "recompute_from_code": False}  # as version 1 wrote it
+    config, unknown = WASIConfig.from_dict(old, version=1)
+    assert unknown == []
+    assert config.precondition is False and config.grad_cosine_floor == 0.0 and not config.scaled_step
+    today, _ = WASIConfig.from_dict(old)  # the current version: today's defaults
+    assert today.precondition is True and today.grad_cosine_floor == WASIConfig().grad_cosine_floor > 0
+    explicit, _ = WASIConfig.from_dict({**old, "precondition": True}, version=1)
+    assert explicit.precondition is True  # a value that is there wins
+
+
+def test_scaled_step_only_in_modes_with_factor_parameters():
+    assert WASIConfig().scaled_step and WASIConfig(mode="weights-only").scaled_step
+    assert not WASIConfig(mode="reference").scaled_step
+    assert not WASIConfig(mode="activations-only").scaled_step
+    assert not WASIConfig(precondition=False).scaled_step

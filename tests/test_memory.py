@@ -146,3 +146,24 @@ def test_summary_of_an_unconverted_model_is_refused():
 def test_bfloat16_summary_uses_two_bytes():
     model = _converted_vit().to(torch.bfloat16)
     assert summary(model).bytes_per_element == 2
+
+
+def test_summary_shows_the_measured_gradient_cosine():
+    import wasi
+    from conftest import dense_linear, randn
+
+    model = nn.Sequential(dense_linear(16, 12, seed=1), nn.GELU(), dense_linear(12, 16, seed=2))
+    wasi.convert(model, wasi.WASIConfig(activation_rank=(2, 3, 4), grad_check_every=1, grad_cosine_floor=0.0),
+                 filter_fn=lambda m, _n: isinstance(m, nn.Linear))
+    before = str(wasi.summary(model))
+    assert "grad cos last/min" in before and "gradient fidelity" not in before  # nothing measured yet
+    x = randn(4, 5, 16, seed=3)
+    for _ in range(3):
+        model(x).square().sum().backward()
+    table = wasi.summary(model)
+    for cost, (_, layer) in zip(table.layers, wasi.wasi_layers(model)):
+        values = [v for _, v in layer.grad_cosines]
+        assert len(values) == 2  # steps 1 and 2
+        assert (cost.grad_cosine_last, cost.grad_cosine_min) == (values[-1], min(values))
+        assert f"{values[-1]:.2f}/{min(values):.2f}" in str(table)
+    assert "gradient fidelity" in str(table)

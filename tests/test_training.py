@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_run_writes_summary_model_and_plot(tmp_path):
     assert (out / "model" / "wasi_config.json").is_file()
     vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["type"] == "val" for r in vals) == 2
+    # the gradient cosine each WASI layer measured: logged per step, summarised per layer
+    probes = [r for r in vals if r["type"] == "grad_cosine"]
+    layers = {name for r in probes for name in r["grad_cosine"]}
+    assert layers == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"}
+    assert all(-1.0 <= v <= 1.0 for r in probes for v in r["grad_cosine"].values())
+    assert set(written["grad_cosine"]) == layers
+    for name, stats in written["grad_cosine"].items():
+        values = [r["grad_cosine"][name] for r in probes if name in r["grad_cosine"]]
+        assert stats == {"min": min(values), "median": statistics.median(values), "last": values[-1],
+                         "probes": len(values)}
+    assert written["grad_cosine_min"] == min(v["min"] for v in written["grad_cosine"].values())
 
 
 def test_pretrain_then_finetune_loads_the_weights(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,24 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
+
+
+@dataclass
+class Probe:
+    """Where a probe step's backward puts its measurement (section 11).
+
+    ``cosine`` (0-dim float64) receives the cosine between the compressed and the exact weight
+    gradient. With ``boost`` (0-dim int64, a layer's persistent rank multiplier) and a
+    ``floor`` > 0, a cosine below the floor doubles ``boost`` (up to ``cap``) in the same
+    backward, on the device, and sets ``recheck``: the decision is part of the layer's state as
+    soon as backward ends, so a state saved then restores it.
+    """
+
+    cosine: Tensor
+    boost: Tensor | None = None
+    floor: float = 0.0
+    cap: int = 1
+    recheck: Tensor | None = None  # 0-dim bool: set when the ranks were raised (probe again next step)
 
 
 class WASILinearFunction(torch.autograd.Function):
@@ -23,23 +42,28 @@ class WASILinearFunction(torch.autograd.Function):
 
     Inputs: ``x (..., I)``, ``weight (O, I) | None``, ``left (O, k) | None``,
     ``right (k, I) | None``, ``bias (O,) | None``, ``notify`` (0-dim bool, set in backward)
-    ``| None``, ``core (r_1..r_m) | None`` and the
+    ``| None``, ``precondition`` (bool: scale the factor gradients,
+    :func:`wasi.functional.scale_factor_grads`), ``probe`` (:class:`Probe` ``| None``: with a
+    core, the exact ``x`` is saved too and backward measures the cosine between the compressed
+    and the exact weight gradient), ``core (r_1..r_m) | None`` and the
     bases ``U_n: (d_n, r_n)``. With no core the exact ``x`` is saved.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, core, *bases):
         if left is not None:
             y = F.linear(F.linear(x, right), left, bias)  # (..., k) -> (..., O), section 5
         else:
             y = F.linear(x, weight, bias)  # (..., O)
         ctx.notify = notify
         ctx.compressed = core is not None
+        ctx.precondition = precondition
+        ctx.probe = probe if ctx.compressed else None
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.save_for_backward(
-            None if ctx.compressed else x,
+            None if ctx.compressed and ctx.probe is None else x,
             weight if left is None else None,
             left,
             right,
@@ -53,7 +77,7 @@ class WASILinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, left, right, core, *bases = ctx.saved_tensors
         grads = _linear_backward(ctx, ctx.needs_input_grad[:5], grad_out, x, weight, left, right, core, bases)
-        return grads + (None, None) + (None,) * len(bases)
+        return grads + (None, None, None, None) + (None,) * len(bases)
 
 
 class WASILinearActFunction(torch.autograd.Function):
@@ -72,21 +96,23 @@ class WASILinearActFunction(torch.autograd.Function):
     function, or the attention core (:class:`wasi.models.vit.AttentionCore`) on ``(B, N, 3D)``.
 
     Inputs: as :class:`WASILinearFunction` with ``activation`` (a callable, not a tensor)
-    after ``notify``.
+    after ``probe``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, activation, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, activation, core, *bases):
         code = F.linear(x, right)  # (..., k)
         out = act_from_code(code, left, bias, activation)  # (..., O)
         ctx.notify = notify
         ctx.activation = activation
         ctx.compressed = core is not None
+        ctx.precondition = precondition
+        ctx.probe = probe if ctx.compressed else None
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.save_for_backward(
-            None if ctx.compressed else x, None, left, right, bias, code, core, *bases  # no dense weight: dW = M V^T
+        ctx.save_for_backward(  # no dense weight: dW = M V^T
+            None if ctx.compressed and ctx.probe is None else x, None, left, right, bias, code, core, *bases
         )
         return out
 
@@ -107,13 +133,15 @@ class WASILinearActFunction(torch.autograd.Function):
         # compressed input: the pieces M (summed over the slices) and V of dW = M V^T;
         # exact input: the gradients themselves, summed over the slices
         m = v = grad_w = grad_l = grad_r = feature = None
+        probing = ctx.probe is not None and need_weight  # the exact gradient too, for the probe
+        exact_w = exact_l = exact_r = None
         if need_weight and ctx.compressed:
             bases_first, code_first = WF.grad_pieces_costs(tuple(ctx.x_shape[:-1]), out_features, tuple(core.shape))
             if code_first <= bases_first:
                 feature = WF.feature_code(core, bases)  # (d_1, ..., d_{m-1}, r_m)
         codes = code if code.dim() > 1 else code.unsqueeze(0)
         grads = grad_out if grad_out.dim() > 1 else grad_out.unsqueeze(0)
-        inputs = None if ctx.compressed else (x if x.dim() > 1 else x.unsqueeze(0))
+        inputs = None if ctx.compressed and not probing else (x if x.dim() > 1 else x.unsqueeze(0))
         for start, stop in _slices(codes.shape, out_features, codes.element_size()):
             with torch.enable_grad():
                 pre = F.linear(codes[start:stop], left, bias).detach().requires_grad_(True)  # (s, ..., O)
@@ -132,15 +160,19 @@ class WASILinearActFunction(torch.autograd.Function):
                 else:
                     piece = WF.contract_mode(g, bases[0][start:stop])  # (d_2, ..., O, r_1)
                 m = _accumulate(m, piece)
-                continue
+                if not probing:
+                    continue
+            # the exact input: the gradients themselves (or, when probing, the exact reference)
             g = grad_pre.reshape(-1, out_features)  # (t, O)
             xs = inputs[start:stop].reshape(g.shape[0], -1)  # (t, I)
             if need_w:
-                grad_w = _accumulate(grad_w, g.T @ xs)  # (O, I): a dense weight only
+                exact_w = _accumulate(exact_w, g.T @ xs)  # (O, I): a dense weight only
             if need_l:
-                grad_l = _accumulate(grad_l, g.T @ codes[start:stop].reshape(g.shape[0], -1))  # (O, k)
+                exact_l = _accumulate(exact_l, g.T @ codes[start:stop].reshape(g.shape[0], -1))  # (O, k)
             if need_r:
-                grad_r = _accumulate(grad_r, (g @ left).T @ xs)  # (k, I)
+                exact_r = _accumulate(exact_r, (g @ left).T @ xs)  # (k, I)
+        if not ctx.compressed:
+            grad_w, grad_l, grad_r = exact_w, exact_l, exact_r
         if m is not None:
             if feature is None:
                 m = WF.finish_bases_first(m, core, bases)  # (O, r_m)
@@ -152,10 +184,12 @@ class WASILinearActFunction(torch.autograd.Function):
                 grad_l = m @ (right.to(m.dtype) @ v).T  # (O, c) @ (c, k) -> (O, k)
             if need_r:
                 grad_r = (left.to(m.dtype).T @ m) @ v.T  # (k, c) @ (c, I) -> (k, I)
+        exact = (exact_w, exact_l, exact_r) if probing else None
+        grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, (grad_w, grad_l, grad_r), exact)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         grad_l = grad_l.to(left.dtype) if grad_l is not None else None
         grad_r = grad_r.to(right.dtype) if grad_r is not None else None
-        return (grad_x, grad_w, grad_l, grad_r, grad_b) + (None, None, None) + (None,) * len(bases)
+        return (grad_x, grad_w, grad_l, grad_r, grad_b) + (None,) * 5 + (None,) * len(bases)
 
 
 def _accumulate(total: Tensor | None, piece: Tensor) -> Tensor:
@@ -195,6 +229,46 @@ def act_from_code(code: Tensor, left: Tensor, bias: Tensor | None, activation: C
     return out
 
 
+def _grads_from_pieces(m: Tensor, v: Tensor, left: Tensor | None, right: Tensor | None, need_w: bool,
+                       need_l: bool, need_r: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dW, dL, dR)`` from ``dW = M V^T`` (``M: (O, c)``, ``V: (I, c)``), each only where needed.
+
+    Computed in ``M``'s dtype (a float16 input keeps its core in float32, modules.py).
+    """
+    grad_w = m @ v.T if need_w else None  # (O, I): only for a dense weight
+    grad_l = m @ (right.to(m.dtype) @ v).T if need_l else None  # (O, c) @ (c, k) -> (O, k)
+    grad_r = (left.to(m.dtype).T @ m) @ v.T if need_r else None  # (k, c) @ (c, I) -> (k, I)
+    return grad_w, grad_l, grad_r
+
+
+def _finish_weight_grads(ctx, left, right, grads, exact):
+    """Scale the factor gradients (``ctx.precondition``) and, given the exact ``(dW, dL, dR)``,
+    write the cosine between the compressed and the exact gradient to ``ctx.probe``."""
+    grad_w, grad_l, grad_r = grads
+    scaled = grads
+    if ctx.precondition and (grad_l is not None or grad_r is not None):
+        scaled = (grad_w, *WF.scale_factor_grads(grad_l, grad_r, left, right))  # section 11
+    if exact is not None:
+        pick = [i for i, t in enumerate(grads) if t is not None]
+        compressed = tuple(grads[i] for i in pick)
+        reference = tuple(exact[i] for i in pick)
+        metric = None
+        if scaled is not grads:  # the cosine in the step's metric
+            exact_scaled = (exact[0], *WF.scale_factor_grads(exact[1], exact[2], left, right))
+            metric = tuple(scaled[i] for i in pick) + tuple(exact_scaled[i] for i in pick)
+        if compressed:
+            probe = ctx.probe
+            cosine = WF.gradient_cosine(compressed, reference, scaled=metric)
+            probe.cosine.copy_(cosine)
+            if probe.boost is not None and probe.floor > 0:
+                raised = (probe.boost * 2).clamp_max(max(probe.cap, 1))
+                new = torch.where(cosine < probe.floor, raised, probe.boost)
+                if probe.recheck is not None:
+                    probe.recheck.copy_(new != probe.boost)
+                probe.boost.copy_(new)
+    return scaled
+
+
 def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
     """Gradients of ``(x, weight, left, right, bias)`` of ``Y = X W_eff^T + b`` given ``dY``."""
     if ctx.notify is not None:
@@ -212,13 +286,15 @@ def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
             m, v = WF.weight_grad_pieces(g.to(core.dtype), core, bases)  # (O, r_m), (I, r_m)
         else:
             m, v = WF.exact_grad_pieces(grad_out, x)  # (O, T), (I, T)
-        if need_w:
-            grad_w = (m @ v.T).to(ctx.weight_dtype)  # (O, I): only for a dense weight
-        if need_l:
-            # a float16 input keeps its core in float32 (modules.py): compute in m's dtype
-            grad_l = (m @ (right.to(m.dtype) @ v).T).to(left.dtype)  # (O, c) @ (c, k) -> (O, k)
-        if need_r:
-            grad_r = ((left.to(m.dtype).T @ m) @ v.T).to(right.dtype)  # (k, c) @ (c, I) -> (k, I)
+        grads = _grads_from_pieces(m, v, left, right, need_w, need_l, need_r)
+        exact = None
+        if ctx.compressed and ctx.probe is not None:  # the exact gradient of this step, for the probe
+            m_exact, v_exact = WF.exact_grad_pieces(grad_out.to(m.dtype), x.to(m.dtype))  # (O, T), (I, T)
+            exact = _grads_from_pieces(m_exact, v_exact, left, right, need_w, need_l, need_r)
+        grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, grads, exact)
+        grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
+        grad_l = grad_l.to(left.dtype) if grad_l is not None else None
+        grad_r = grad_r.to(right.dtype) if grad_r is not None else None
     if need_b and ctx.has_bias:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (O,)
     return (grad_x, grad_w, grad_l, grad_r, grad_b)
@@ -235,15 +311,22 @@ def wasi_linear(
     bases: tuple[Tensor, ...] = (),
     notify: Tensor | None = None,
     activation: Callable[[Tensor], Tensor] | None = None,
+    precondition: bool = False,
+    probe: Probe | None = None,
 ) -> Tensor:
     """Functional entry point of :class:`WASILinearFunction` (keyword arguments only).
 
     ``notify``, a 0-dim bool tensor, is set to True when the backward runs. ``activation``,
     an elementwise function applied to the output, switches to
-    :class:`WASILinearActFunction` (needs ``left`` and ``right``).
+    :class:`WASILinearActFunction` (needs ``left`` and ``right``). ``precondition`` scales the
+    factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
+    receives in backward the cosine between the compressed and the exact weight gradient
+    (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
+    a core it makes the forward save the exact ``x`` as well.
     """
     if activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")
-        return WASILinearActFunction.apply(x, weight, left, right, bias, notify, activation, core, *bases)
-    return WASILinearFunction.apply(x, weight, left, right, bias, notify, core, *bases)
+        return WASILinearActFunction.apply(x, weight, left, right, bias, notify, precondition, probe, activation,
+                                           core, *bases)
+    return WASILinearFunction.apply(x, weight, left, right, bias, notify, precondition, probe, core, *bases)

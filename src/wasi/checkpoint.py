@@ -16,7 +16,7 @@ from torch import nn
 
 from wasi.config import CONFIG_VERSION, WASIConfig
 from wasi.convert import _set_submodule, convert, wasi_layers
-from wasi.modules import WASILinear, dense_weight_of
+from wasi.modules import LEGACY_BUFFERS, WASILinear, dense_weight_of
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "wasi_config.json"
@@ -208,7 +208,7 @@ def _read_meta(path: str | os.PathLike, stacklevel: int = 4) -> tuple[WASIConfig
                               "recorded in it): the config must stay as wasi.save wrote it, since the weights "
                               "were trained with it. Restore the file, or save the model again")
     try:
-        config, unknown = WASIConfig.from_dict(meta.get("config", {}))
+        config, unknown = WASIConfig.from_dict(meta.get("config", {}), version=version)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: invalid config: {err}") from None
     if unknown:
@@ -333,7 +333,8 @@ def _check_header(model: nn.Module, config: WASIConfig, layers: dict, weights: P
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"layer {name}: {err}") from None
         expected.update({f"{name}.{k}": tuple(v.shape) for k, v in skeleton.state_dict().items()})
-    missing = [k for k in expected if k not in shapes and aliases.get(k) not in shapes]
+    missing = [k for k in expected if k not in shapes and aliases.get(k) not in shapes
+               and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2] in LEGACY_BUFFERS)]
     unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         raise CheckpointError(

@@ -9,7 +9,10 @@ from typing import Any
 
 MODES = ("factored", "reference", "activations-only", "weights-only")
 TARGETS = ("mlp", "attention", "all-linear")
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# what a field missing from a config saved at an older version meant then: such a config loads
+# with the behaviour it was trained with (version 1 had no scaled factor step, no gradient-cosine floor)
+LEGACY_DEFAULTS = {1: {"precondition": False, "grad_cosine_floor": 0.0}}
 
 
 def _is_real(value: Any) -> bool:
@@ -65,6 +68,20 @@ class WASIConfig:
         param_budget: the same choice under a parameter budget: the converted layers' weights
             may hold at most this fraction, in (0, 1], of their dense parameters (with
             ``fidelity``: the fewest parameters reaching it, never above the budget).
+        precondition: modes with weight factors (``factored``, ``weights-only``) scale the
+            factor gradients, ``dL -> dL (R R^T + delta I)^-1`` and ``dR -> (L^T L + delta I)^-1
+            dR`` (section 11), so that an SGD step moves ``L R`` by about
+            ``-lr (P_L dW + dW P_R)``, bounded by ``2 lr ||dW||`` whatever the layer's singular
+            values; False gives the plain factor gradients, whose step moves the top directions
+            ``1 + s^2`` times faster. The factors' ``.grad`` holds the scaled gradient.
+        grad_check_every: every this many training steps a layer that compresses its input keeps
+            the exact input for one step and measures the cosine between the compressed and the
+            exact weight gradient (``WASILinear.grad_cosine``); the layers take turns, so one step
+            holds the exact input of about ``layers / grad_check_every`` layers. 0 never measures.
+        grad_cosine_floor: a measured cosine below this doubles the layer's activation ranks (up to
+            the input's size; ranks from a plan too, saying that its budget no longer holds), warns
+            once, and measures again on the next step until the cosine holds; a layer already at
+            full rank warns. 0 only measures.
 
     Raises:
         ValueError: naming the field and the value when a field is invalid.
@@ -81,6 +98,9 @@ class WASIConfig:
     recompute_from_code: bool = False
     fidelity: float | None = None
     param_budget: float | None = None
+    precondition: bool = True
+    grad_check_every: int = 32
+    grad_cosine_floor: float = 0.4
 
     def __post_init__(self) -> None:
         _check_fraction("eps", self.eps)
@@ -121,6 +141,18 @@ class WASIConfig:
             raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
                 f"WASIConfig.recompute_from_code must be True or False, got {self.recompute_from_code!r}"
             )
+        if not isinstance(self.precondition, bool):
+            raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
+                f"WASIConfig.precondition must be True or False, got {self.precondition!r}"
+            )
+        every = self.grad_check_every
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(
+                f"WASIConfig.grad_check_every must be a non-negative integer, got {self.grad_check_every!r}"
+            )
+        floor = self.grad_cosine_floor
+        if not _is_real(floor) or math.isnan(floor) or not 0.0 <= floor < 1.0:
+            raise ValueError(f"WASIConfig.grad_cosine_floor must be a number in [0, 1), got {floor!r}")
         if self.recompute_from_code and self.mode == "activations-only":
             raise ValueError(
                 "WASIConfig.recompute_from_code rebuilds inputs from the weight factors' code X R^T; "
@@ -165,9 +197,24 @@ class WASIConfig:
             data["activation_rank"] = list(data["activation_rank"])
         return data
 
+    @property
+    def scaled_step(self) -> bool:
+        """True when the factor gradients are scaled (``precondition`` in a mode with factors)."""
+        return self.precondition and self.mode in ("factored", "weights-only")
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> tuple[WASIConfig, list[str]]:
-        """Build a config from a dict; returns it and the keys that were not understood."""
+    def from_dict(cls, data: dict[str, Any], version: int = CONFIG_VERSION) -> tuple[WASIConfig, list[str]]:
+        """Build a config from a dict; returns it and the keys that were not understood.
+
+        ``version`` is the format version the dict was saved with: a field it lacks takes the
+        value that version behaved with (``precondition=False`` before version 2), not
+        today's default.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        return cls(**{k: v for k, v in data.items() if k in known}), unknown
+        values = {k: v for k, v in data.items() if k in known}
+        for old, defaults in LEGACY_DEFAULTS.items():
+            if version <= old:
+                for key, value in defaults.items():
+                    values.setdefault(key, value)
+        return cls(**values), unknown

@@ -541,3 +541,83 @@ def exact_grad_pieces(grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
     x2 = x.reshape(-1, x.shape[-1])  # (T, I)
     return g.T, x2.T  # (O, T), (I, T)
+
+
+SCALED_STEP_DAMPING = 1e-3
+"""``delta`` of :func:`scale_factor_grads` relative to the mean eigenvalue of ``R R^T`` (``L^T L``)."""
+
+
+def _damped_gram(factor: Tensor, *, rows: bool, damping: float) -> Tensor:
+    # R R^T (rows=True) or L^T L, plus delta I with delta relative to its mean eigenvalue: scaling the
+    # weight by c scales both by c^2, so the scaled step does not depend on the weight's scale
+    gram = factor @ factor.T if rows else factor.T @ factor  # (k, k)
+    k = gram.shape[0]
+    mean = torch.diagonal(gram).sum() / k
+    delta = torch.where(mean > 0, damping * mean, torch.ones_like(mean))  # a zero factor: no scaling
+    return gram + delta * torch.eye(k, dtype=gram.dtype, device=gram.device)
+
+
+def scale_factor_grads(grad_left: Tensor | None, grad_right: Tensor | None, left: Tensor, right: Tensor, *,
+                       damping: float = SCALED_STEP_DAMPING) -> tuple[Tensor | None, Tensor | None]:
+    """Scaled gradients of the factors of ``W = L R`` (section 11, scaled gradient descent).
+
+    ``dL -> dL (R R^T + delta I)^-1`` and ``dR -> (L^T L + delta' I)^-1 dR``. An SGD step on the
+    scaled gradients changes ``L R`` by ``-lr (P_L dW + dW P_R)`` to first order, ``P_L`` and
+    ``P_R`` the projections onto the column space of ``L`` and the row space of ``R``: each
+    term at most ``lr ||dW||``, whatever the singular values of ``R``; the plain factor step is
+    ``-lr (L L^T dW + dW R^T R)``, whose top directions move ``1 + s^2`` times faster.
+    ``delta`` is ``damping`` times the mean eigenvalue of the Gram matrix, so that a direction
+    of ``R`` with a tiny singular value is not amplified without bound.
+
+    Args:
+        grad_left: ``dL (O, k)`` or None; grad_right: ``dR (k, I)`` or None;
+        left: ``L (O, k)``; right: ``R (k, I)``.
+        damping: ``delta`` relative to the mean eigenvalue, > 0.
+
+    Returns:
+        The scaled ``(dL, dR)`` in their dtypes (None stays None).
+    """
+    out_left = out_right = None
+    # the Gram matrix of c R (c = 2^-e ~ 1 / max|R|, exact) so that R R^T neither overflows (weights of
+    # 1e30) nor underflows; (R R^T)^-1 = c^2 (cR (cR)^T)^-1, c applied once before and once after
+    if grad_left is not None:
+        dtype = compute_dtype(grad_left.dtype)
+        r = right.to(dtype)
+        c = unit_scale(r)
+        gram = _damped_gram(r * c, rows=True, damping=damping)  # (k, k)
+        # symmetric: dL A^-1 = (A^-1 dL^T)^T
+        out_left = (torch.linalg.solve(gram, (grad_left.to(dtype) * c).T).T * c).to(grad_left.dtype)  # (O, k)
+    if grad_right is not None:
+        dtype = compute_dtype(grad_right.dtype)
+        lf = left.to(dtype)
+        c = unit_scale(lf)
+        gram = _damped_gram(lf * c, rows=False, damping=damping)  # (k, k)
+        out_right = (torch.linalg.solve(gram, grad_right.to(dtype) * c) * c).to(grad_right.dtype)  # (k, I)
+    return out_left, out_right
+
+
+def gradient_cosine(compressed: tuple[Tensor, ...], exact: tuple[Tensor, ...],
+                    scaled: tuple[Tensor, ...] | None = None) -> Tensor:
+    """Cosine between a compressed and an exact gradient, several tensors taken as one vector.
+
+    With ``scaled``, the gradients after :func:`scale_factor_grads` (a positive definite map
+    ``P``), the cosine is taken in the metric of the step,
+    ``<P g_c, g_e> / sqrt(<P g_c, g_c> <P g_e, g_e>)``. Either way it is positive exactly when
+    an SGD step along the compressed (scaled) gradient lowers the loss to first order.
+
+    Args:
+        compressed: ``g_c`` pieces; exact: ``g_e`` pieces of the same shapes;
+        scaled: None, or ``P g_c`` pieces followed by ``P g_e`` pieces.
+
+    Returns:
+        A 0-dim float64 tensor in [-1, 1] (0 when a gradient is zero).
+    """
+    n = len(compressed)
+    pc, pe = (compressed, exact) if scaled is None else (scaled[:n], scaled[n:])
+
+    def dot(a, b):
+        return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+    cross, cc, ee = dot(pc, exact), dot(pc, compressed), dot(pe, exact)
+    denom = (cc * ee).clamp_min(0).sqrt()
+    return torch.where(denom > 0, cross / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)

@@ -68,6 +68,11 @@ class LayerCost:
     activation_dense: int | None = None
     activation_wasi: int | None = None
     flops: dict[str, int] = field(default_factory=dict)  # forward/backward/inference, dense and wasi
+    # measured, not analytic: the cosine between the compressed and the exact weight gradient at the
+    # layer's probes (WASIConfig.grad_check_every); None before the first probe or without compression
+    grad_cosine_last: float | None = None
+    grad_cosine_min: float | None = None
+    scaled_step: bool = False  # factor gradients scaled (WASIConfig.precondition)
 
 
 def layer_cost(
@@ -93,6 +98,11 @@ def layer_cost(
         activation_ranks=None, mode=mode, weight_dense=o * i,
         weight_wasi=o * i if k is None else k * (o + i),
     )
+    if layer.grad_cosines:
+        cost.grad_cosine_last = layer.grad_cosines[-1][1]
+        cost.grad_cosine_min = min(v for _, v in layer.grad_cosines)
+    scaled = layer._buffers.get("scaled_step")
+    cost.scaled_step = scaled is not None and bool(scaled)
     if shape is None:
         return cost
     dims = list(shape)
@@ -174,7 +184,7 @@ class Summary:
         head = (
             f"{'layer':<{width}} {'shape (O, I)':>13} {'k':>5} {'act ranks':>14} "
             f"{'act MB dense':>12} {'act MB wasi':>11} {'W MB dense':>10} {'W MB wasi':>9} "
-            f"{'fwd GF d/w':>13} {'bwd GF d/w':>13} {'inf GF d/w':>13}"
+            f"{'fwd GF d/w':>13} {'bwd GF d/w':>13} {'inf GF d/w':>13} {'grad cos last/min':>17}"
         )
         lines = [head, "-" * len(head)]
 
@@ -182,6 +192,11 @@ class Summary:
             if f"{key}_wasi" not in c.flops:
                 return "-"
             return f"{c.flops[f'{key}_dense'] / 1e9:.2f}/{c.flops[f'{key}_wasi'] / 1e9:.2f}"
+
+        def cosines(c: LayerCost) -> str:
+            if c.grad_cosine_last is None:
+                return "-"
+            return f"{c.grad_cosine_last:.2f}/{c.grad_cosine_min:.2f}"
 
         def fmt(v: int | None) -> str:
             return "-" if v is None else f"{v * mb:.2f}"
@@ -193,7 +208,8 @@ class Summary:
                 f"{'-' if c.rank is None else c.rank:>5} {ranks:>14} "
                 f"{fmt(c.activation_dense):>12} {fmt(c.activation_wasi):>11} "
                 f"{fmt(c.weight_dense):>10} {fmt(c.weight_wasi):>9} "
-                f"{gf(c, 'forward'):>13} {gf(c, 'backward'):>13} {gf(c, 'inference'):>13}"
+                f"{gf(c, 'forward'):>13} {gf(c, 'backward'):>13} {gf(c, 'inference'):>13} "
+                f"{cosines(c):>17}"
             )
         t = self.totals()
         lines.append("-" * len(head))
@@ -211,6 +227,11 @@ class Summary:
             + ("" if all(c.input_shape for c in self.layers) else
                "  (layers that have not run yet count weights only)")
         )
+        measured = [c for c in self.layers if c.grad_cosine_min is not None]
+        if measured:
+            worst = min(measured, key=lambda c: c.grad_cosine_min)
+            lines.append(f"gradient fidelity (cosine of the compressed to the exact weight gradient, measured): "
+                         f"lowest {worst.grad_cosine_min:.3f} in {worst.name}")
         return "\n".join(lines)
 
 
@@ -218,7 +239,9 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
     """Per-layer analytic table of a converted model (section 9).
 
     Activation columns use the input each layer last saw (run one training step first), or
-    ``input_shapes[path]`` when given.
+    ``input_shapes[path]`` when given. The gradient-cosine column is measured, not analytic:
+    the last and lowest cosine of each layer's probes (``WASIConfig.grad_check_every``),
+    including one measured in a backward not yet collected.
 
     Raises:
         ValueError: the model has no WASI layer.
@@ -227,6 +250,8 @@ def summary(model: nn.Module, *, input_shapes: dict[str, tuple[int, ...]] | None
     if not layers:
         raise ValueError("model has no WASI layer: call wasi.convert first")
     input_shapes = input_shapes or {}
+    for _, layer in layers:
+        layer.collect_grad_cosines()
     costs = [layer_cost(m, n, input_shapes.get(n)) for n, m in layers]
     p = next(iter(layers[0][1].parameters()))
     return Summary(costs, p.element_size())

@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wasi import functional as WF
-from wasi.autograd import act_from_code, wasi_linear
+from wasi.autograd import Probe, act_from_code, wasi_linear
 from wasi.config import WASIConfig
 from wasi.functional import NonFiniteError
 
 MAX_MODES = 4  # inputs of 2, 3 or 4 dims: (B, I), (B, N, I), (B, H, W, C)
+
+# buffers a state saved by an older version lacks, and the value that state behaved with
+LEGACY_BUFFERS = {"scaled_step": False, "rank_boost": 1, "recheck": False}
 
 # What a training forward / backward does with NaN or inf (see ``set_nonfinite_policy``)
 NONFINITE_POLICIES = ("raise", "skip", "off")
@@ -86,11 +89,24 @@ class WASILinear(nn.Module):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("backward_seen", torch.tensor(False, device=device))
+        if config.factor_weights and mode != "reference":
+            # whether the factor gradients are scaled (section 11); a state saved before this
+            # buffer existed trained without (see _load_from_state_dict)
+            self.register_buffer("scaled_step", torch.tensor(config.scaled_step, device=device))
         if config.compress_activations:
             # ranks measured once from the first batch when the config gives an energy
             self.register_buffer("activation_ranks", torch.zeros(MAX_MODES, dtype=torch.int64, device=device))
             for n in range(MAX_MODES):
                 self.register_buffer(f"basis_{n}", torch.empty(0, 0, device=device))
+            # the activation ranks are multiplied by this (doubled when the gradient fidelity falls
+            # below config.grad_cosine_floor), then clipped to the input's shape
+            self.register_buffer("rank_boost", torch.tensor(1, dtype=torch.int64, device=device))
+            # set when a probe raised the ranks: the next step probes again, until the cosine holds
+            self.register_buffer("recheck", torch.tensor(False, device=device))
+            # the cosine a probe step's backward writes (WASILinearFunction's probe); a measurement,
+            # not state: not saved
+            self.register_buffer("grad_cosine", torch.tensor(math.nan, dtype=torch.float64, device=device),
+                                 persistent=False)
         # an elementwise activation fused into the layer (WASIConfig.recompute_from_code):
         # its input is rebuilt from the code X R^T in backward; site is the parent's attribute
         self.activation: nn.Module | None = None
@@ -99,6 +115,10 @@ class WASILinear(nn.Module):
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
         self._warned: set[str] = set()  # fallbacks already reported (once per layer and kind)
+        self.grad_cosines: list[tuple[int, float]] = []  # (step, cosine) of every probe so far
+        self.grad_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
+        self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
+        self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -226,10 +246,13 @@ class WASILinear(nn.Module):
             scale = self._check_finite(x)
             if scale is None:
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
-                y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias)
+                y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
+                                precondition=self._scaled())
                 return y if self.activation is None else self.activation(y)
+        self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
+        probe = self._start_probe()
         self.step += 1
         y = wasi_linear(
             x,
@@ -241,6 +264,8 @@ class WASILinear(nn.Module):
             bases=tuple(bases),
             notify=self.backward_seen,
             activation=self.activation,
+            precondition=self._scaled(),
+            probe=probe,
         )
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
@@ -250,7 +275,8 @@ class WASILinear(nn.Module):
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                               notify=self.backward_seen, activation=self.activation)
+                               notify=self.backward_seen, activation=self.activation,
+                               precondition=self._scaled())
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
             (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
@@ -259,10 +285,85 @@ class WASILinear(nn.Module):
         with torch.no_grad():
             core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
         saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        # the step's probe (if it is one) is measured here: the first forward's saved tensors are gone
+        probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
             bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
+            precondition=self._scaled(), probe=probe,
         )
+
+    def _scaled(self) -> bool:
+        scaled = self._buffers.get("scaled_step")
+        return scaled is not None and bool(scaled)
+
+    # ------------------------------------------------------------------ gradient fidelity
+    def probes_at(self, step: int) -> bool:
+        """Whether this layer measures its gradient cosine at training step ``step`` (0-based).
+
+        Every ``config.grad_check_every`` steps from step 1 (step 0 picks the ranks), shifted by the
+        layer's seed (its index in the model), so that the layers take turns keeping their exact
+        input; and the step after a probe that raised the ranks, until the cosine holds.
+        """
+        every = self.config.grad_check_every
+        if not (every and self.config.compress_activations and step >= 1):
+            return False
+        return (step - 1 - int(self.seed)) % every == 0 or bool(self.recheck)
+
+    def _start_probe(self) -> Probe | None:
+        step = int(self.step)
+        if not self.probes_at(step):
+            return None
+        self.grad_cosine.fill_(math.nan)  # stays NaN if no weight gradient is computed
+        # the boost that would make every mode full: doubling further changes nothing
+        ranks, x_shape = self.last_activation_ranks, self.last_input_shape
+        total = math.prod(x_shape)
+        need = max(math.ceil(min(d, total // d) / r) for r, d in zip(ranks, x_shape))
+        boost = int(self.rank_boost)
+        cap = boost * 2 ** max(0, math.ceil(math.log2(need))) if need > 1 else boost
+        probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.grad_cosine_floor), cap, self.recheck)
+        self._probe = (step, boost, probe)
+        return probe
+
+    def collect_grad_cosines(self) -> float | None:
+        """The cosine measured by the last probe step's backward, once; None if there is none new.
+
+        Records it in ``self.grad_cosines``. Below ``config.grad_cosine_floor`` the backward has already
+        doubled the layer's activation ranks for the next steps (``rank_boost``, part of the
+        state); this reports it in ``grad_actions`` and warns once per layer, and says so
+        when the ranks could not grow or came from a plan's memory budget.
+        :func:`collect_grad_cosines` does this for a whole model (a training loop calls it after
+        backward); otherwise the layer's next training forward does it.
+        """
+        if self._probe is None:
+            return None
+        (step, before, _), self._probe = self._probe, None
+        value = float(self.grad_cosine)
+        if math.isnan(value):  # no backward ran, or it computed no weight gradient
+            return None
+        self.grad_cosines.append((step, value))
+        floor = self.config.grad_cosine_floor
+        if floor > 0 and value < floor:
+            self._report_raise(step, value, floor, before, int(self.rank_boost))
+        return value
+
+    def _report_raise(self, step: int, value: float, floor: float, before: int, after: int) -> None:
+        ranks = self.last_activation_ranks
+        if after == before:
+            self.grad_actions.append({"step": step, "cosine": value, "action": "none", "ranks": ranks})
+            self._warn_once("fidelity-full", f"the compressed weight gradient has cosine {value:.3f} to the "
+                            f"exact one (below {floor}) at full activation rank {ranks}; nothing left to "
+                            "raise (warned once per layer)")
+            return
+        shape = self.last_input_shape
+        total = math.prod(shape)
+        new = tuple(min(r * after // before, d, total // d) for r, d in zip(ranks, shape))
+        self.grad_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
+                                      "new_ranks": new, "boost": after})
+        budget = " beyond the memory budget of its plan" if self.planned else ""
+        self._warn_once("fidelity-raise", f"the compressed weight gradient has cosine {value:.3f} to the exact "
+                        f"one at step {step} (below grad_cosine_floor {floor}): activation ranks {ranks} -> "
+                        f"{new}{budget} (warned once per layer; later raises are in grad_actions)")
 
     def _check_dtype(self, x: Tensor, training: bool) -> None:
         own = (self.left if self.left is not None else self.weight).dtype
@@ -437,6 +538,8 @@ class WASILinear(nn.Module):
                 stored.zero_()
                 stored[:dims] = torch.tensor(measured)
             ranks = stored[:dims].tolist()
+        boost = int(self.rank_boost)
+        ranks = [r * boost for r in ranks]
         total = x.numel()
         # a rank cannot exceed the mode nor the product of the other modes
         return [max(1, min(r, d, total // d)) for r, d in zip(ranks, x.shape)]
@@ -458,6 +561,11 @@ class WASILinear(nn.Module):
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state saved before these buffers existed: what it trained with (no scaled step, no raise)
+        for name, value in LEGACY_BUFFERS.items():
+            current = self._buffers.get(name)
+            if current is not None and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = torch.tensor(value, dtype=current.dtype, device=current.device)
         # bases change shape with the batch: take the checkpoint's shape
         for n in range(MAX_MODES):
             key = f"{prefix}basis_{n}"
@@ -485,6 +593,8 @@ class WASILinear(nn.Module):
         if self.rank is not None:
             parts.append(f"rank={self.rank}")
         parts.append(f"mode={self.config.mode}")
+        if "scaled_step" in self._buffers:
+            parts.append(f"scaled_step={self._scaled()}")
         if self.config.rank is None and self.config.factor_weights:
             parts.append(f"eps={self.config.eps}")
         if self.config.compress_activations:
@@ -497,6 +607,23 @@ class WASILinear(nn.Module):
         if self.activation is not None:
             parts.append(f"fused_activation={self.activation_site}")
         return ", ".join(parts)
+
+
+def collect_grad_cosines(model: nn.Module) -> dict[str, float]:
+    """Read every WASI layer's gradient cosine measured in the backward just run.
+
+    Call it after ``loss.backward()``: returns ``{layer path: cosine}`` for the layers that
+    probed this step (see ``WASIConfig.grad_check_every``), records them in each layer's
+    ``grad_cosines`` list and reports what ``grad_cosine_floor`` did in its ``grad_actions``
+    (:meth:`WASILinear.collect_grad_cosines`).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WASILinear):
+            value = module.collect_grad_cosines()
+            if value is not None:
+                found[module.name or name] = value
+    return found
 
 
 def _in_backward() -> bool:
@@ -580,10 +707,12 @@ def is_wrappable(module: nn.Module) -> bool:
 
 
 __all__ = [
+    "LEGACY_BUFFERS",
     "MAX_MODES",
     "NONFINITE_POLICIES",
     "NonFiniteError",
     "WASILinear",
+    "collect_grad_cosines",
     "dense_weight_of",
     "is_wrappable",
     "set_nonfinite_policy",

@@ -494,6 +494,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         with torch.no_grad():
             module.activation_ranks.zero_()
             module.activation_ranks[: len(ranks)] = torch.tensor(ranks, dtype=torch.int64)
+        module.planned = True  # a rank raised for gradient fidelity then says it exceeds the budget
         if layer.weight_rank is not None and module.rank is not None and module.rank != layer.weight_rank:
             warnings.warn(
                 f"{layer.name}: converted with weight rank {module.rank}, the plan says {layer.weight_rank}; "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from wasi.checkpoint import fsync_dir, fsync_file, remove_quietly
 from wasi.convert import AllDenseError
 from wasi.memory import count_saved_tensors
-from wasi.modules import NonFiniteError, set_nonfinite_policy
+from wasi.modules import NonFiniteError, WASILinear, collect_grad_cosines, set_nonfinite_policy
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import (
@@ -376,8 +376,10 @@ class Run:
             count = min(s.fit_samples, self.train.size)
 
             def calibration() -> None:
-                for start in range(0, count, s.eval_batch_size):
-                    idx = torch.arange(start, min(start + s.eval_batch_size, count))
+                # batches of the training size: the fidelity measure runs a backward, and holds no
+                # more activations than a training step
+                for start in range(0, count, s.batch_size):
+                    idx = torch.arange(start, min(start + s.batch_size, count))
                     bundle.logits(make_batch(self.train, idx, self.pad_id, self.device))
 
             self.print(f"fitting the weight factors to the outputs of {count} training samples"
@@ -635,6 +637,52 @@ class Run:
                     kept.append(line)
             self._write_file(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
+    def _log_grad_cosines(self) -> None:
+        """Record the gradient cosines the WASI layers measured in this backward, and what they did."""
+        cosines = collect_grad_cosines(self.model)
+        if not cosines:
+            return
+        step = self.step + 1
+        self._metric({"type": "grad_cosine", "step": step, "epoch": self.epoch + 1, "grad_cosine": cosines})
+        for name, module in self.model.named_modules():
+            if isinstance(module, WASILinear) and module.grad_actions:
+                for action in module.grad_actions:
+                    label = module.name or name
+                    self._metric({"type": "grad_action", "step": step, "layer": label, **action})
+                    if action["action"] == "raise":
+                        budget = " (beyond the plan's memory budget)" if module.planned else ""
+                        self.print(f"step {step}: {label}: gradient cosine {action['cosine']:.3f} below "
+                                   f"{module.config.grad_cosine_floor}: activation ranks {action['ranks']} -> "
+                                   f"{action['new_ranks']}{budget}")
+                    else:
+                        self.print(f"step {step}: warning: {label}: gradient cosine {action['cosine']:.3f} "
+                                   f"below {module.config.grad_cosine_floor} at full activation rank")
+                module.grad_actions.clear()
+
+    def _grad_cosine_records(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        records = []
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("type") == "grad_cosine":
+                    records.append(record)
+        return records
+
+    def _grad_cosine_summary(self, records: list[dict]) -> dict | None:
+        """Per layer: min, median and last measured cosine and the number of probes (None: none)."""
+        per_layer: dict[str, list[float]] = {}
+        for record in records:
+            for name, value in record["grad_cosine"].items():
+                per_layer.setdefault(name, []).append(value)
+        if not per_layer:
+            return None
+        return {name: {"min": min(v), "median": median(v), "last": v[-1], "probes": len(v)}
+                for name, v in per_layer.items()}
+
     # ---------------- evaluation
     @torch.no_grad()
     def evaluate(self, split: Split) -> tuple[float, float]:
@@ -716,6 +764,7 @@ class Run:
             problem = None if math.isfinite(value) else f"the loss is {value}"
             if problem is None:
                 loss.backward()
+                self._log_grad_cosines()
                 norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP))
                 problem = None if math.isfinite(norm) else f"the gradient norm is {norm}"
         except NonFiniteError as err:
@@ -850,8 +899,12 @@ class Run:
             prompt, continuation = generation_sample(self.model, self.bundle.tokenizer, self.test, self.device)
             summary["generation_sample"] = {"prompt": prompt, "continuation": continuation}
             self.print(f"sample: {prompt!r} -> {continuation!r}")
+        cosines = self._grad_cosine_records()
+        layers = self._grad_cosine_summary(cosines)
+        summary["grad_cosine_min"] = min(v["min"] for v in layers.values()) if layers else None
+        summary["grad_cosine"] = layers
         self._export()
-        self._plot()
+        self._plot(cosines)
         # written last: a summary.json means the model, metrics and plot before it are all complete
         self._write_file(self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
         step_s = summary["train_step_s_median"]  # None when a resumed run had no step left to take
@@ -931,8 +984,8 @@ class Run:
                 raise self._write_failed(folder, err) from None
             raise
 
-    def _plot(self) -> None:
-        fig = draw_curves(self.s.method, self.loss_history, self.val_history, self._score_name)
+    def _plot(self, cosines: list[dict]) -> None:
+        fig = draw_curves(self.s.method, self.loss_history, self.val_history, self._score_name, cosines)
         try:
             self._write_file(self.out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         finally:
@@ -942,8 +995,9 @@ class Run:
 
 
 def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history: list[dict],
-                metric: str = "accuracy"):
-    """The training loss and the validation ``metric`` against the step, as a matplotlib figure.
+                metric: str = "accuracy", cosines: list[dict] | None = None):
+    """The training loss, each WASI layer's gradient cosine (when ``cosines``, the metrics'
+    ``grad_cosine`` records, are given) and the validation ``metric`` against the step.
 
     Each logged value is drawn as a point, joined by lines: a short run's single value still shows.
     """
@@ -952,11 +1006,27 @@ def draw_curves(method: str, loss_history: list[tuple[int, float]], val_history:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if cosines else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax1, ax2 = axes[0], axes[-1]
     if loss_history:
         steps, losses = zip(*loss_history)
         ax1.plot(steps, losses, "o-", markersize=3)
     ax1.set(xlabel="step", ylabel="training loss", title=f"{method}: loss")
+    if cosines:  # beside the loss: one line per layer
+        ax = axes[1]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for record in cosines:
+            for name, value in record["grad_cosine"].items():
+                series.setdefault(name, []).append((record["step"], value))
+        for name, points in series.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker=".", linewidth=0.8, label=name if len(series) <= 12 else None)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set(xlabel="step", ylabel="cosine to the exact gradient", ylim=(-1.05, 1.05),
+               title=f"{method}: weight-gradient fidelity")
+        if len(series) <= 12:
+            ax.legend(fontsize=6)
     points = [(r["step"], r[f"val_{metric}"]) for r in val_history if f"val_{metric}" in r]
     if points:
         ax2.plot(*zip(*points), "o-")
