@@ -446,7 +446,7 @@ def _fill_at(monkeypatch, disk: SmallDisk, phase: str) -> None:
             return original(self)
 
         monkeypatch.setattr(Run, "save_checkpoint", hooked)
-    elif phase == "metrics":  # the first metric line, at step 2: the step-1 checkpoint is there
+    elif phase == "metrics":  # the first metric line (the layers' gradient cosines), at step 1
         original_metric, metric_calls = Run._metric, []
 
         def hooked_metric(self, record):
@@ -460,10 +460,10 @@ def _fill_at(monkeypatch, disk: SmallDisk, phase: str) -> None:
         name = {"model": "_export", "plot": "_plot", "summary": "_plot"}[phase]
         original_phase = getattr(Run, name)
 
-        def hooked_phase(self):
+        def hooked_phase(self, *args):
             if phase != "summary":
                 disk.fill()
-            original_phase(self)
+            original_phase(self, *args)
             if phase == "summary":  # after the plot: only summary.json is left to write
                 disk.fill()
 
@@ -472,7 +472,7 @@ def _fill_at(monkeypatch, disk: SmallDisk, phase: str) -> None:
 
 @pytest.mark.parametrize("phase,file", [
     ("checkpoint", "the checkpoint {out}/checkpoint.pt at step 4"),
-    ("metrics", "{out}/metrics.jsonl at step 2"),
+    ("metrics", "{out}/metrics.jsonl at step 1"),
     ("model", "{out}/model at step 4"),
     ("plot", "{out}/curves.png at step 4"),
     ("summary", "{out}/summary.json at step 4"),
