@@ -76,7 +76,9 @@ def test_help_texts_name_every_model_and_document_every_option():
     commands = _subcommands(build_parser(lazy=True))
     train, pretrain = commands["train"], commands["pretrain"]
     model_help = next(a.help for a in train._actions if a.dest == "model")
-    for name in ("minilm", "vit-micro", "vit-tiny", "vit-small", "vit-b32"):
+    from wasi.training.models import MODEL_NAMES
+
+    for name in MODEL_NAMES:
         assert name in model_help, name
     for parser in (train, pretrain):
         undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
@@ -87,6 +89,26 @@ def test_help_texts_name_every_model_and_document_every_option():
     for needle in ("--method", "--eps", "--recompute", "--init-samples", "--plan"):
         assert needle not in text, needle
     assert "minute" not in _help(commands["demo"]) and "min)" not in _help(build_parser(lazy=True))
+
+
+def test_the_defaults_the_help_states_are_the_codes():
+    from wasi.training.loop import DEFAULT_FIDELITY, DEFAULT_INIT_SAMPLES, DEFAULT_LR, LORA_LR_FACTOR, TrainSettings
+
+    train = _subcommands(build_parser(lazy=True))["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    defaults = {a.dest: a.default for a in train._actions}
+    assert f"default {DEFAULT_FIDELITY:g}" in helps["fidelity"]
+    assert f"default {DEFAULT_INIT_SAMPLES}" in helps["init_samples"]
+    import re
+
+    adamw, sgd = re.search(r"default (\S+) adamw, (\S+) sgd", helps["lr"]).groups()
+    assert (float(adamw), float(sgd)) == (DEFAULT_LR["adamw"], DEFAULT_LR["sgd"])
+    assert f"default {LORA_LR_FACTOR:g}x --lr" in helps["lora_lr"]
+    settings = TrainSettings(model="vit-micro", data="digits", out="x")
+    for name in ("eps", "batch_size", "checkpoint_every", "log_every", "max_length", "method", "target", "optimizer"):
+        assert str(defaults[name]) == str(getattr(settings, name)), name
+        assert f"{getattr(settings, name)} (default)" in helps[name] or \
+            f"default {getattr(settings, name)}" in helps[name], name
 
 
 # ============================================================================ the output folder
