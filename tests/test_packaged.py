@@ -96,3 +96,18 @@ def test_a_model_whose_file_reader_is_missing_names_its_install_command_before_f
     with pytest.raises(ValueError, match=rf"needs the package {reader}: pip install {reader} \(or pip install -e"):
         getattr(source, folder)(tmp_path)
     assert not fetched and not any(tmp_path.iterdir())  # nothing fetched or written
+
+
+def test_a_converted_folder_is_reused_only_whole_and_from_the_same_converter(tmp_path):
+    from wasi.models.packaged import SOURCE_FILE, is_converted
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not is_converted(folder, "config.json", 1)  # no record: a conversion cut short
+    (folder / SOURCE_FILE).write_text('{"converter": 1}')
+    assert is_converted(folder, "config.json", 1)
+    assert not is_converted(folder, "config.json", 2)  # an older converter's folder is made again
+    assert not is_converted(folder, "model.safetensors", 1)
+    (folder / SOURCE_FILE).write_text('{"converter": ')
+    assert not is_converted(folder, "config.json", 1)
