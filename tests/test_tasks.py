@@ -160,6 +160,33 @@ def test_task_mismatch_between_model_and_data_is_a_run_error(tiny_llama, tmp_pat
     with pytest.raises(RunError, match="image-classification"):
         run_training(_settings("vit-micro", "digits", tmp_path / "x", task="text-classification"),
                      print_fn=lambda _m: None)
+    # a causal LM told to classify takes text: image data is the wrong kind
+    with pytest.raises(RunError, match=r"takes text inputs but data 'digits' is image \(the model is for "
+                                       r"text-classification: --task text-classification"):
+        run_training(_settings(tiny_llama, "digits", tmp_path / "y", task="text-classification"),
+                     print_fn=lambda _m: None)
+
+
+def test_text_folders_a_causal_lm_cannot_read_are_one_line_errors(tiny_llama, tmp_path, capsys):
+    blank, latin, two, short = (tmp_path / name for name in ("blank", "latin", "two", "short"))
+    for folder in (blank, latin, two, short):
+        folder.mkdir()
+    (blank / "empty.txt").write_text("  \n")
+    (latin / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for i in range(2):
+        (two / f"d{i}.txt").write_text("the cat sat on a mat " * 20)
+    for i in range(12):
+        (short / f"d{i:02d}.txt").write_text("the cat")
+    for folder, message in (
+        (blank, "holds no non-empty .txt file: a causal-LM run needs a folder of .txt documents"),
+        (latin, "a.txt' is not UTF-8 text; convert it or remove it from the folder"),
+        (two, "a causal-LM split needs at least 3 documents"),
+        (short, "the training documents hold fewer than 32 tokens: add text or lower --max-length"),
+    ):
+        code = main(["train", "--model", str(tiny_llama), "--data", str(folder), "--out",
+                     str(tmp_path / f"o-{folder.name}"), "--steps", "1", "--max-length", "32"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bench_and_calibrate_refuse_a_causal_lm(tiny_llama, text_folder, tmp_path, capsys):

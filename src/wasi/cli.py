@@ -134,16 +134,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
                             help="vanilla, checkpointing, lora, galore, asi, wsi, wasi-reference, wasi (default)")
         parser.add_argument("--plan", default=None,
                             help="per-layer ranks from `wasi calibrate` (JSON); the WASI methods but wsi")
-        parser.add_argument("--eps", default=0.8, help="energy threshold of the WASI methods (default 0.8)")
+        parser.add_argument("--eps", default=0.8,
+                            help="energy threshold of the WASI methods: activation ranks, and weight ranks where "
+                                 "--fidelity does not choose them (default 0.8)")
         parser.add_argument("--init-samples", default=None,
                             help="wsi and wasi: fit each converted layer's factors to its outputs on this many "
-                                 "training samples (whitened SVD, same ranks as the truncated SVD; default 256); "
-                                 "0 = the truncated SVD of the weight")
+                                 "training samples (whitened SVD; default 256), which --fidelity also measures "
+                                 "the ranks on; 0 = the truncated SVD of the weight, ranks from --eps")
         parser.add_argument("--fidelity", default=None,
                             help="wsi and wasi: choose each layer's weight rank so that the converted layers keep "
                                  "this mean fraction of their output energy on the --init-samples samples, with "
                                  "the fewest parameters; layers whose factors would not pay stay dense "
-                                 "(default 0.9998); 0 = ranks from --eps")
+                                 "(default 0.9998; where it keeps every layer dense, ranks from --eps); "
+                                 "0 = ranks from --eps")
         parser.add_argument("--activation-rank", default=None,
                             help="fixed Tucker rank per mode (default: ranks from --eps)")
         parser.add_argument("--target", default="mlp",
@@ -189,8 +192,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
                         help="use only this many validation and test samples (causal LM: token windows)")
     parser.add_argument("--image-size", default=None,
                         help="image side: a folder of images of different sizes is resized to it when loaded, and "
-                             "the model is fed it (default: the model's own; only dinov2-s takes another, any "
-                             "multiple of 14)")
+                             "the model is fed it (default: the model's own; only DINOv2 models, dinov2-s or a "
+                             "DINOv2 folder, take another: a multiple of 14)")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
     parser.add_argument("--cache-dir", default=None,
                         help="data and converted-model cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")

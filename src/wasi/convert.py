@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -156,16 +157,8 @@ def input_grams(
 
     hooked = dict.fromkeys([*paths, *required])  # each once, in order
     handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn), with_kwargs=True) for fqn in hooked]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            calibration()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
+    with calibrating(model, handles), torch.no_grad():
+        calibration()
     missing = [fqn for fqn in required if fqn not in seen]
     if missing:
         raise ValueError(
@@ -174,6 +167,21 @@ def input_grams(
             "on inputs that reach every one"
         )
     return grams
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module, handles: list) -> Iterator[None]:
+    """The model in eval mode for a calibration run; then the hooks ``handles`` removed and every
+    module's training flag restored, also when the calibration raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

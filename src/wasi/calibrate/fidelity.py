@@ -351,27 +351,23 @@ def measure_sensitivities(
         for fqn in paths:
             outputs[fqn].clear()
 
+    from wasi.convert import calibrating
     from wasi.modules import dense_weight_of
 
     handles = [model.get_submodule(fqn).register_forward_hook(keep(fqn)) for fqn in paths]
     handles.append(model.register_forward_hook(differentiate))
-    modes = [(m, m.training) for m in model.modules()]
     # a frozen layer's output would carry no gradient: its weight requires one for this run only
     weights = [dense_weight_of(model.get_submodule(fqn))[0] for fqn in paths]
     flags = [(w, w.requires_grad) for w in weights]
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        model.eval()
-        with torch.enable_grad():
-            calibration()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-        for w, flag in flags:
-            w.requires_grad_(flag)
+    with calibrating(model, handles):
+        try:
+            for w in weights:
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                calibration()
+        finally:
+            for w, flag in flags:
+                w.requires_grad_(flag)
     values = {fqn: grad_sq[fqn] / max(tokens[0], 1) * energy[fqn] / dense_weight_of(model.get_submodule(fqn))[0].shape[0]
               for fqn in paths}
     mean = sum(values.values()) / len(values) if values else 0.0

