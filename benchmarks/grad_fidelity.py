@@ -11,8 +11,14 @@ Variants: ``before`` (plain factor gradients, no fidelity floor: the behaviour o
 algorithm). ``--first-step`` instead measures, per layer, how far one SGD step moves ``L R``
 (``||delta(L R)||``) in each mode from the same weights and batch, and its ratio to ``reference``.
 
+``--model dinov2-s --data fashion-mnist`` runs the same comparison on DINOv2 ViT-S/14 (the split and
+image size of ``wasi train``; ``--fidelity`` chooses the weight ranks as ``wasi train`` does, 0: by
+``--eps``).
+
     python benchmarks/grad_fidelity.py --steps 96 --grad-check-every 8 --variants before,after
     python benchmarks/grad_fidelity.py --first-step --lr 0.05
+    python benchmarks/grad_fidelity.py --model dinov2-s --data fashion-mnist --image-size 56 \
+        --max-train-samples 2000 --max-eval-samples 500 --fidelity 0.9998 --batch-size 32
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import wasi
 from wasi.data import load_dataset, split_stratified
 from wasi.modules import collect_grad_cosines
 from wasi.training.batches import epoch_order, make_batch, make_split
-from wasi.training.models import build_model
+from wasi.training.models import build_model, model_logits
 
 VARIANTS = {
     "before": {"mode": "factored", "precondition": False, "grad_cosine_floor": 0.0},
@@ -41,32 +47,42 @@ VARIANTS = {
 
 def _setup(args):
     torch.manual_seed(args.seed)
-    data = load_dataset("spam")
+    data = load_dataset(args.data)
     train, val, _ = split_stratified(data, fractions=(0.8, 0.1, 0.1), seed=args.seed)
-    bundle = build_model("minilm", num_classes=len(data.classes))
-    pad = bundle.tokenizer.pad_token_id
-    return bundle, make_split(train, bundle, args.max_length), make_split(val, bundle, args.max_length), pad
+    bundle = build_model(args.model, num_classes=len(data.classes))
+    pad = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
+    train = _head(train, args.max_train_samples)
+    val = _head(val, args.max_eval_samples)
+    return (bundle, make_split(train, bundle, args.max_length, args.image_size),
+            make_split(val, bundle, args.max_length, args.image_size), pad)
+
+
+def _head(ds, count):
+    """The first ``count`` samples of a Dataset (all when None or larger), as ``wasi train`` cuts them."""
+    return ds if count is None or count >= len(ds) else ds.subset(list(range(count)))
 
 
 def _convert(args, bundle, train, pad, fields, fit=True):
     model = bundle.model
 
     def calibration():
-        for start in range(0, args.init_samples, 64):
-            idx = torch.arange(start, min(start + 64, args.init_samples))
+        count = min(args.init_samples, train.size)
+        step = 64 if args.model == "minilm" else args.batch_size  # the fidelity measure runs a backward
+        for start in range(0, count, step):
+            idx = torch.arange(start, min(start + step, count))
             bundle.logits(make_batch(train, idx, pad, torch.device("cpu")))
 
-    config = wasi.WASIConfig(eps=args.eps, target=args.target, seed=args.seed,
-                             grad_check_every=args.grad_check_every, **fields)
     fit = fit and args.init_samples > 0 and fields["mode"] != "reference"  # as wasi train: wsi and wasi only
+    fidelity = (args.fidelity or None) if fit else None  # ranks by fidelity are chosen from the fit
+    config = wasi.WASIConfig(eps=args.eps, target=args.target, seed=args.seed, fidelity=fidelity,
+                             grad_check_every=args.grad_check_every, **fields)
     wasi.convert(model, config, calibration=calibration if fit else None)
     model.train()
     return model
 
 
 def _loss(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return F.cross_entropy(out.logits, batch["labels"])
+    return F.cross_entropy(model_logits(model, batch), batch["labels"])
 
 
 @torch.no_grad()
@@ -76,7 +92,7 @@ def _evaluate(model, split, pad):
     for start in range(0, split.size, 64):
         idx = torch.arange(start, min(start + 64, split.size))
         batch = make_batch(split, idx, pad, torch.device("cpu"))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model_logits(model, batch)
         total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     model.train()
@@ -165,7 +181,8 @@ def markdown(results: list[dict]) -> str:
             cosine = "-" if layer["min"] is None else f"{layer['min']:.3f} / {layer['median']:.3f}"
             ranks = layer["final_activation_ranks"]
             cells += [cosine, "x".join(map(str, ranks)) if ranks else "-"]
-        lines.append(f"| {name.replace('bert.encoder.', '')} | " + " | ".join(cells) + " |")
+        short = name.replace("bert.encoder.", "").replace("dinov2.encoder.", "")
+        lines.append(f"| {short} | " + " | ".join(cells) + " |")
     lines.append("| val accuracy / loss | " + " | ".join(
         f"{r['val_accuracy']:.4f} / {r['val_loss']:.4f} | " for r in results) + "|")
     return "\n".join(lines)
@@ -174,6 +191,13 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="before,after", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--model", default="minilm", choices=("minilm", "dinov2-s"))
+    parser.add_argument("--data", default=None, help="default spam (minilm), fashion-mnist (dinov2-s)")
+    parser.add_argument("--image-size", type=int, default=None, help="dinov2-s: image side (default 224)")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="validation samples")
+    parser.add_argument("--fidelity", type=float, default=0.0,
+                        help="weight ranks by output fidelity on the fit samples (0, the default: by --eps)")
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eps", type=float, default=0.8)
@@ -188,6 +212,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--table", default=None, help="print the markdown table of a --json file and exit")
     args = parser.parse_args()
+    if args.data is None:
+        args.data = "spam" if args.model == "minilm" else "fashion-mnist"
     if args.table:
         with open(args.table) as handle:
             print(markdown(json.load(handle)["results"]))

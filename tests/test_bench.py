@@ -235,3 +235,30 @@ def test_report_says_how_the_accuracy_runs_started(init_samples, expected):
     assert expected in text
     results["settings"]["train_epochs"] = None  # no accuracy runs: nothing to say
     assert "accuracy runs:" not in markdown(results)
+
+
+def test_grad_fidelity_script_takes_image_batches():
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from wasi.training.batches import Split
+    from wasi.training.models import build_model
+
+    path = Path(__file__).parent.parent / "benchmarks" / "grad_fidelity.py"
+    spec = importlib.util.spec_from_file_location("grad_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    bundle = build_model("vit-micro", num_classes=3)
+    images = torch.randn(5, bundle.channels, bundle.image_size, bundle.image_size)
+    split = Split(5, torch.tensor([0, 1, 2, 0, 1]), images=images)
+    loss = module._loss(bundle.model, {"images": images[:2], "labels": split.labels[:2]})
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    accuracy, mean_loss = module._evaluate(bundle.model, split, 0)
+    assert 0 <= accuracy <= 1 and mean_loss > 0
+    layer = {"min": 0.5, "median": 0.9, "final_activation_ranks": [2, 3, 4]}
+    table = module.markdown([{"variant": "after", "val_accuracy": 0.5, "val_loss": 1.0,
+                              "layers": {"dinov2.encoder.layer.0.mlp.fc1": layer}}])
+    assert "| layer.0.mlp.fc1 | 0.500 / 0.900 | 2x3x4 |" in table
