@@ -246,3 +246,24 @@ def test_freeze_embeddings_without_token_tables_is_a_clear_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "--freeze-embeddings: model 'vit-micro' has no nn.Embedding layer" in err
     assert "Traceback" not in err and not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_a_rank_raise_is_logged_at_the_runs_step(tmp_path, monkeypatch):
+    # the layer's own step counter starts at 0; metrics.jsonl counts the run's steps from 1
+    from torch import nn
+
+    import wasi
+    from wasi.training import loop
+
+    model = wasi.convert(nn.Sequential(nn.Linear(8, 8)), wasi.WASIConfig(rank=2, activation_rank=2),
+                         filter_fn=lambda _m, _n: True)
+    layer = wasi.wasi_layers(model)[0][1]
+    layer.grad_actions.append({"step": 36, "cosine": 0.1, "action": "raise", "ranks": [1, 1], "new_ranks": [2, 2]})
+    monkeypatch.setattr(loop, "collect_grad_cosines", lambda _model: {"0": 0.1})
+    run = loop.Run(_settings(tmp_path / "run"), print_fn=lambda _m: None)
+    run.out.mkdir(parents=True)
+    run.model, run.step = model, 36
+    run._log_grad_cosines()
+    records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in records] == [("grad_cosine", 37), ("grad_action", 37)]
+    assert records[1]["new_ranks"] == [2, 2] and layer.grad_actions == []

@@ -650,7 +650,7 @@ class Run:
             if isinstance(module, WASILinear) and module.grad_actions:
                 for action in module.grad_actions:
                     label = module.name or name
-                    self._metric({"type": "grad_action", "step": step, "layer": label, **action})
+                    self._metric({"type": "grad_action", **action, "step": step, "layer": label})  # the run's step
                     if action["action"] == "raise":
                         budget = " (beyond the plan's memory budget)" if module.planned else ""
                         self.print(f"step {step}: {label}: gradient cosine {action['cosine']:.3f} below "
