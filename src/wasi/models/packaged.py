@@ -159,3 +159,16 @@ def is_converted(folder: Path, required: str, converter: int) -> bool:
         return json.loads(record.read_text()).get("converter") == converter
     except ValueError:
         return False
+
+
+def publish_converted(tmp: Path, folder: Path, record: dict) -> dict:
+    """Finish a conversion written into ``tmp``: record where it came from (``SOURCE_FILE``) and
+    put it in ``folder``'s place, so that a half-written conversion is never taken for a whole one.
+
+    Returns:
+        ``record``.
+    """
+    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return record

