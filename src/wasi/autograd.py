@@ -177,13 +177,8 @@ class WASILinearActFunction(torch.autograd.Function):
             if feature is None:
                 m = WF.finish_bases_first(m, core, bases)  # (O, r_m)
             v = bases[-1]  # (I, r_m)
-            if need_w:
-                grad_w = m @ v.T
-            if need_l:
-                # a float16 input keeps its core in float32 (modules.py): compute in m's dtype
-                grad_l = m @ (right.to(m.dtype) @ v).T  # (O, c) @ (c, k) -> (O, k)
-            if need_r:
-                grad_r = (left.to(m.dtype).T @ m) @ v.T  # (k, c) @ (c, I) -> (k, I)
+            grad_w, grad_l, grad_r = WF.factor_grads(m, v, left, right, need_weight=need_w, need_left=need_l,
+                                                     need_right=need_r)  # section 5
         exact = (exact_w, exact_l, exact_r) if probing else None
         grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, (grad_w, grad_l, grad_r), exact)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
@@ -227,18 +222,6 @@ def act_from_code(code: Tensor, left: Tensor, bias: Tensor | None, activation: C
             out = piece.new_empty((code.shape[0], *piece.shape[1:]))
         out[start:stop] = piece
     return out
-
-
-def _grads_from_pieces(m: Tensor, v: Tensor, left: Tensor | None, right: Tensor | None, need_w: bool,
-                       need_l: bool, need_r: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dW, dL, dR)`` from ``dW = M V^T`` (``M: (O, c)``, ``V: (I, c)``), each only where needed.
-
-    Computed in ``M``'s dtype (a float16 input keeps its core in float32, modules.py).
-    """
-    grad_w = m @ v.T if need_w else None  # (O, I): only for a dense weight
-    grad_l = m @ (right.to(m.dtype) @ v).T if need_l else None  # (O, c) @ (c, k) -> (O, k)
-    grad_r = (left.to(m.dtype).T @ m) @ v.T if need_r else None  # (k, c) @ (c, I) -> (k, I)
-    return grad_w, grad_l, grad_r
 
 
 def _finish_weight_grads(ctx, left, right, grads, exact):
@@ -286,11 +269,12 @@ def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
             m, v = WF.weight_grad_pieces(g.to(core.dtype), core, bases)  # (O, r_m), (I, r_m)
         else:
             m, v = WF.exact_grad_pieces(grad_out, x)  # (O, T), (I, T)
-        grads = _grads_from_pieces(m, v, left, right, need_w, need_l, need_r)
+        needs = {"need_weight": need_w, "need_left": need_l, "need_right": need_r}
+        grads = WF.factor_grads(m, v, left, right, **needs)  # section 5
         exact = None
         if ctx.compressed and ctx.probe is not None:  # the exact gradient of this step, for the probe
             m_exact, v_exact = WF.exact_grad_pieces(grad_out.to(m.dtype), x.to(m.dtype))  # (O, T), (I, T)
-            exact = _grads_from_pieces(m_exact, v_exact, left, right, need_w, need_l, need_r)
+            exact = WF.factor_grads(m_exact, v_exact, left, right, **needs)
         grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, grads, exact)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         grad_l = grad_l.to(left.dtype) if grad_l is not None else None

@@ -8,11 +8,26 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("factored", "reference", "activations-only", "weights-only")
+# the modes whose weight is the product of factors L R (docs WASI.md section 6)
+FACTOR_MODES = ("factored", "reference", "weights-only")
+# the modes whose factors are the trained parameters (reference re-projects a dense weight instead)
+TRAINED_FACTOR_MODES = ("factored", "weights-only")
+# which linears ``convert`` wraps (docs WASI.md section 7)
 TARGETS = ("mlp", "attention", "all-linear")
 CONFIG_VERSION = 2
 # what a field missing from a config saved at an older version meant then: such a config loads
 # with the behaviour it was trained with (version 1 had no scaled factor step, no gradient-cosine floor)
 LEGACY_DEFAULTS = {1: {"precondition": False, "grad_cosine_floor": 0.0}}
+
+
+def has_weight_factors(mode: str) -> bool:
+    """True for a mode whose weight is the product ``L R`` (every mode but ``activations-only``)."""
+    return mode in FACTOR_MODES
+
+
+def trains_factors(mode: str) -> bool:
+    """True for a mode whose factors ``L``, ``R`` are the trained parameters (``factored``, ``weights-only``)."""
+    return mode in TRAINED_FACTOR_MODES
 
 
 def _is_real(value: Any) -> bool:
@@ -167,7 +182,7 @@ class WASIConfig:
             if self.rank is not None:
                 raise ValueError(f"WASIConfig.rank and WASIConfig.{knob} are exclusive: rank fixes every "
                                  f"layer's weight rank, {knob} chooses them, got rank={self.rank!r}")
-            if self.mode not in ("factored", "weights-only"):
+            if not trains_factors(self.mode):
                 raise ValueError(f"WASIConfig.{knob} chooses weight ranks from the fitted init, which modes "
                                  f"'factored' and 'weights-only' use; got mode={self.mode!r}")
 
@@ -182,7 +197,13 @@ class WASIConfig:
 
     @property
     def factor_weights(self) -> bool:
-        return self.mode != "activations-only"
+        """True when the weight is the product of factors ``L R`` (:func:`has_weight_factors`)."""
+        return has_weight_factors(self.mode)
+
+    @property
+    def trains_factors(self) -> bool:
+        """True when the factors are the trained parameters (:func:`trains_factors`)."""
+        return trains_factors(self.mode)
 
     @property
     def effective_activation_eps(self) -> float | None:
@@ -200,7 +221,7 @@ class WASIConfig:
     @property
     def scaled_step(self) -> bool:
         """True when the factor gradients are scaled (``precondition`` in a mode with factors)."""
-        return self.precondition and self.mode in ("factored", "weights-only")
+        return self.precondition and trains_factors(self.mode)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], version: int = CONFIG_VERSION) -> tuple[WASIConfig, list[str]]:

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from wasi import functional as WF
 from wasi.calibrate.plan import ActivationCandidate, LayerPlan, WeightCandidate
-from wasi.modules import MAX_MODES, WASILinear, dense_weight_of
+from wasi.guards import dense_weight_of
+from wasi.modules import MAX_MODES, WASILinear
 
 LossFn = Callable[[Any, Any], Tensor]
 STAT_DTYPE = torch.float64

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wasi.config import WASIConfig
+from wasi.config import WASIConfig, has_weight_factors
 from wasi.convert import convert, select_layers
 
 WASI_MODES = {
@@ -115,7 +115,7 @@ def apply_method(
         config = WASIConfig(
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
-            recompute_from_code=options.recompute and WASI_MODES[method] != "activations-only",
+            recompute_from_code=options.recompute and has_weight_factors(WASI_MODES[method]),
             fidelity=options.fidelity,
         )
         convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
