@@ -253,7 +253,7 @@ def test_calibration_that_is_not_callable_or_misses_layers_names_the_problem():
 
 
 def test_calibration_in_groups_fits_each_layer_to_the_converted_layers_before_it(monkeypatch):
-    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+    wc = importlib.import_module("wasi.calibrate.fit")  # where the Gram matrices are grouped
 
     model = _mlp()
     x = randn(64, 8, seed=3)
@@ -289,7 +289,7 @@ def test_calibration_records_a_layer_called_with_its_input_by_keyword():
 
 
 def test_a_conversion_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
-    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+    wc = importlib.import_module("wasi.calibrate.fit")  # where the Gram matrices are grouped
 
     model = _mlp()
     originals = list(model)
