@@ -89,15 +89,15 @@ def test_compressed_dense_weight_gradient_matches_hand_derivation():
     torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=0)
 
 
-def test_gradients_are_gated_on_needs_input_grad_and_notify_is_set():
+def test_gradients_are_gated_on_needs_input_grad_and_backward_seen_is_set():
     x = randn(B, N, I, seed=21)
     left = randn(O, K, seed=22)  # frozen
     right = randn(K, I, seed=23).requires_grad_()
-    notify = torch.tensor(False)
-    y = wasi_linear(x, left=left, right=right, notify=notify)
-    assert not bool(notify)
+    backward_seen = torch.tensor(False)
+    y = wasi_linear(x, left=left, right=right, backward_seen=backward_seen)
+    assert not bool(backward_seen)
     y.sum().backward()
-    assert bool(notify)
+    assert bool(backward_seen)
     assert left.grad is None and right.grad is not None and x.grad is None
 
 
@@ -113,3 +113,15 @@ def test_gradient_dtypes_follow_the_inputs_in_bfloat16():
     y.float().square().sum().backward()
     for t in (x, left, right, bias):
         assert t.grad.dtype == torch.bfloat16 and bool(torch.isfinite(t.grad).all())
+
+
+def test_the_former_keywords_notify_and_activation_still_work_with_a_deprecation_warning():
+    x, left, right = randn(5, 6, seed=1), randn(4, 3, seed=2), randn(3, 6, seed=3)
+    seen = torch.tensor(False)
+    with pytest.warns(DeprecationWarning, match="'notify' is deprecated.*'backward_seen'"):
+        y = wasi_linear(x.requires_grad_(), left=left, right=right, notify=seen)
+    y.sum().backward()
+    assert bool(seen)
+    with pytest.warns(DeprecationWarning, match="'activation' is deprecated.*'fused_activation'"):
+        old = wasi_linear(x, left=left, right=right, activation=torch.relu)
+    torch.testing.assert_close(old, wasi_linear(x, left=left, right=right, fused_activation=torch.relu))

@@ -331,3 +331,10 @@ def test_grad_pieces_costs_pick_the_cheaper_order():
     with pytest.raises(ValueError, match="order"):
         WF.weight_grad_pieces(randn(3, 4, seed=1, dtype=D), randn(2, 2, seed=2, dtype=D),
                               [_orthonormal(3, 2, 3), _orthonormal(5, 2, 4)], order="fast")
+
+
+def test_spectrum_rank_is_the_former_name_of_singular_value_rank():
+    s = torch.tensor([3.0, 2.0, 1.0])
+    with pytest.warns(DeprecationWarning, match="'spectrum_rank' is deprecated.*'singular_value_rank'"):
+        old = WF.spectrum_rank
+    assert old is WF.singular_value_rank and old(s, 0.9) == 2  # 9 + 4 of 14 reaches 0.9

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
+from wasi.guards import warn_renamed
 
 
 @dataclass
@@ -41,7 +42,7 @@ class WASILinearFunction(torch.autograd.Function):
     ``weight``: ``dL = M @ (V^T R^T)``, ``dR = (L^T M) @ V^T``.
 
     Inputs: ``x (..., I)``, ``weight (O, I) | None``, ``left (O, k) | None``,
-    ``right (k, I) | None``, ``bias (O,) | None``, ``notify`` (0-dim bool, set in backward)
+    ``right (k, I) | None``, ``bias (O,) | None``, ``backward_seen`` (0-dim bool, set in backward)
     ``| None``, ``precondition`` (bool: scale the factor gradients,
     :func:`wasi.functional.scale_factor_grads`), ``probe`` (:class:`Probe` ``| None``: with a
     core, the exact ``x`` is saved too and backward measures the cosine between the compressed
@@ -50,12 +51,12 @@ class WASILinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, backward_seen, precondition, probe, core, *bases):
         if left is not None:
             y = F.linear(F.linear(x, right), left, bias)  # (..., k) -> (..., O), section 5
         else:
             y = F.linear(x, weight, bias)  # (..., O)
-        ctx.notify = notify
+        ctx.backward_seen = backward_seen
         ctx.compressed = core is not None
         ctx.precondition = precondition
         ctx.probe = probe if ctx.compressed else None
@@ -83,7 +84,7 @@ class WASILinearFunction(torch.autograd.Function):
 class WASILinearActFunction(torch.autograd.Function):
     """``act(X (L R)^T + b)`` that saves the code ``Z = X R^T`` instead of the activation's input.
 
-    The elementwise ``activation`` (GELU in an MLP) normally saves its input ``H`` of shape
+    The elementwise ``fused_activation`` (GELU in an MLP) normally saves its input ``H`` of shape
     ``(..., O)``; here ``H = Z L^T + b`` is rebuilt exactly from ``Z (..., k)`` in the backward
     pass (one extra ``(..., k) x (k, O)`` matmul), then the gradients are those of
     :class:`WASILinearFunction` with ``dY = act'(H) * grad``. Needs the factors ``left``,
@@ -95,16 +96,17 @@ class WASILinearActFunction(torch.autograd.Function):
     ``activation`` that treats the indices of the first dim independently: an elementwise
     function, or the attention core (:class:`wasi.models.vit.AttentionCore`) on ``(B, N, 3D)``.
 
-    Inputs: as :class:`WASILinearFunction` with ``activation`` (a callable, not a tensor)
+    Inputs: as :class:`WASILinearFunction` with ``fused_activation`` (a callable, not a tensor)
     after ``probe``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, activation, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, backward_seen, precondition, probe, fused_activation, core,
+                *bases):
         code = F.linear(x, right)  # (..., k)
-        out = act_from_code(code, left, bias, activation)  # (..., O)
-        ctx.notify = notify
-        ctx.activation = activation
+        out = act_from_code(code, left, bias, fused_activation)  # (..., O)
+        ctx.backward_seen = backward_seen
+        ctx.fused_activation = fused_activation
         ctx.compressed = core is not None
         ctx.precondition = precondition
         ctx.probe = probe if ctx.compressed else None
@@ -120,8 +122,8 @@ class WASILinearActFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, _, left, right, bias, code, core, *bases = ctx.saved_tensors
-        if ctx.notify is not None:
-            ctx.notify.fill_(True)
+        if ctx.backward_seen is not None:
+            ctx.backward_seen.fill_(True)
         need_x, need_w, need_l, need_r, need_b = ctx.needs_input_grad[:5]
         need_weight = need_w or need_l or need_r
         out_features = left.shape[0]
@@ -145,7 +147,7 @@ class WASILinearActFunction(torch.autograd.Function):
         for start, stop in _slices(codes.shape, out_features, codes.element_size()):
             with torch.enable_grad():
                 pre = F.linear(codes[start:stop], left, bias).detach().requires_grad_(True)  # (s, ..., O)
-                (grad_pre,) = torch.autograd.grad(ctx.activation(pre), pre, grads[start:stop])
+                (grad_pre,) = torch.autograd.grad(ctx.fused_activation(pre), pre, grads[start:stop])
             del pre
             if need_x:
                 x_grad_buffer[start:stop] = F.linear(F.linear(grad_pre, left.T), right.T)  # (s, ..., I)
@@ -254,8 +256,8 @@ def _finish_weight_grads(ctx, left, right, grads, exact):
 
 def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
     """Gradients of ``(x, weight, left, right, bias)`` of ``Y = X W_eff^T + b`` given ``dY``."""
-    if ctx.notify is not None:
-        ctx.notify.fill_(True)  # tells the module a backward ran since its last forward
+    if ctx.backward_seen is not None:
+        ctx.backward_seen.fill_(True)  # tells the module a backward ran since its last forward
     need_x, need_w, need_l, need_r, need_b = needs
     grad_x = grad_w = grad_l = grad_r = grad_b = None
     if need_x:
@@ -284,6 +286,9 @@ def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
     return (grad_x, grad_w, grad_l, grad_r, grad_b)
 
 
+_UNSET = object()
+
+
 def wasi_linear(
     x: Tensor,
     *,
@@ -293,24 +298,33 @@ def wasi_linear(
     bias: Tensor | None = None,
     core: Tensor | None = None,
     bases: tuple[Tensor, ...] = (),
-    notify: Tensor | None = None,
-    activation: Callable[[Tensor], Tensor] | None = None,
+    backward_seen: Tensor | None = None,
+    fused_activation: Callable[[Tensor], Tensor] | None = None,
     precondition: bool = False,
     probe: Probe | None = None,
+    notify: Tensor | None = _UNSET,
+    activation: Callable[[Tensor], Tensor] | None = _UNSET,
 ) -> Tensor:
     """Functional entry point of :class:`WASILinearFunction` (keyword arguments only).
 
-    ``notify``, a 0-dim bool tensor, is set to True when the backward runs. ``activation``,
-    an elementwise function applied to the output, switches to
+    ``backward_seen``, a 0-dim bool tensor, is set to True when the backward runs.
+    ``fused_activation``, an elementwise function applied to the output, switches to
     :class:`WASILinearActFunction` (needs ``left`` and ``right``). ``precondition`` scales the
     factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
     receives in backward the cosine between the compressed and the exact weight gradient
     (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
-    a core it makes the forward save the exact ``x`` as well.
+    a core it makes the forward save the exact ``x`` as well. ``notify`` and ``activation`` are
+    the former names of ``backward_seen`` and ``fused_activation`` (deprecated: they warn).
     """
-    if activation is not None:
+    if notify is not _UNSET:
+        warn_renamed("notify", "backward_seen", "wasi_linear")
+        backward_seen = notify
+    if activation is not _UNSET:
+        warn_renamed("activation", "fused_activation", "wasi_linear")
+        fused_activation = activation
+    if fused_activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")
-        return WASILinearActFunction.apply(x, weight, left, right, bias, notify, precondition, probe, activation,
-                                           core, *bases)
-    return WASILinearFunction.apply(x, weight, left, right, bias, notify, precondition, probe, core, *bases)
+        return WASILinearActFunction.apply(x, weight, left, right, bias, backward_seen, precondition, probe,
+                                           fused_activation, core, *bases)
+    return WASILinearFunction.apply(x, weight, left, right, bias, backward_seen, precondition, probe, core, *bases)

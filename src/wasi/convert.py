@@ -139,7 +139,7 @@ def fuse_activations(model: nn.Module) -> list[str]:
 
     The parent's activation attribute becomes ``nn.Identity`` and the layer applies the
     activation itself, saving ``X R^T`` instead of the activation's input
-    (``WASIConfig.recompute_from_code``). :func:`unconvert` puts the activations back.
+    (``WASIConfig.fuse_activation``). :func:`unconvert` puts the activations back.
 
     Returns:
         The paths of the layers that received an activation.
@@ -151,12 +151,12 @@ def fuse_activations(model: nn.Module) -> list[str]:
             act = getattr(parent, act_name, None)
             if (
                 isinstance(layer, WASILinear)
-                and layer.activation is None
+                and layer.fused_activation is None
                 and layer.left is not None
                 and is_fusable_activation(act)
             ):
-                layer.activation = act
-                layer.activation_site = act_name
+                layer.fused_activation = act
+                layer.fused_activation_site = act_name
                 setattr(parent, act_name, nn.Identity())
                 fused.append(f"{path}.{linear_name}" if path else linear_name)
     return fused
@@ -241,9 +241,9 @@ def convert(
         if plan is not None:
             plan = dataclasses.replace(plan, layers=tuple(p for p in plan.layers if p.name not in dense))
     swap_layers(model, chosen, config, ranks=ranks, initialise=initialise, calibration=calibration)
-    if config.recompute_from_code and not fuse_activations(model):
+    if config.fuse_activation and not fuse_activations(model):
         warnings.warn(
-            "recompute_from_code=True but no converted layer is followed by a known activation "
+            "fuse_activation=True but no converted layer is followed by a known activation "
             f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
             RuntimeWarning,
             stacklevel=2,
@@ -485,10 +485,10 @@ def unconvert(model: nn.Module) -> nn.Module:
             dense.weight.requires_grad_(trainable)
         dense.train(layer.training)
         _set_submodule(model, fqn, dense)
-        if layer.activation is not None:  # give the parent its activation back
+        if layer.fused_activation is not None:  # give the parent its activation back
             parent_name = fqn.rpartition(".")[0]
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, layer.activation_site, layer.activation)
+            setattr(parent, layer.fused_activation_site, layer.fused_activation)
     return model
 
 

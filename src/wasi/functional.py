@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from wasi.guards import NonFiniteError, is_finite
+from wasi.guards import NonFiniteError, is_finite, warn_renamed
 
 
 def value_range(x: Tensor) -> Tensor:
@@ -152,7 +152,7 @@ def clip_ranks(ranks, shape) -> tuple[int, ...]:
     return tuple(max(1, min(int(r), d, total // d)) for r, d in zip(ranks, shape))
 
 
-def spectrum_rank(singular_values: Tensor, eps: float) -> int:
+def singular_value_rank(singular_values: Tensor, eps: float) -> int:
     """The weight rank ``eps`` gives on a weight's singular values (section 3), scale-free.
 
     Energies are taken from singular values scaled by a power of two, so a weight of 1e30 or
@@ -197,7 +197,7 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
         warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
                       stacklevel=2)
         u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
-    k = rank if rank is not None else spectrum_rank(s, eps)
+    k = rank if rank is not None else singular_value_rank(s, eps)
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
@@ -296,7 +296,7 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
     dtype = compute_dtype(weight.dtype)
     u, s, vh, chol = whitened_svd(weight, gram, damping=damping, name=name)
     if rank is None:
-        rank = spectrum_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
+        rank = singular_value_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
     right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)
     return u[:, :rank].to(dtype).contiguous(), right.to(dtype).contiguous()  # (O, k), (k, I)
 
@@ -691,3 +691,10 @@ def gradient_cosine(compressed: tuple[Tensor, ...], exact: tuple[Tensor, ...],
     cross, cc, ee = dot(pc, exact), dot(pc, compressed), dot(pe, exact)
     denom = (cc * ee).clamp_min(0).sqrt()
     return torch.where(denom > 0, cross / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
+
+
+def __getattr__(name: str):
+    if name == "spectrum_rank":  # the former name of singular_value_rank
+        warn_renamed("spectrum_rank", "singular_value_rank", "wasi.functional")
+        return singular_value_rank
+    raise AttributeError(f"module 'wasi.functional' has no attribute {name!r}")

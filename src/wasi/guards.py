@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,13 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
         f"cannot wrap {type(module).__name__}: supported layers are torch.nn.Linear and "
         "transformers' Conv1D (GPT-2)"
     )
+
+
+# ---------------------------------------------------------------------------- renamed names
+def warn_renamed(old: str, new: str, where: str, *, stacklevel: int = 3) -> None:
+    """Warn that ``old`` (a keyword, a key, a function) of ``where`` is now called ``new``."""
+    warnings.warn(f"{where}: {old!r} is deprecated and will be removed; use {new!r}", DeprecationWarning,
+                  stacklevel=stacklevel)
 
 
 # ---------------------------------------------------------------------------- the non-finite policy
@@ -157,4 +165,5 @@ __all__ = [
     "is_conv1d",
     "is_wrappable",
     "set_nonfinite_policy",
+    "warn_renamed",
 ]

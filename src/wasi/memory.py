@@ -146,8 +146,8 @@ def layer_cost(
     else:
         backward += mm_flops(k, i, c) + mm_flops(o, c, k)  # dL = M (R V)^T
         backward += mm_flops(k, o, c) + mm_flops(k, c, i)  # dR = (L^T M) V^T
-    if layer.activation is not None and k is not None:
-        # recompute_from_code: the code X R^T (T, k) is saved too, and H = Z L^T + b rebuilt in backward
+    if layer.fused_activation is not None and k is not None:
+        # fuse_activation: the code X R^T (T, k) is saved too, and H = Z L^T + b rebuilt in backward
         cost.activation_wasi += t * k
         backward += mm_flops(t, k, o)
     flops["forward_wasi"] = forward

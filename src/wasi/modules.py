@@ -113,10 +113,10 @@ class WASILinear(nn.Module):
             # not state: not saved
             self.register_buffer("grad_cosine", torch.tensor(math.nan, dtype=torch.float64, device=device),
                                  persistent=False)
-        # an elementwise activation fused into the layer (WASIConfig.recompute_from_code):
-        # its input is rebuilt from the code X R^T in backward; site is the parent's attribute
-        self.activation: nn.Module | None = None
-        self.activation_site: str | None = None
+        # an elementwise activation fused into the layer (WASIConfig.fuse_activation): its input is
+        # rebuilt from the code X R^T in backward; the site is the parent's attribute it came from
+        self.fused_activation: nn.Module | None = None
+        self.fused_activation_site: str | None = None
         self.last_input_shape: tuple[int, ...] | None = None
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
@@ -254,7 +254,7 @@ class WASILinear(nn.Module):
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
                 y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
                                 precondition=self._scaled())
-                return y if self.activation is None else self.activation(y)
+                return y if self.fused_activation is None else self.fused_activation(y)
         self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
@@ -268,8 +268,8 @@ class WASILinear(nn.Module):
             bias=self.bias,
             core=core,
             bases=tuple(bases),
-            notify=self.backward_seen,
-            activation=self.activation,
+            backward_seen=self.backward_seen,
+            fused_activation=self.fused_activation,
             precondition=self._scaled(),
             probe=probe,
         )
@@ -281,7 +281,7 @@ class WASILinear(nn.Module):
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                               notify=self.backward_seen, activation=self.activation,
+                               backward_seen=self.backward_seen, fused_activation=self.fused_activation,
                                precondition=self._scaled())
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
@@ -295,7 +295,7 @@ class WASILinear(nn.Module):
         probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
-            bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
+            bases=tuple(b.to(saved) for b in bases), backward_seen=self.backward_seen, fused_activation=self.fused_activation,
             precondition=self._scaled(), probe=probe,
         )
 
@@ -406,12 +406,12 @@ class WASILinear(nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.left is not None:
-            if self.activation is not None:  # the wide pre-activation one slice at a time
-                return act_from_code(F.linear(x, self.right), self.left, self.bias, self.activation)
+            if self.fused_activation is not None:  # the wide pre-activation one slice at a time
+                return act_from_code(F.linear(x, self.right), self.left, self.bias, self.fused_activation)
             y = F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., k) -> (..., O)
         else:
             y = F.linear(x, self.weight, self.bias)
-        return y if self.activation is None else self.activation(y)
+        return y if self.fused_activation is None else self.fused_activation(y)
 
     # ------------------------------------------------------------------ weight subspace
     @torch.no_grad()
@@ -577,8 +577,8 @@ class WASILinear(nn.Module):
                 else f"activation_eps={self.config.effective_activation_eps}"
             )
         parts.append(f"bias={self.bias is not None}")
-        if self.activation is not None:
-            parts.append(f"fused_activation={self.activation_site}")
+        if self.fused_activation is not None:
+            parts.append(f"fused_activation={self.fused_activation_site}")
         return ", ".join(parts)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from wasi.calibrate.measure import LossFn, as_batch_list, measure
+from wasi.calibrate.measure import LossFn, as_batch_list, measure_candidates
 from wasi.calibrate.plan import Plan, build_plan
 from wasi.config import WASIConfig
 from wasi.convert import FilterFn, select_layers, wasi_layers
@@ -143,7 +143,7 @@ def calibrate(
     else:
         act_grid, explicit = grid, None
     batch_list = as_batch_list(batches)
-    layers = measure(
+    layers = measure_candidates(
         model, modules, batch_list, eps_grid=act_grid, explicit_ranks=explicit, loss_fn=loss_fn,
         rank_grid=ranks if budget_mb is not None else (),
         weights_grid=grid if weight_budget_mb is not None else None,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from wasi import functional as WF
 from wasi.calibrate.plan import ActivationCandidate, LayerPlan, WeightCandidate
-from wasi.guards import dense_weight_of
+from wasi.guards import dense_weight_of, warn_renamed
 from wasi.modules import MAX_MODES, WASILinear
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -140,10 +140,10 @@ class _Recorder:
         self.recording = False
         self.handles = []
         for name, m in modules.items():
-            fused = getattr(m, "activation", None)
+            fused = getattr(m, "fused_activation", None)
             self.handles.append(m.register_forward_hook(self._hook(name, fused is None), with_kwargs=True))
             if fused is not None:
-                # a layer with a fused activation (recompute_from_code): G is the gradient of the
+                # a layer with a fused activation (fuse_activation): G is the gradient of the
                 # activation's input, so the leaf goes there
                 self.handles.append(fused.register_forward_pre_hook(self._pre_activation(name)))
 
@@ -291,7 +291,7 @@ def weight_candidates(weight: Tensor, eps_grid: Sequence[float], element_size: i
 
 
 # -------------------------------------------------------------------- the tables
-def measure(
+def measure_candidates(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batches: Iterable[Any],
@@ -399,6 +399,13 @@ def _weight_of(module: nn.Module) -> tuple[Tensor, int]:
         return weight.detach(), weight.element_size()
 
 
+def __getattr__(name: str):
+    if name == "measure":  # the former name of measure_candidates
+        warn_renamed("wasi.calibrate.measure.measure", "measure_candidates", "wasi.calibrate.measure")
+        return measure_candidates
+    raise AttributeError(f"module 'wasi.calibrate.measure' has no attribute {name!r}")
+
+
 __all__ = [
     "activation_bytes",
     "as_batch_list",
@@ -408,7 +415,7 @@ __all__ = [
     "default_loss",
     "energy_ranks",
     "gradient_error",
-    "measure",
+    "measure_candidates",
     "mode_eigh",
     "weight_candidates",
 ]
