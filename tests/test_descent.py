@@ -11,11 +11,11 @@ from torch import nn
 
 from conftest import dense_linear, randn
 from wasi import WASIConfig, WASILinear, convert
+from wasi.config import MODES
 from wasi.modules import collect_grad_cosines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODES = ("factored", "reference", "activations-only", "weights-only")
 # the README's library examples, as written there
 README_CONFIGS = {
     "readme-library": WASIConfig(eps=0.8, mode="factored", target="mlp"),

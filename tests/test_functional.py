@@ -176,15 +176,17 @@ def test_track_weight_subspace_is_sign_consistent_even_when_qr_flips(monkeypatch
     torch.testing.assert_close(new_left @ new_right, w, atol=1e-12, rtol=0)
 
 
-def test_research_code_formula_would_change_the_weight_when_qr_flips(monkeypatch):
-    """R = Q^T = L_prev^T W (the research code) negates flipped components: the test above catches it."""
+def test_track_weight_subspace_takes_r_from_the_new_l_not_the_research_codes_q(monkeypatch):
+    """R = L_new^T W: the rows of a flipped column are negated against the research code's
+    R = Q^T = L_prev^T W, and the others equal it (section 3)."""
     left, w = _low_rank_weight()
     _flipping_orth(monkeypatch)
-    q = w.T @ left  # (I, k)
-    new_left = WF.orth(w @ q)  # (O, k), signs flipped
-    buggy_right = q.T  # = L_prev^T W
-    error = torch.linalg.matrix_norm(new_left @ buggy_right - w) / torch.linalg.matrix_norm(w)
-    assert error > 0.5
+    new_left, new_right = WF.track_weight_subspace(w, left)
+    flipped = (new_left * left).sum(0) < 0  # (k,): columns whose sign QR flipped
+    assert bool(flipped.any()) and not bool(flipped.all())
+    research_right = left.T @ w  # (k, I)
+    torch.testing.assert_close(new_right[flipped], -research_right[flipped], atol=1e-12, rtol=0)
+    torch.testing.assert_close(new_right[~flipped], research_right[~flipped], atol=1e-12, rtol=0)
 
 
 def test_track_weight_subspace_follows_an_update():
