@@ -125,3 +125,26 @@ def test_the_former_keywords_notify_and_activation_still_work_with_a_deprecation
     with pytest.warns(DeprecationWarning, match="'activation' is deprecated.*'fused_activation'"):
         old = wasi_linear(x, left=left, right=right, activation=torch.relu)
     torch.testing.assert_close(old, wasi_linear(x, left=left, right=right, fused_activation=torch.relu))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_both_functions_finish_the_weight_gradient_through_factor_grads(monkeypatch, fused):
+    """The last step from the pieces (M, V) to (dL, dR) is functional.factor_grads in both Functions."""
+    calls = []
+    real = WF.factor_grads
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(WF, "factor_grads", spy)
+    x = randn(4, 5, 6, seed=1)
+    bases = [WF.orth(randn(d, r, seed=10 + d)) for d, r in zip(x.shape, (2, 3, 4))]
+    core = WF.tucker_core(x, bases)
+    left = randn(7, 3, seed=2).requires_grad_()
+    right = randn(3, 6, seed=3).requires_grad_()
+    y = wasi_linear(x, left=left, right=right, core=core, bases=tuple(bases),
+                    fused_activation=torch.tanh if fused else None)
+    y.square().sum().backward()
+    assert calls == [{"need_weight": False, "need_left": True, "need_right": True}]
+    assert left.grad is not None and right.grad is not None
