@@ -87,6 +87,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
-    from wasi.memory import count_saved_tensors, summary
     from wasi.guards import NonFiniteError, set_nonfinite_policy
+    from wasi.memory import count_saved_tensors, summary
     from wasi.modules import WASILinear

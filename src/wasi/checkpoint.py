@@ -15,8 +15,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from wasi.config import CONFIG_VERSION, WASIConfig
-from wasi.files import fsync_dir, fsync_file, remove_quietly, sha256_file
 from wasi.convert import _set_submodule, convert, wasi_layers
+from wasi.files import fsync_dir, fsync_file, remove_quietly, sha256_file
 from wasi.guards import dense_weight_of
 from wasi.modules import LEGACY_BUFFERS, WASILinear
 

@@ -124,7 +124,7 @@ class WASIConfig:
     grad_cosine_floor: float = 0.4
     recompute_from_code: InitVar[bool | None] = None  # the former name of fuse_activation
 
-    def __post_init__(self, recompute_from_code: bool | None = None) -> None:
+    def __post_init__(self, recompute_from_code: bool | None) -> None:
         if recompute_from_code is not None:
             warn_renamed("recompute_from_code", "fuse_activation", "WASIConfig", stacklevel=4)
             if self.fuse_activation and recompute_from_code is not True:

@@ -12,9 +12,8 @@ from torch import nn
 
 from wasi.calibrate.fit import gram_groups, input_grams, ranks_for_config
 from wasi.config import TARGETS, WASIConfig
-from wasi.guards import is_conv1d, is_wrappable
+from wasi.guards import is_wrappable
 from wasi.modules import MAX_MODES, WASILinear
-
 
 
 class Plan(Protocol):

@@ -146,8 +146,8 @@ def measure(spec: dict) -> dict:
         input_spec,
         synthetic_batches,
     )
-    from wasi.memory import count_saved_tensors
     from wasi.config import has_weight_factors
+    from wasi.memory import count_saved_tensors
     from wasi.models import VIT_PRESETS
     from wasi.training.loop import GRAD_CLIP
     from wasi.training.measure import PeakMemory, median, set_cpu_allocator

@@ -40,7 +40,23 @@ _EXPORTS = {
     "apply_plan": "wasi.convert",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DEFAULT_CONFIG",
+    "EPS_GRID",
+    "MB",
+    "RANK_GRID",
+    "ActivationCandidate",
+    "LayerPlan",
+    "Plan",
+    "RankChoice",
+    "WeightCandidate",
+    "apply_plan",
+    "build_plan",
+    "calibrate",
+    "choose_ranks",
+    "default_loss",
+    "target_modules",
+]
 
 
 def __getattr__(name: str):

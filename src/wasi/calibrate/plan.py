@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wasi.calibrate import knapsack
-from wasi.convert import apply_plan  # noqa: F401 - importable from here as before
+from wasi.convert import apply_plan  # importable from here as before
 
 MB = 1024 * 1024  # as in wasi.memory
 PLAN_FORMAT = "wasi-calibration-plan"

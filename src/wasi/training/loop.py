@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from wasi.config import TARGETS
 from wasi.convert import AllDenseError
 from wasi.files import fsync_dir, fsync_file, remove_quietly
-from wasi.memory import count_saved_tensors
 from wasi.guards import NonFiniteError, set_nonfinite_policy
+from wasi.memory import count_saved_tensors
 from wasi.modules import WASILinear, collect_grad_cosines
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
