@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from wasi import functional as WF
 from wasi.calibrate.plan import ActivationCandidate, LayerPlan, WeightCandidate
+from wasi.functional import clip_ranks  # the layer's run-time clip, importable from here as before
 from wasi.guards import dense_weight_of, warn_renamed
 from wasi.modules import MAX_MODES, WASILinear
 
@@ -231,12 +232,6 @@ def capture(
 
 
 # -------------------------------------------------------------------- maths
-def clip_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """The layer's run-time clip: each rank in ``[1, min(d_n, numel // d_n)]``."""
-    total = math.prod(shape)
-    return tuple(max(1, min(int(r), d, total // d)) for r, d in zip(ranks, shape))
-
-
 def activation_bytes(shape: Sequence[int], ranks: Sequence[int], element_size: int) -> int:
     """Saved core + bases: ``(prod r_n + sum d_n r_n) * element_size`` (docs section 9)."""
     return (math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks))) * element_size
