@@ -24,6 +24,7 @@ class Plan(Protocol):
 
     def weight_ranks(self) -> dict[str, int]: ...
 
+
 FilterFn = Callable[[nn.Module, str], bool]
 
 # module paths of feed-forward blocks across architectures (section 7 of docs WASI.md)
@@ -195,7 +196,7 @@ def convert(
             (:func:`wasi.functional.whitened_factors`), at the same rank, so the memory is
             unchanged and the converted model starts closer to the pretrained one. Layers are
             fitted in model order, in groups whose ``(I, I)`` float32 input Gram matrices fit
-            ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once
+            ``GRAM_BYTES`` of :mod:`wasi.calibrate.fit` (256 MiB): ``calibration`` runs once
             per group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only. With ``config.fidelity`` or
             ``config.param_budget``, the ranks too come from the calibration: each layer's

@@ -488,7 +488,7 @@ def measure_spectra(
 ) -> list[LayerSpectrum]:
     """Each layer's output error per rank on the inputs ``calibration`` feeds it.
 
-    Collects the layers' input Gram matrices (in groups bounded by ``GRAM_BYTES`` of
+    Collects the layers' input Gram matrices (in groups bounded by
     :data:`GRAM_BYTES`, one calibration run per group) on the model as it is, and keeps only
     the errors of the whitened spectrum of each (:func:`wasi.functional.whitened_svd`); then,
     with ``sensitivity``, one more run with gradients weighs the layers
