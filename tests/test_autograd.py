@@ -89,15 +89,15 @@ def test_compressed_dense_weight_gradient_matches_hand_derivation():
     torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=0)
 
 
-def test_gradients_are_gated_on_needs_input_grad_and_notify_is_set():
+def test_gradients_are_gated_on_needs_input_grad_and_backward_seen_is_set():
     x = randn(B, N, I, seed=21)
     left = randn(O, K, seed=22)  # frozen
     right = randn(K, I, seed=23).requires_grad_()
-    notify = torch.tensor(False)
-    y = wasi_linear(x, left=left, right=right, notify=notify)
-    assert not bool(notify)
+    backward_seen = torch.tensor(False)
+    y = wasi_linear(x, left=left, right=right, backward_seen=backward_seen)
+    assert not bool(backward_seen)
     y.sum().backward()
-    assert bool(notify)
+    assert bool(backward_seen)
     assert left.grad is None and right.grad is not None and x.grad is None
 
 
@@ -113,3 +113,38 @@ def test_gradient_dtypes_follow_the_inputs_in_bfloat16():
     y.float().square().sum().backward()
     for t in (x, left, right, bias):
         assert t.grad.dtype == torch.bfloat16 and bool(torch.isfinite(t.grad).all())
+
+
+def test_the_former_keywords_notify_and_activation_still_work_with_a_deprecation_warning():
+    x, left, right = randn(5, 6, seed=1), randn(4, 3, seed=2), randn(3, 6, seed=3)
+    seen = torch.tensor(False)
+    with pytest.warns(DeprecationWarning, match="'notify' is deprecated.*'backward_seen'"):
+        y = wasi_linear(x.requires_grad_(), left=left, right=right, notify=seen)
+    y.sum().backward()
+    assert bool(seen)
+    with pytest.warns(DeprecationWarning, match="'activation' is deprecated.*'fused_activation'"):
+        old = wasi_linear(x, left=left, right=right, activation=torch.relu)
+    torch.testing.assert_close(old, wasi_linear(x, left=left, right=right, fused_activation=torch.relu))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_both_functions_finish_the_weight_gradient_through_factor_grads(monkeypatch, fused):
+    """The last step from the pieces (M, V) to (dL, dR) is functional.factor_grads in both Functions."""
+    calls = []
+    real = WF.factor_grads
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(WF, "factor_grads", spy)
+    x = randn(4, 5, 6, seed=1)
+    bases = [WF.orth(randn(d, r, seed=10 + d)) for d, r in zip(x.shape, (2, 3, 4))]
+    core = WF.tucker_core(x, bases)
+    left = randn(7, 3, seed=2).requires_grad_()
+    right = randn(3, 6, seed=3).requires_grad_()
+    y = wasi_linear(x, left=left, right=right, core=core, bases=tuple(bases),
+                    fused_activation=torch.tanh if fused else None)
+    y.square().sum().backward()
+    assert calls == [{"need_weight": False, "need_left": True, "need_right": True}]
+    assert left.grad is not None and right.grad is not None

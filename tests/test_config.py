@@ -128,3 +128,20 @@ def test_scaled_step_only_in_modes_with_factor_parameters():
     assert not WASIConfig(mode="reference").scaled_step
     assert not WASIConfig(mode="activations-only").scaled_step
     assert not WASIConfig(precondition=False).scaled_step
+
+
+def test_a_config_saved_with_recompute_from_code_loads_into_fuse_activation():
+    config, unknown = WASIConfig.from_dict({"eps": 0.8, "recompute_from_code": True}, version=1)
+    assert unknown == [] and config.fuse_activation is True
+    assert "recompute_from_code" not in config.to_dict() and config.to_dict()["fuse_activation"] is True
+    both, _ = WASIConfig.from_dict({"recompute_from_code": False, "fuse_activation": True})
+    assert both.fuse_activation is True  # the new key wins
+
+
+def test_the_old_keyword_recompute_from_code_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'recompute_from_code' is deprecated.*'fuse_activation'"):
+        config = WASIConfig(recompute_from_code=True)
+    assert config == WASIConfig(fuse_activation=True)
+    assert dataclasses.replace(config, eps=0.5).fuse_activation is True  # replace keeps it, without a warning
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="former name of fuse_activation"):
+        WASIConfig(fuse_activation=True, recompute_from_code=False)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import wasi
+from calibration_models import MLP_NAMES, full_budget_plan, id_batches, tiny
 from conftest import dense_linear, randn
 from wasi import WASIConfig, WASILinear
-from wasi.convert import select_layers
+from wasi.calibrate import calibrate
+from wasi.convert import apply_plan, select_layers
 from wasi.models import build_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,7 +257,7 @@ def test_calibration_that_is_not_callable_or_misses_layers_names_the_problem():
 
 
 def test_calibration_in_groups_fits_each_layer_to_the_converted_layers_before_it(monkeypatch):
-    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+    wc = importlib.import_module("wasi.calibrate.fit")  # where the Gram matrices are grouped
 
     model = _mlp()
     x = randn(64, 8, seed=3)
@@ -289,7 +293,7 @@ def test_calibration_records_a_layer_called_with_its_input_by_keyword():
 
 
 def test_a_conversion_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
-    wc = importlib.import_module("wasi.convert")  # the module (wasi.convert is also the function)
+    wc = importlib.import_module("wasi.calibrate.fit")  # where the Gram matrices are grouped
 
     model = _mlp()
     originals = list(model)
@@ -410,3 +414,38 @@ def test_convert_and_unconvert_keep_each_layer_in_its_mode():
     model.blocks[0].mlp.fc1.train()
     wasi.unconvert(model)
     assert model.blocks[0].mlp.fc1.training and not model.blocks[0].mlp.fc2.training
+
+
+# ---------------------------------------------------------------------------- plans (apply_plan)
+def test_apply_plan_errors_name_the_layers():
+    plan = full_budget_plan(tiny(), id_batches(1))
+    with pytest.raises(ValueError, match="not WASI layers"):
+        apply_plan(tiny(), plan)
+    other = tiny()
+    other.blocks[1].mlp = nn.Identity()
+    wasi.convert(other, WASIConfig())
+    with pytest.raises(ValueError, match=r"no layer \['blocks\.1\.mlp\.0', 'blocks\.1\.mlp\.3'\]"):
+        apply_plan(other, plan)
+    fixed = wasi.convert(tiny(), WASIConfig(activation_rank=4))
+    with pytest.raises(ValueError, match="overrides the plan"):
+        apply_plan(fixed, plan)
+
+
+
+
+def test_convert_with_a_plan_wraps_its_layers_with_its_ranks():
+    model, batches = tiny(), id_batches(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = calibrate(model, batches, budget_mb=0.003, weight_budget_mb=0.003)
+        only_first = plan.replan(budget_mb=1.0, weight_budget_mb=1.0)
+    only_first = dataclasses.replace(only_first, layers=only_first.layers[:1])
+    wasi.convert(model, WASIConfig(target="all-linear"), plan=only_first)  # the plan's layers only
+    assert [n for n, _ in wasi.wasi_layers(model)] == [MLP_NAMES[0]]
+    model = wasi.convert(tiny(), WASIConfig(), plan=plan)
+    assert {n: m.rank for n, m in wasi.wasi_layers(model)} == plan.weight_ranks()
+    used = {n: tuple(m.activation_ranks[:3].tolist()) for n, m in wasi.wasi_layers(model)}
+    assert used == plan.activation_ranks()
+    with pytest.raises(ValueError, match="activation_rank"):
+        wasi.convert(tiny(), WASIConfig(activation_rank=3), plan=plan)
+

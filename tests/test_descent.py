@@ -11,11 +11,11 @@ from torch import nn
 
 from conftest import dense_linear, randn
 from wasi import WASIConfig, WASILinear, convert
+from wasi.config import MODES
 from wasi.modules import collect_grad_cosines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODES = ("factored", "reference", "activations-only", "weights-only")
 # the README's library examples, as written there
 README_CONFIGS = {
     "readme-library": WASIConfig(eps=0.8, mode="factored", target="mlp"),
@@ -262,7 +262,7 @@ def test_the_probe_measures_the_same_through_a_fused_activation_and_under_checkp
     base = _probe_once(plain, x, g)
     assert 0 < base < 0.999
     assert _probe_once(checkpointed, x, g, checkpointed=True) == pytest.approx(base, abs=1e-12)
-    fused.activation = nn.GELU()  # what recompute_from_code fuses: backward rebuilds the GELU input
+    fused.fused_activation = nn.GELU()  # what fuse_activation fuses: backward rebuilds the GELU input
     expected = _probe_once(unfused, x, g, after=nn.GELU())
     assert _probe_once(fused, x, g) == pytest.approx(expected, abs=1e-12)
 

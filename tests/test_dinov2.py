@@ -90,8 +90,8 @@ def test_the_converted_folder_trains_as_an_image_classifier_with_fused_recompute
     bundle = build_model(str(tmp_path / "dinov2"), num_classes=3)
     assert type(bundle.model).__name__ == "Dinov2ForImageClassification" and bundle.head == "classifier"
     assert bundle.image_mean == (0.485, 0.456, 0.406) and bundle.image_size == 224
-    wasi.convert(bundle.model, wasi.WASIConfig(eps=0.9, recompute_from_code=True))
-    fused = [n for n, m in bundle.model.named_modules() if getattr(m, "activation", None) is not None]
+    wasi.convert(bundle.model, wasi.WASIConfig(eps=0.9, fuse_activation=True))
+    fused = [n for n, m in bundle.model.named_modules() if getattr(m, "fused_activation", None) is not None]
     assert fused == ["dinov2.encoder.layer.0.mlp.fc1", "dinov2.encoder.layer.1.mlp.fc1"]
     bundle.model.train()
     logits = bundle.logits({"images": torch.randn(2, 3, 28, 28)})

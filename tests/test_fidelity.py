@@ -1,25 +1,17 @@
-"""Weight ranks by output fidelity (wasi.calibrate.fidelity, docs WASI.md section 11)."""
+"""Weight ranks by output fidelity end to end: choose_ranks, convert, save (docs WASI.md section 11)."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import random
 
 import pytest
 import torch
 from torch import nn
 
 import wasi
-from wasi.calibrate import knapsack
-from wasi.calibrate.fidelity import (
-    LayerSpectrum,
-    allocate,
-    choose_ranks,
-    measure_sensitivities,
-    measure_spectra,
-)
+from wasi.calibrate.fidelity import choose_ranks
+from wasi.calibrate.fit import LayerSpectrum, allocate, measure_sensitivities
 from wasi.config import WASIConfig
 from wasi.modules import WASILinear
 
@@ -175,72 +167,6 @@ def test_a_budget_short_of_the_target_warns_and_keeps_to_the_budget():
     assert choice.params <= 4 * 2 * SIZE
 
 
-# ---------------------------------------------------------------- the allocation is the knapsack's optimum
-@pytest.mark.parametrize("seed", range(6))
-def test_the_greedy_choice_is_the_knapsack_optimum_at_its_own_size(seed):
-    rng = random.Random(seed)
-    layers = []
-    for index in range(4):
-        o, i = rng.choice([(8, 8), (12, 6), (6, 16), (10, 10)])
-        energies = sorted((rng.random() ** rng.choice([1, 3, 8]) for _ in range(min(o, i))), reverse=True)
-        total = sum(energies)
-        errors = [1 - sum(energies[:k]) / total for k in range(len(energies) + 1)]
-        layers.append(LayerSpectrum(f"l{index}", o, i, tuple(max(e, 0.0) for e in errors)))
-    for fidelity in (0.5, 0.8, 0.9, 0.97, 0.995):
-        choice = allocate(layers, fidelity=fidelity)
-        assert choice.kept >= fidelity - 1e-9
-        candidates = [[*range(1, layer.max_rank + 1), None] for layer in layers]
-        sizes = [[layer.params(k) for k in row] for layer, row in zip(layers, candidates)]
-        errors = [[layer.error(k) for k in row] for layer, row in zip(layers, candidates)]
-        best = knapsack.solve(sizes, errors, choice.params)
-        optimum = sum(errors[j][k] for j, k in enumerate(best))
-        greedy = sum(layer.error(choice.ranks[layer.name]) for layer in layers)
-        assert greedy == pytest.approx(optimum, abs=1e-9)  # no choice of that size loses less
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_a_budget_gets_the_least_error_of_all_choices_within_it(seed):
-    rng = random.Random(seed)
-    layers = []
-    for index in range(3):
-        o, i = rng.choice([(8, 8), (12, 6), (6, 16)])
-        energies = sorted((rng.random() ** rng.choice([1, 4]) for _ in range(min(o, i))), reverse=True)
-        errors = [max(0.0, 1 - sum(energies[:k]) / sum(energies)) for k in range(len(energies) + 1)]
-        layers.append(LayerSpectrum(f"l{index}", o, i, tuple(errors)))
-    options = [[*range(1, layer.max_rank + 1), None] for layer in layers]
-    for budget in (70, 100, 140, 200):
-        choice = allocate(layers, budget=budget)
-        assert choice.params <= budget
-        best = min(sum(layer.error(k) for layer, k in zip(layers, pick))
-                   for pick in itertools.product(*options)
-                   if sum(layer.params(k) for layer, k in zip(layers, pick)) <= budget)
-        assert sum(layer.error(choice.ranks[layer.name]) for layer in layers) == pytest.approx(best, abs=1e-12)
-
-
-def test_a_layer_too_small_to_pay_stays_dense():
-    # (1, 3): one rank costs 4 parameters, the weight 3
-    layer = _spectrum([1.0, 0.0], out_features=1, in_features=3, name="tiny")
-    assert layer.max_rank == 0
-    assert allocate([layer], fidelity=0.5).ranks == {"tiny": None}
-
-
-def test_ranks_never_cost_as_much_as_the_dense_weight():
-    layer = _spectrum([1 - k / SIZE for k in range(SIZE + 1)])
-    assert layer.max_rank == 15 and layer.params(15) < layer.dense_params <= layer.params(16)
-    assert allocate([layer], fidelity=0.999).ranks["x"] is None  # a flat spectrum: only dense keeps 99.9 %
-
-
-# ---------------------------------------------------------------- measured spectra
-def test_measured_errors_are_the_fitted_factors_output_errors(one_thread):
-    torch.manual_seed(0)
-    layer = nn.Linear(12, 10)
-    x = torch.randn(64, 12) @ torch.randn(12, 12)  # correlated inputs
-    spectrum = measure_spectra(layer_model := nn.Sequential(layer), ["0"], lambda: layer_model(x), damping=1e-9)[0]
-    exact = x @ layer.weight.detach().T  # (T, O), the bias cancels
-    for k in (1, 3, 6):
-        left, right = wasi.functional.whitened_factors(layer.weight.detach(), x.T @ x, rank=k, damping=1e-9)
-        lost = (exact - x @ (left @ right).T).square().sum() / exact.square().sum()
-        assert spectrum.errors[k] == pytest.approx(float(lost), rel=1e-4)
 
 
 # ---------------------------------------------------------------- save / load
@@ -302,15 +228,3 @@ def test_every_layer_dense_is_an_error_naming_the_knob(model, one_thread):
     with pytest.raises(ValueError, match="all 2 selected layers stay dense at fidelity 1: nothing to convert"):
         wasi.convert(model, WASIConfig(target="all-linear", fidelity=1.0), calibration=lambda: model(x))
     assert isinstance(model.tolerant, nn.Linear) and isinstance(model.sensitive, nn.Linear)
-
-
-def test_allocate_argument_errors():
-    layers = [_spectrum([1.0] + [0.5] * SIZE)]
-    with pytest.raises(ValueError, match="give a fidelity target, a parameter budget, or both"):
-        allocate(layers)
-    with pytest.raises(ValueError, match="budget of 10 parameters is below the least these 1 layers can take, 64"):
-        allocate(layers, budget=10)
-    with pytest.raises(ValueError, match="budget must be a positive number of parameters"):
-        allocate(layers, budget=2.5)
-    with pytest.raises(ValueError, match="no layer"):
-        allocate([], fidelity=0.9)

@@ -176,15 +176,17 @@ def test_track_weight_subspace_is_sign_consistent_even_when_qr_flips(monkeypatch
     torch.testing.assert_close(new_left @ new_right, w, atol=1e-12, rtol=0)
 
 
-def test_research_code_formula_would_change_the_weight_when_qr_flips(monkeypatch):
-    """R = Q^T = L_prev^T W (the research code) negates flipped components: the test above catches it."""
+def test_track_weight_subspace_takes_r_from_the_new_l_not_the_research_codes_q(monkeypatch):
+    """R = L_new^T W: the rows of a flipped column are negated against the research code's
+    R = Q^T = L_prev^T W, and the others equal it (section 3)."""
     left, w = _low_rank_weight()
     _flipping_orth(monkeypatch)
-    q = w.T @ left  # (I, k)
-    new_left = WF.orth(w @ q)  # (O, k), signs flipped
-    buggy_right = q.T  # = L_prev^T W
-    error = torch.linalg.matrix_norm(new_left @ buggy_right - w) / torch.linalg.matrix_norm(w)
-    assert error > 0.5
+    new_left, new_right = WF.track_weight_subspace(w, left)
+    flipped = (new_left * left).sum(0) < 0  # (k,): columns whose sign QR flipped
+    assert bool(flipped.any()) and not bool(flipped.all())
+    research_right = left.T @ w  # (k, I)
+    torch.testing.assert_close(new_right[flipped], -research_right[flipped], atol=1e-12, rtol=0)
+    torch.testing.assert_close(new_right[~flipped], research_right[~flipped], atol=1e-12, rtol=0)
 
 
 def test_track_weight_subspace_follows_an_update():
@@ -331,3 +333,77 @@ def test_grad_pieces_costs_pick_the_cheaper_order():
     with pytest.raises(ValueError, match="order"):
         WF.weight_grad_pieces(randn(3, 4, seed=1, dtype=D), randn(2, 2, seed=2, dtype=D),
                               [_orthonormal(3, 2, 3), _orthonormal(5, 2, 4)], order="fast")
+
+
+def test_spectrum_rank_is_the_former_name_of_singular_value_rank():
+    s = torch.tensor([3.0, 2.0, 1.0])
+    with pytest.warns(DeprecationWarning, match="'spectrum_rank' is deprecated.*'singular_value_rank'"):
+        old = WF.spectrum_rank
+    assert old is WF.singular_value_rank and old(s, 0.9) == 2  # 9 + 4 of 14 reaches 0.9
+
+
+# ---------------------------------------------------------------------------- the algorithms as pure steps
+def test_track_activation_basis_warm_starts_from_a_fitting_basis():
+    """Section 4: a previous basis of shape (d_n, r) gets one power step; the generator is not used."""
+    x = randn(6, 5, 8, seed=40, dtype=D)
+    previous = WF.orth(randn(5, 3, seed=41, dtype=D))
+    generator = torch.Generator().manual_seed(7)
+    state = generator.get_state()
+    basis = WF.track_activation_basis(x, 1, 3, previous, generator)
+    torch.testing.assert_close(basis, WF.power_step(x, 1, previous), atol=0, rtol=0)
+    assert torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("previous_shape", [(0, 0), (4, 3), (5, 2)])
+def test_track_activation_basis_restarts_when_the_shape_or_rank_changed(previous_shape):
+    """Section 4: first step, a new batch size / sequence length, or a new rank: a cold range finder."""
+    x = randn(6, 5, 8, seed=42, dtype=D)
+    previous = torch.zeros(previous_shape, dtype=D)
+    basis = WF.track_activation_basis(x, 1, 3, previous, torch.Generator().manual_seed(9))
+    expected = WF.range_finder(x, 1, 3, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(basis, expected, atol=0, rtol=0)
+    assert basis.shape == (5, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=D), atol=1e-12, rtol=0)
+
+
+def test_track_activation_basis_finds_the_span_of_a_low_rank_mode():
+    core = randn(6, 2, 8, seed=43, dtype=D)
+    u = WF.orth(randn(5, 2, seed=44, dtype=D))
+    x = torch.einsum("arc,nr->anc", core, u)  # mode 1 has rank 2, spanned by u
+    basis = WF.track_activation_basis(x, 1, 2, torch.empty(0, 0, dtype=D), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(basis @ basis.T, u @ u.T, atol=1e-10, rtol=0)  # the same projector
+    warm = WF.track_activation_basis(x, 1, 2, basis, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(warm @ warm.T, u @ u.T, atol=1e-10, rtol=0)
+
+
+def test_reorthonormalise_keeps_the_product_and_makes_l_orthonormal():
+    """Section 6: L = Q T, L <- Q, R <- T R."""
+    left = randn(9, 4, seed=45, dtype=D) * torch.tensor([3.0, 0.1, 1.0, 20.0], dtype=D)  # badly conditioned
+    right = randn(4, 7, seed=46, dtype=D)
+    new_left, new_right = WF.reorthonormalise(left, right)
+    torch.testing.assert_close(new_left @ new_right, left @ right, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(new_left.T @ new_left, torch.eye(4, dtype=D), atol=1e-12, rtol=0)
+    assert bool(((new_left * left).sum(0) > 0).all())  # sign-normalised: no column flips
+    again_left, again_right = WF.reorthonormalise(new_left, new_right)  # already orthonormal: a fixed point
+    torch.testing.assert_close(again_left, new_left, atol=1e-12, rtol=0)
+    torch.testing.assert_close(again_right, new_right, atol=1e-12, rtol=0)
+
+
+def test_factor_grads_are_the_dense_weight_gradient_pushed_to_the_factors():
+    """Section 5: dW = M V^T, dL = dW R^T, dR = L^T dW, each only when asked."""
+    m, v = randn(6, 3, seed=47, dtype=D), randn(8, 3, seed=48, dtype=D)
+    left, right = randn(6, 2, seed=49, dtype=D), randn(2, 8, seed=50, dtype=D)
+    d_w = m @ v.T  # (O, I)
+    grad_w, grad_l, grad_r = WF.factor_grads(m, v, left, right, need_weight=True)
+    torch.testing.assert_close(grad_w, d_w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_l, d_w @ right.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_r, left.T @ d_w, atol=1e-12, rtol=0)
+    only_right = WF.factor_grads(m, v, left, None, need_left=False)
+    assert only_right[0] is None and only_right[1] is None
+    torch.testing.assert_close(only_right[2], grad_r, atol=0, rtol=0)
+
+
+def test_clip_ranks_bounds_each_mode_by_its_size_and_the_other_modes():
+    assert WF.clip_ranks([8, 8, 8], (2, 3, 50)) == (2, 3, 6)  # 50: at most 2 * 3 columns
+    assert WF.clip_ranks([0, 1], (4, 4)) == (1, 1)
+    assert WF.clip_ranks([100], (7,)) == (1,)  # one mode: no other modes to span

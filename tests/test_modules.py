@@ -11,12 +11,12 @@ from torch import nn
 from conftest import ShapeDetector, dense_linear, randn
 from wasi import WASIConfig, WASILinear, count_saved_tensors
 from wasi import functional as WF
+from wasi.config import MODES
 from wasi.memory import layer_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = torch.float64
-MODES = ["factored", "reference", "activations-only", "weights-only"]
 
 
 def _layer(in_features=7, out_features=6, *, bias=True, dtype=torch.float32, seed=0, **config) -> WASILinear:
@@ -221,15 +221,30 @@ def test_reorthonormalisation_schedule(every, expected):
 # ---------------------------------------------------------------------------- gradient accumulation
 @pytest.mark.parametrize("mode", MODES)
 def test_two_forwards_before_one_backward(mode):
-    """Gradient accumulation in one graph: the subspace update must not break the saved tensors."""
+    """Gradient accumulation in one graph: the subspace update must not break the saved tensors.
+
+    At full rank both forwards' gradients (weight or factors, input, bias) equal the dense layer's.
+    """
     dense = dense_linear(7, 6, dtype=D, seed=15)
-    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode))
+    layer = WASILinear.from_module(copy.deepcopy(dense), WASIConfig(eps=1.0, mode=mode, precondition=False))
     x1, x2 = randn(3, 5, 7, seed=16, dtype=D), randn(3, 5, 7, seed=17, dtype=D)
     _train_step(layer, x1)  # a first step so the next forwards track the subspace
     layer.zero_grad()
-    (layer(x1).square().sum() + layer(x2).square().sum()).backward()
-    (dense(x1).square().sum() + dense(x2).square().sum()).backward()
-    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, atol=1e-10, rtol=0)
+    dense.zero_grad()
+    ins = [x.clone().requires_grad_() for x in (x1, x2, x1, x2)]
+    (layer(ins[0]).square().sum() + layer(ins[1]).square().sum()).backward()
+    (dense(ins[2]).square().sum() + dense(ins[3]).square().sum()).backward()
+    tight = {"atol": 1e-10, "rtol": 1e-10}
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **tight)
+    torch.testing.assert_close(ins[0].grad, ins[2].grad, **tight)
+    torch.testing.assert_close(ins[1].grad, ins[3].grad, **tight)
+    d_w = dense.weight.grad  # (O, I)
+    if layer.weight is None:  # the factors are the parameters: dL = dW R^T, dR = L^T dW
+        left, right = layer.left.detach(), layer.right.detach()
+        torch.testing.assert_close(layer.left.grad, d_w @ right.T, **tight)
+        torch.testing.assert_close(layer.right.grad, left.T @ d_w, **tight)
+    else:
+        torch.testing.assert_close(layer.weight.grad, d_w, **tight)
 
 
 # ---------------------------------------------------------------------------- memory

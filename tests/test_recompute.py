@@ -1,4 +1,4 @@
-"""WASIConfig.recompute_from_code: the fused activation / attention core is exact and saves less."""
+"""WASIConfig.fuse_activation: the fused activation / attention core is exact and saves less."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_same_outputs_and_gradients_with_fewer_saved_bytes(mode, target):
     for recompute in (False, True):
         model = copy.deepcopy(base)
         wasi.convert(model, WASIConfig(eps=0.8, target=target, mode=mode, activation_rank=3,
-                                       recompute_from_code=recompute))
+                                       fuse_activation=recompute))
         results[recompute] = _step(model, x)
     (out0, grads0, saved0), (out1, grads1, saved1) = results[False], results[True]
     torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
@@ -66,11 +66,11 @@ def test_same_outputs_and_gradients_with_fewer_saved_bytes(mode, target):
 
 def test_attention_core_is_absorbed_by_qkv_and_given_back():
     model = _vit()
-    wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", recompute_from_code=True))
+    wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", fuse_activation=True))
     block = model.blocks[0]
     assert isinstance(block.attn.core, nn.Identity) and isinstance(block.mlp.act, nn.Identity)
-    assert isinstance(block.attn.qkv.activation, AttentionCore)
-    assert isinstance(block.mlp.fc1.activation, nn.GELU)
+    assert isinstance(block.attn.qkv.fused_activation, AttentionCore)
+    assert isinstance(block.mlp.fc1.fused_activation, nn.GELU)
     assert "fused_activation=core" in repr(block.attn.qkv)
     model.eval()
     x = _images(model)
@@ -85,11 +85,11 @@ def test_attention_core_is_absorbed_by_qkv_and_given_back():
 
 def test_save_load_round_trip_fuses_again(tmp_path):
     model = _vit()
-    wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, recompute_from_code=True))
+    wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, fuse_activation=True))
     x = _images(model)
     _step(model, x)
     wasi.save(model, tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / "wasi_config.json").read_text())["config"]["recompute_from_code"] is True
+    assert json.loads((tmp_path / "ckpt" / "wasi_config.json").read_text())["config"]["fuse_activation"] is True
     restored = wasi.load(_vit(), tmp_path / "ckpt")
     assert isinstance(restored.blocks[0].mlp.act, nn.Identity)
     model.eval()
@@ -99,10 +99,10 @@ def test_save_load_round_trip_fuses_again(tmp_path):
 
 
 def test_bert_intermediate_gelu_is_fused(minilm, minilm_batch):
-    wasi.convert(minilm, WASIConfig(eps=0.8, activation_rank=4, recompute_from_code=True))
+    wasi.convert(minilm, WASIConfig(eps=0.8, activation_rank=4, fuse_activation=True))
     layer = minilm.bert.encoder.layer[0]
     assert isinstance(layer.intermediate.intermediate_act_fn, nn.Identity)
-    assert type(layer.intermediate.dense.activation).__name__ == "GELUActivation"
+    assert type(layer.intermediate.dense.fused_activation).__name__ == "GELUActivation"
     minilm.train()
     minilm(**minilm_batch).loss.backward()
     assert layer.intermediate.dense.left.grad is not None
@@ -113,7 +113,7 @@ def test_bert_intermediate_gelu_is_fused(minilm, minilm_batch):
 def test_nothing_to_fuse_warns():
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     with pytest.warns(RuntimeWarning, match="nothing was fused"):
-        wasi.convert(model, WASIConfig(eps=0.9, target="all-linear", recompute_from_code=True))
+        wasi.convert(model, WASIConfig(eps=0.9, target="all-linear", fuse_activation=True))
     assert isinstance(model[1], nn.GELU)
 
 
@@ -133,8 +133,8 @@ def test_fuse_skips_layers_without_factors_and_parametrised_activations():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"recompute_from_code": True, "mode": "activations-only"}, "activations-only"),
-    ({"recompute_from_code": "yes"}, "recompute_from_code must be True or False"),
+    ({"fuse_activation": True, "mode": "activations-only"}, "activations-only"),
+    ({"fuse_activation": "yes"}, "fuse_activation must be True or False"),
 ])
 def test_config_errors_name_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -143,7 +143,7 @@ def test_config_errors_name_the_problem(bad, match):
 
 def test_functional_entry_needs_factors():
     with pytest.raises(ValueError, match="left and right"):
-        wasi_linear(torch.randn(2, 3), weight=torch.randn(4, 3), activation=torch.relu)
+        wasi_linear(torch.randn(2, 3), weight=torch.randn(4, 3), fused_activation=torch.relu)
 
 
 def test_train_cli_recompute(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_train_cli_recompute(tmp_path, capsys):
     summary = run_training(settings, print_fn=lambda _m: None)
     assert summary["train_steps"] == 3
     config = json.loads((tmp_path / "run" / "model" / "wasi_config.json").read_text())["config"]
-    assert config["recompute_from_code"] is True
+    assert config["fuse_activation"] is True
 
 
 def test_summary_counts_the_saved_code():
@@ -165,7 +165,7 @@ def test_summary_counts_the_saved_code():
     costs = {}
     for recompute in (False, True):
         model = copy.deepcopy(base)
-        wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, recompute_from_code=recompute))
+        wasi.convert(model, WASIConfig(eps=0.8, activation_rank=3, fuse_activation=recompute))
         _step(model, x)
         costs[recompute] = {c.name: c for c in wasi.summary(model).layers}
     fc1 = "blocks.0.mlp.fc1"
@@ -182,7 +182,7 @@ def test_activation_checkpointing_replays_the_step(mode, recompute):
     runs = {}
     for checkpointing in (False, True):
         model = copy.deepcopy(base)
-        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", mode=mode, recompute_from_code=recompute,
+        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", mode=mode, fuse_activation=recompute,
                                        activation_eps=None if mode == "weights-only" else 0.9))
         model.checkpointing = checkpointing
         steps = []
@@ -253,7 +253,7 @@ def test_calibrate_sees_the_pre_activation_gradient_of_fused_layers():
     plans = {}
     for recompute in (False, True):
         model = copy.deepcopy(base)
-        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", recompute_from_code=recompute))
+        wasi.convert(model, WASIConfig(eps=0.8, target="all-linear", fuse_activation=recompute))
         plans[recompute] = calibrate(model, [(x,)], config=WASIConfig(activation_rank=3, target="all-linear"),
                                      loss_fn=lambda out, _batch: out.square().mean())
     for plain, fused in zip(plans[False].layers, plans[True].layers):
@@ -271,7 +271,7 @@ def test_slicing_the_wide_activation_changes_nothing(monkeypatch, mode, order):
     base = _vit()
     x = _images(base)
     wasi.convert(base, WASIConfig(eps=0.8, target="all-linear", mode=mode, activation_rank=3,
-                                  recompute_from_code=True))
+                                  fuse_activation=True))
     results = {}
     for chunk in (wasi.autograd.CHUNK_BYTES, 1):
         monkeypatch.setattr(wasi.autograd, "CHUNK_BYTES", chunk)
@@ -301,7 +301,7 @@ def test_sliced_fused_activation_matches_autograd(monkeypatch, shape, dense):
     bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     weight = (left @ right).detach().requires_grad_(True) if dense else None
     act = torch.nn.GELU()
-    out = wasi_linear(x, weight=weight, left=left, right=right, bias=bias, activation=act)
+    out = wasi_linear(x, weight=weight, left=left, right=right, bias=bias, fused_activation=act)
     expected = act(x @ (left @ right).T + bias)
     torch.testing.assert_close(out, expected)
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)

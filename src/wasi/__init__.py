@@ -28,9 +28,9 @@ _EXPORTS = {
     "wasi_layers": "wasi.convert",
     "count_saved_tensors": "wasi.memory",
     "summary": "wasi.memory",
-    "NonFiniteError": "wasi.modules",
+    "NonFiniteError": "wasi.guards",
     "WASILinear": "wasi.modules",
-    "set_nonfinite_policy": "wasi.modules",
+    "set_nonfinite_policy": "wasi.guards",
 }
 
 __all__ = [
@@ -87,5 +87,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
+    from wasi.guards import NonFiniteError, set_nonfinite_policy
     from wasi.memory import count_saved_tensors, summary
-    from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy
+    from wasi.modules import WASILinear

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
+from wasi.guards import warn_renamed
 
 
 @dataclass
@@ -41,7 +42,7 @@ class WASILinearFunction(torch.autograd.Function):
     ``weight``: ``dL = M @ (V^T R^T)``, ``dR = (L^T M) @ V^T``.
 
     Inputs: ``x (..., I)``, ``weight (O, I) | None``, ``left (O, k) | None``,
-    ``right (k, I) | None``, ``bias (O,) | None``, ``notify`` (0-dim bool, set in backward)
+    ``right (k, I) | None``, ``bias (O,) | None``, ``backward_seen`` (0-dim bool, set in backward)
     ``| None``, ``precondition`` (bool: scale the factor gradients,
     :func:`wasi.functional.scale_factor_grads`), ``probe`` (:class:`Probe` ``| None``: with a
     core, the exact ``x`` is saved too and backward measures the cosine between the compressed
@@ -50,12 +51,12 @@ class WASILinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, backward_seen, precondition, probe, core, *bases):
         if left is not None:
             y = F.linear(F.linear(x, right), left, bias)  # (..., k) -> (..., O), section 5
         else:
             y = F.linear(x, weight, bias)  # (..., O)
-        ctx.notify = notify
+        ctx.backward_seen = backward_seen
         ctx.compressed = core is not None
         ctx.precondition = precondition
         ctx.probe = probe if ctx.compressed else None
@@ -83,7 +84,7 @@ class WASILinearFunction(torch.autograd.Function):
 class WASILinearActFunction(torch.autograd.Function):
     """``act(X (L R)^T + b)`` that saves the code ``Z = X R^T`` instead of the activation's input.
 
-    The elementwise ``activation`` (GELU in an MLP) normally saves its input ``H`` of shape
+    The elementwise ``fused_activation`` (GELU in an MLP) normally saves its input ``H`` of shape
     ``(..., O)``; here ``H = Z L^T + b`` is rebuilt exactly from ``Z (..., k)`` in the backward
     pass (one extra ``(..., k) x (k, O)`` matmul), then the gradients are those of
     :class:`WASILinearFunction` with ``dY = act'(H) * grad``. Needs the factors ``left``,
@@ -95,16 +96,17 @@ class WASILinearActFunction(torch.autograd.Function):
     ``activation`` that treats the indices of the first dim independently: an elementwise
     function, or the attention core (:class:`wasi.models.vit.AttentionCore`) on ``(B, N, 3D)``.
 
-    Inputs: as :class:`WASILinearFunction` with ``activation`` (a callable, not a tensor)
+    Inputs: as :class:`WASILinearFunction` with ``fused_activation`` (a callable, not a tensor)
     after ``probe``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, left, right, bias, notify, precondition, probe, activation, core, *bases):
+    def forward(ctx, x, weight, left, right, bias, backward_seen, precondition, probe, fused_activation, core,
+                *bases):
         code = F.linear(x, right)  # (..., k)
-        out = act_from_code(code, left, bias, activation)  # (..., O)
-        ctx.notify = notify
-        ctx.activation = activation
+        out = act_from_code(code, left, bias, fused_activation)  # (..., O)
+        ctx.backward_seen = backward_seen
+        ctx.fused_activation = fused_activation
         ctx.compressed = core is not None
         ctx.precondition = precondition
         ctx.probe = probe if ctx.compressed else None
@@ -120,8 +122,8 @@ class WASILinearActFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, _, left, right, bias, code, core, *bases = ctx.saved_tensors
-        if ctx.notify is not None:
-            ctx.notify.fill_(True)
+        if ctx.backward_seen is not None:
+            ctx.backward_seen.fill_(True)
         need_x, need_w, need_l, need_r, need_b = ctx.needs_input_grad[:5]
         need_weight = need_w or need_l or need_r
         out_features = left.shape[0]
@@ -145,7 +147,7 @@ class WASILinearActFunction(torch.autograd.Function):
         for start, stop in _slices(codes.shape, out_features, codes.element_size()):
             with torch.enable_grad():
                 pre = F.linear(codes[start:stop], left, bias).detach().requires_grad_(True)  # (s, ..., O)
-                (grad_pre,) = torch.autograd.grad(ctx.activation(pre), pre, grads[start:stop])
+                (grad_pre,) = torch.autograd.grad(ctx.fused_activation(pre), pre, grads[start:stop])
             del pre
             if need_x:
                 x_grad_buffer[start:stop] = F.linear(F.linear(grad_pre, left.T), right.T)  # (s, ..., I)
@@ -177,13 +179,8 @@ class WASILinearActFunction(torch.autograd.Function):
             if feature is None:
                 m = WF.finish_bases_first(m, core, bases)  # (O, r_m)
             v = bases[-1]  # (I, r_m)
-            if need_w:
-                grad_w = m @ v.T
-            if need_l:
-                # a float16 input keeps its core in float32 (modules.py): compute in m's dtype
-                grad_l = m @ (right.to(m.dtype) @ v).T  # (O, c) @ (c, k) -> (O, k)
-            if need_r:
-                grad_r = (left.to(m.dtype).T @ m) @ v.T  # (k, c) @ (c, I) -> (k, I)
+            grad_w, grad_l, grad_r = WF.factor_grads(m, v, left, right, need_weight=need_w, need_left=need_l,
+                                                     need_right=need_r)  # section 5
         exact = (exact_w, exact_l, exact_r) if probing else None
         grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, (grad_w, grad_l, grad_r), exact)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
@@ -229,18 +226,6 @@ def act_from_code(code: Tensor, left: Tensor, bias: Tensor | None, activation: C
     return out
 
 
-def _grads_from_pieces(m: Tensor, v: Tensor, left: Tensor | None, right: Tensor | None, need_w: bool,
-                       need_l: bool, need_r: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dW, dL, dR)`` from ``dW = M V^T`` (``M: (O, c)``, ``V: (I, c)``), each only where needed.
-
-    Computed in ``M``'s dtype (a float16 input keeps its core in float32, modules.py).
-    """
-    grad_w = m @ v.T if need_w else None  # (O, I): only for a dense weight
-    grad_l = m @ (right.to(m.dtype) @ v).T if need_l else None  # (O, c) @ (c, k) -> (O, k)
-    grad_r = (left.to(m.dtype).T @ m) @ v.T if need_r else None  # (k, c) @ (c, I) -> (k, I)
-    return grad_w, grad_l, grad_r
-
-
 def _finish_weight_grads(ctx, left, right, grads, exact):
     """Scale the factor gradients (``ctx.precondition``) and, given the exact ``(dW, dL, dR)``,
     write the cosine between the compressed and the exact gradient to ``ctx.probe``."""
@@ -271,8 +256,8 @@ def _finish_weight_grads(ctx, left, right, grads, exact):
 
 def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
     """Gradients of ``(x, weight, left, right, bias)`` of ``Y = X W_eff^T + b`` given ``dY``."""
-    if ctx.notify is not None:
-        ctx.notify.fill_(True)  # tells the module a backward ran since its last forward
+    if ctx.backward_seen is not None:
+        ctx.backward_seen.fill_(True)  # tells the module a backward ran since its last forward
     need_x, need_w, need_l, need_r, need_b = needs
     grad_x = grad_w = grad_l = grad_r = grad_b = None
     if need_x:
@@ -286,11 +271,12 @@ def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
             m, v = WF.weight_grad_pieces(g.to(core.dtype), core, bases)  # (O, r_m), (I, r_m)
         else:
             m, v = WF.exact_grad_pieces(grad_out, x)  # (O, T), (I, T)
-        grads = _grads_from_pieces(m, v, left, right, need_w, need_l, need_r)
+        needs = {"need_weight": need_w, "need_left": need_l, "need_right": need_r}
+        grads = WF.factor_grads(m, v, left, right, **needs)  # section 5
         exact = None
         if ctx.compressed and ctx.probe is not None:  # the exact gradient of this step, for the probe
             m_exact, v_exact = WF.exact_grad_pieces(grad_out.to(m.dtype), x.to(m.dtype))  # (O, T), (I, T)
-            exact = _grads_from_pieces(m_exact, v_exact, left, right, need_w, need_l, need_r)
+            exact = WF.factor_grads(m_exact, v_exact, left, right, **needs)
         grad_w, grad_l, grad_r = _finish_weight_grads(ctx, left, right, grads, exact)
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         grad_l = grad_l.to(left.dtype) if grad_l is not None else None
@@ -298,6 +284,9 @@ def _linear_backward(ctx, needs, grad_out, x, weight, left, right, core, bases):
     if need_b and ctx.has_bias:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (O,)
     return (grad_x, grad_w, grad_l, grad_r, grad_b)
+
+
+_UNSET = object()
 
 
 def wasi_linear(
@@ -309,24 +298,33 @@ def wasi_linear(
     bias: Tensor | None = None,
     core: Tensor | None = None,
     bases: tuple[Tensor, ...] = (),
-    notify: Tensor | None = None,
-    activation: Callable[[Tensor], Tensor] | None = None,
+    backward_seen: Tensor | None = None,
+    fused_activation: Callable[[Tensor], Tensor] | None = None,
     precondition: bool = False,
     probe: Probe | None = None,
+    notify: Tensor | None = _UNSET,
+    activation: Callable[[Tensor], Tensor] | None = _UNSET,
 ) -> Tensor:
     """Functional entry point of :class:`WASILinearFunction` (keyword arguments only).
 
-    ``notify``, a 0-dim bool tensor, is set to True when the backward runs. ``activation``,
-    an elementwise function applied to the output, switches to
+    ``backward_seen``, a 0-dim bool tensor, is set to True when the backward runs.
+    ``fused_activation``, an elementwise function applied to the output, switches to
     :class:`WASILinearActFunction` (needs ``left`` and ``right``). ``precondition`` scales the
     factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
     receives in backward the cosine between the compressed and the exact weight gradient
     (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
-    a core it makes the forward save the exact ``x`` as well.
+    a core it makes the forward save the exact ``x`` as well. ``notify`` and ``activation`` are
+    the former names of ``backward_seen`` and ``fused_activation`` (deprecated: they warn).
     """
-    if activation is not None:
+    if notify is not _UNSET:
+        warn_renamed("notify", "backward_seen", "wasi_linear")
+        backward_seen = notify
+    if activation is not _UNSET:
+        warn_renamed("activation", "fused_activation", "wasi_linear")
+        fused_activation = activation
+    if fused_activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")
-        return WASILinearActFunction.apply(x, weight, left, right, bias, notify, precondition, probe, activation,
-                                           core, *bases)
-    return WASILinearFunction.apply(x, weight, left, right, bias, notify, precondition, probe, core, *bases)
+        return WASILinearActFunction.apply(x, weight, left, right, bias, backward_seen, precondition, probe,
+                                           fused_activation, core, *bases)
+    return WASILinearFunction.apply(x, weight, left, right, bias, backward_seen, precondition, probe, core, *bases)

@@ -16,54 +16,16 @@ from torch import nn
 
 from wasi.config import CONFIG_VERSION, WASIConfig
 from wasi.convert import _set_submodule, convert, wasi_layers
-from wasi.modules import LEGACY_BUFFERS, WASILinear, dense_weight_of
+from wasi.files import fsync_dir, fsync_file, remove_quietly, sha256_file
+from wasi.guards import dense_weight_of
+from wasi.modules import LEGACY_BUFFERS, WASILinear
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "wasi_config.json"
-_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the given model."""
-
-
-# ---------------------------------------------------------------------------- durable files
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file's data to the disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make renames inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_quietly(*paths: Path) -> None:
-    """Delete leftover temporary files, ignoring the ones already gone."""
-    for path in paths:
-        try:
-            path.unlink()
-        except OSError:
-            pass
 
 
 @contextmanager
@@ -354,11 +316,8 @@ __all__ = [
     "WEIGHTS_FILE",
     "CheckpointError",
     "config_digest",
-    "fsync_dir",
-    "fsync_file",
     "load",
     "read_config",
     "safetensors_os_errors",
     "save",
-    "sha256_file",
 ]

@@ -245,7 +245,7 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
-    from wasi.calibrate import add_calibrate_parser
+    from wasi.calibrate.command import add_calibrate_parser
 
     add_calibrate_parser(sub)
     return parser

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
+from wasi.guards import warn_renamed
+
 MODES = ("factored", "reference", "activations-only", "weights-only")
+# the modes whose weight is the product of factors L R (docs WASI.md section 6)
+FACTOR_MODES = ("factored", "reference", "weights-only")
+# the modes whose factors are the trained parameters (reference re-projects a dense weight instead)
+TRAINED_FACTOR_MODES = ("factored", "weights-only")
+# which linears ``convert`` wraps (docs WASI.md section 7)
 TARGETS = ("mlp", "attention", "all-linear")
 CONFIG_VERSION = 2
 # what a field missing from a config saved at an older version meant then: such a config loads
 # with the behaviour it was trained with (version 1 had no scaled factor step, no gradient-cosine floor)
 LEGACY_DEFAULTS = {1: {"precondition": False, "grad_cosine_floor": 0.0}}
+# fields saved under an older name: a config holding the old key loads into the new field
+RENAMED_FIELDS = {"recompute_from_code": "fuse_activation"}
+
+
+def has_weight_factors(mode: str) -> bool:
+    """True for a mode whose weight is the product ``L R`` (every mode but ``activations-only``)."""
+    return mode in FACTOR_MODES
+
+
+def trains_factors(mode: str) -> bool:
+    """True for a mode whose factors ``L``, ``R`` are the trained parameters (``factored``, ``weights-only``)."""
+    return mode in TRAINED_FACTOR_MODES
 
 
 def _is_real(value: Any) -> bool:
@@ -52,7 +71,7 @@ class WASIConfig:
         seed: seed of the layers' own random generators (range finder).
         reorth_every: factored modes re-orthonormalise ``L`` by QR every this many training
             steps (0 never).
-        recompute_from_code: let a converted linear absorb the parameter-free function that
+        fuse_activation: let a converted linear absorb the parameter-free function that
             follows it in a known layout (the activation after ``fc1``,
             ``intermediate.dense``, ``c_fc`` or ``gate_proj``; the attention core after our
             ViT's ``qkv``): the layer saves its small code ``X R^T`` and rebuilds the
@@ -78,6 +97,8 @@ class WASIConfig:
             the exact input for one step and measures the cosine between the compressed and the
             exact weight gradient (``WASILinear.grad_cosine``); the layers take turns, so one step
             holds the exact input of about ``layers / grad_check_every`` layers. 0 never measures.
+        recompute_from_code: the former name of ``fuse_activation`` (deprecated: warns, and sets
+            ``fuse_activation``).
         grad_cosine_floor: a measured cosine below this doubles the layer's activation ranks (up to
             the input's size; ranks from a plan too, saying that its budget no longer holds), warns
             once, and measures again on the next step until the cosine holds; a layer already at
@@ -95,14 +116,21 @@ class WASIConfig:
     target: str = "mlp"
     seed: int = 0
     reorth_every: int = 1
-    recompute_from_code: bool = False
+    fuse_activation: bool = False
     fidelity: float | None = None
     param_budget: float | None = None
     precondition: bool = True
     grad_check_every: int = 32
     grad_cosine_floor: float = 0.4
+    recompute_from_code: InitVar[bool | None] = None  # the former name of fuse_activation
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, recompute_from_code: bool | None) -> None:
+        if recompute_from_code is not None:
+            warn_renamed("recompute_from_code", "fuse_activation", "WASIConfig", stacklevel=4)
+            if self.fuse_activation and recompute_from_code is not True:
+                raise ValueError("WASIConfig.recompute_from_code is the former name of fuse_activation: give "
+                                 f"one of them, got fuse_activation=True, recompute_from_code={recompute_from_code!r}")
+            object.__setattr__(self, "fuse_activation", recompute_from_code)
         _check_fraction("eps", self.eps)
         if self.rank is not None:
             _check_positive_int("rank", self.rank)
@@ -137,9 +165,9 @@ class WASIConfig:
                 f"WASIConfig.reorth_every must be a non-negative integer, got {self.reorth_every!r}"
             )
 
-        if not isinstance(self.recompute_from_code, bool):
+        if not isinstance(self.fuse_activation, bool):
             raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
-                f"WASIConfig.recompute_from_code must be True or False, got {self.recompute_from_code!r}"
+                f"WASIConfig.fuse_activation must be True or False, got {self.fuse_activation!r}"
             )
         if not isinstance(self.precondition, bool):
             raise ValueError(  # noqa: TRY004 - every WASIConfig field error is a ValueError
@@ -153,9 +181,9 @@ class WASIConfig:
         floor = self.grad_cosine_floor
         if not _is_real(floor) or math.isnan(floor) or not 0.0 <= floor < 1.0:
             raise ValueError(f"WASIConfig.grad_cosine_floor must be a number in [0, 1), got {floor!r}")
-        if self.recompute_from_code and self.mode == "activations-only":
+        if self.fuse_activation and not self.factor_weights:
             raise ValueError(
-                "WASIConfig.recompute_from_code rebuilds inputs from the weight factors' code X R^T; "
+                "WASIConfig.fuse_activation rebuilds inputs from the weight factors' code X R^T; "
                 "mode 'activations-only' keeps a dense weight (use 'factored', 'reference' or 'weights-only')"
             )
 
@@ -167,7 +195,7 @@ class WASIConfig:
             if self.rank is not None:
                 raise ValueError(f"WASIConfig.rank and WASIConfig.{knob} are exclusive: rank fixes every "
                                  f"layer's weight rank, {knob} chooses them, got rank={self.rank!r}")
-            if self.mode not in ("factored", "weights-only"):
+            if not trains_factors(self.mode):
                 raise ValueError(f"WASIConfig.{knob} chooses weight ranks from the fitted init, which modes "
                                  f"'factored' and 'weights-only' use; got mode={self.mode!r}")
 
@@ -182,7 +210,13 @@ class WASIConfig:
 
     @property
     def factor_weights(self) -> bool:
-        return self.mode != "activations-only"
+        """True when the weight is the product of factors ``L R`` (:func:`has_weight_factors`)."""
+        return has_weight_factors(self.mode)
+
+    @property
+    def trains_factors(self) -> bool:
+        """True when the factors are the trained parameters (:func:`trains_factors`)."""
+        return trains_factors(self.mode)
 
     @property
     def effective_activation_eps(self) -> float | None:
@@ -200,7 +234,7 @@ class WASIConfig:
     @property
     def scaled_step(self) -> bool:
         """True when the factor gradients are scaled (``precondition`` in a mode with factors)."""
-        return self.precondition and self.mode in ("factored", "weights-only")
+        return self.precondition and trains_factors(self.mode)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], version: int = CONFIG_VERSION) -> tuple[WASIConfig, list[str]]:
@@ -211,6 +245,11 @@ class WASIConfig:
         today's default.
         """
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        for old, new in RENAMED_FIELDS.items():
+            if old in data:
+                value = data.pop(old)
+                data.setdefault(new, value)  # a config saved with both keys: the new one wins
         unknown = sorted(set(data) - known)
         values = {k: v for k, v in data.items() if k in known}
         for old, defaults in LEGACY_DEFAULTS.items():

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from wasi.config import WASIConfig
-from wasi.modules import WASILinear, dense_weight_of, is_conv1d, is_wrappable
+from wasi.calibrate.fit import gram_groups, input_grams, ranks_for_config
+from wasi.config import TARGETS, WASIConfig
+from wasi.guards import is_wrappable
+from wasi.modules import MAX_MODES, WASILinear
 
-if TYPE_CHECKING:
-    from wasi.calibrate import Plan
+
+class Plan(Protocol):
+    """What ``convert`` and :func:`apply_plan` read of a :class:`wasi.calibrate.Plan`: its ``layers``
+    (each with ``name``, ``activation_ranks`` and ``weight_rank``) and ``weight_ranks()``."""
+
+    layers: tuple
+
+    def weight_ranks(self) -> dict[str, int]: ...
+
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -91,99 +99,6 @@ def wasi_layers(model: nn.Module) -> list[tuple[str, WASILinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WASILinear)]
 
 
-# rows of an input multiplied at once into its Gram matrix: bounds the calibration's temporaries
-GRAM_ROWS = 4096
-# Gram matrices held at once during a calibrated conversion: layers are fitted in groups of at
-# most this many bytes (one calibration run per group; at least one layer per group)
-GRAM_BYTES = 256 * 2**20
-
-
-def _gram_groups(model: nn.Module, paths: list[str]) -> list[list[str]]:
-    groups: list[list[str]] = []
-    held = 0
-    for fqn in paths:
-        size = 4 * dense_weight_of(model.get_submodule(fqn))[0].shape[1] ** 2  # float32 (I, I)
-        if not groups or held + size > GRAM_BYTES:
-            groups.append([])
-            held = 0
-        groups[-1].append(fqn)
-        held += size
-    return groups
-
-
-def input_grams(
-    model: nn.Module, paths: list[str], calibration: Callable[[], object], *, required: list[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """The input Gram matrix ``sum x^T x`` of each layer in ``paths`` over a calibration run.
-
-    ``calibration()`` is called once, with ``model`` in eval mode and gradients off (the
-    modules' training flags are restored afterwards); every call of a listed layer in it
-    adds its input rows (all leading dims flattened) to that layer's ``(I, I)`` float32 sum.
-
-    Args:
-        model: the model (layers converted earlier run in their low-rank form).
-        paths: module paths of linear layers in ``model``.
-        calibration: runs the model on representative inputs; its return value is ignored.
-        required: layers the run must reach (default ``paths``); only ``paths`` get a Gram matrix.
-
-    Returns:
-        ``{path: (I, I) tensor}``, on the device of the inputs.
-
-    Raises:
-        TypeError: ``calibration`` is not callable.
-        ValueError: a required layer was never called during the calibration.
-    """
-    if not callable(calibration):
-        raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
-    required = paths if required is None else required
-    grams: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-    recorded = set(paths)
-
-    def recorder(fqn: str):
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            seen.add(fqn)
-            if fqn not in recorded:
-                return
-            x = (args[0] if args else next(iter(kwargs.values()))).detach()  # the layer's one input
-            x = x.reshape(-1, x.shape[-1])  # (T, I)
-            if fqn not in grams:
-                grams[fqn] = x.new_zeros(x.shape[-1], x.shape[-1], dtype=torch.float32)  # (I, I)
-            for rows in x.split(GRAM_ROWS):
-                rows = rows.float()  # (t, I)
-                grams[fqn].addmm_(rows.T, rows)  # (I, I) += (I, t) @ (t, I)
-
-        return record
-
-    hooked = dict.fromkeys([*paths, *required])  # each once, in order
-    handles = [model.get_submodule(fqn).register_forward_hook(recorder(fqn), with_kwargs=True) for fqn in hooked]
-    with calibrating(model, handles), torch.no_grad():
-        calibration()
-    missing = [fqn for fqn in required if fqn not in seen]
-    if missing:
-        raise ValueError(
-            f"the calibration never ran {len(missing)} of the {len(required)} layers to convert "
-            f"(e.g. {', '.join(missing[:4])}); it must run the model being converted (not a copy) "
-            "on inputs that reach every one"
-        )
-    return grams
-
-
-@contextlib.contextmanager
-def calibrating(model: nn.Module, handles: list) -> Iterator[None]:
-    """The model in eval mode for a calibration run; then the hooks ``handles`` removed and every
-    module's training flag restored, also when the calibration raises."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
-
-
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -224,7 +139,7 @@ def fuse_activations(model: nn.Module) -> list[str]:
 
     The parent's activation attribute becomes ``nn.Identity`` and the layer applies the
     activation itself, saving ``X R^T`` instead of the activation's input
-    (``WASIConfig.recompute_from_code``). :func:`unconvert` puts the activations back.
+    (``WASIConfig.fuse_activation``). :func:`unconvert` puts the activations back.
 
     Returns:
         The paths of the layers that received an activation.
@@ -236,12 +151,12 @@ def fuse_activations(model: nn.Module) -> list[str]:
             act = getattr(parent, act_name, None)
             if (
                 isinstance(layer, WASILinear)
-                and layer.activation is None
+                and layer.fused_activation is None
                 and layer.left is not None
                 and is_fusable_activation(act)
             ):
-                layer.activation = act
-                layer.activation_site = act_name
+                layer.fused_activation = act
+                layer.fused_activation_site = act_name
                 setattr(parent, act_name, nn.Identity())
                 fused.append(f"{path}.{linear_name}" if path else linear_name)
     return fused
@@ -273,7 +188,7 @@ def convert(
         plan: a :class:`wasi.calibrate.Plan` (docs WASI.md section 8): converts exactly its
             layers (unless ``filter_fn`` is given), with its weight ranks where it has them
             (``ranks`` entries win), then gives each layer its planned activation ranks
-            (:func:`wasi.calibrate.apply_plan`). Needs ``config.activation_rank=None``.
+            (:func:`apply_plan`). Needs ``config.activation_rank=None``.
         calibration: optional callable that runs ``model`` on a few representative batches
             (e.g. ``lambda: model(**batch)``); its first run, before any layer is replaced, also
             checks that it reaches every selected layer. Each layer's factors then minimise its
@@ -281,13 +196,13 @@ def convert(
             (:func:`wasi.functional.whitened_factors`), at the same rank, so the memory is
             unchanged and the converted model starts closer to the pretrained one. Layers are
             fitted in model order, in groups whose ``(I, I)`` float32 input Gram matrices fit
-            ``GRAM_BYTES`` of the ``wasi.convert`` module (256 MiB): ``calibration`` runs once
+            ``GRAM_BYTES`` of :mod:`wasi.calibrate.fit` (256 MiB): ``calibration`` runs once
             per group, and each group sees the inputs the layers converted before it produce.
             Modes ``factored`` and ``weights-only`` only. With ``config.fidelity`` or
             ``config.param_budget``, the ranks too come from the calibration: each layer's
             output error per rank and its effect on the output are measured on the unconverted
             model first (one more run per group, and one with gradients), and
-            :func:`wasi.calibrate.fidelity.allocate` picks every layer's rank, or keeps it dense
+            :func:`wasi.calibrate.fit.allocate` picks every layer's rank, or keeps it dense
             (docs WASI.md section 11); :func:`wasi.calibrate.choose_ranks` shows that choice
             without converting.
 
@@ -300,22 +215,7 @@ def convert(
             ranks by fidelity without a calibration, or with every layer kept dense.
         TypeError: ``config`` is not a :class:`WASIConfig`, or ``calibration`` is not callable.
     """
-    config = WASIConfig() if config is None else config
-    if not isinstance(config, WASIConfig):
-        raise TypeError(f"config must be a wasi.WASIConfig, got {type(config).__name__}")
-    if calibration is not None:
-        if not callable(calibration):
-            raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
-        if config.mode not in ("factored", "weights-only"):
-            raise ValueError(
-                f"calibration fits the weight factors once, at conversion: mode {config.mode!r} "
-                + ("keeps a dense weight" if config.mode == "activations-only"
-                   else "re-projects its dense weight every step, which would undo it")
-                + "; use mode 'factored' or 'weights-only'"
-            )
-        if not initialise:
-            raise ValueError("calibration fits the factors, initialise=False leaves them for a checkpoint: "
-                             "pass one or the other")
+    config = _check_arguments(config, calibration, initialise)
     existing = wasi_layers(model)
     if existing:
         raise ValueError(
@@ -323,30 +223,8 @@ def convert(
             "call wasi.unconvert first to convert it again"
         )
     if plan is not None:
-        if config.activation_rank is not None or not config.compress_activations:
-            raise ValueError(
-                f"a plan sets activation ranks: convert with activation_rank=None and a mode that compresses "
-                f"activations, got activation_rank={config.activation_rank!r}, mode={config.mode!r}"
-            )
-        planned = {layer.name for layer in plan.layers}
-        wrappable = {n for n, m in model.named_modules() if n and is_wrappable(m)}
-        if planned - wrappable:
-            raise ValueError(f"the plan names layers this model lacks: {sorted(planned - wrappable)[:6]}")
-        if filter_fn is None:
-
-            def filter_fn(module: nn.Module, fqn: str) -> bool:
-                return fqn in planned
-        ranks = {**plan.weight_ranks(), **(ranks or {})}
-    chosen = select_layers(model, config, filter_fn)
-    if not chosen:
-        linears = [n for n, m in model.named_modules() if n and is_wrappable(m)]
-        how = "filter_fn" if filter_fn is not None else f"target={config.target!r}"
-        raise ValueError(
-            f"{how} matched no layer. WASI wraps torch.nn.Linear and transformers' Conv1D; "
-            f"this model has {len(linears)} such layers"
-            + (f", e.g. {', '.join(linears[:6])}" if linears else "")
-            + ". Targets: 'mlp', 'attention', 'all-linear', or pass filter_fn(module, fqn)."
-        )
+        filter_fn, ranks = _plan_selection(model, config, plan, filter_fn, ranks)
+    chosen = _select_or_raise(model, config, filter_fn)
     ranks = dict(ranks or {})
     if config.chooses_ranks:
         ranks.update(_ranks_by_fidelity(model, config, [fqn for fqn in chosen if fqn not in ranks], calibration,
@@ -362,17 +240,108 @@ def convert(
             )
         if plan is not None:
             plan = dataclasses.replace(plan, layers=tuple(p for p in plan.layers if p.name not in dense))
+    swap_layers(model, chosen, config, ranks=ranks, initialise=initialise, calibration=calibration)
+    if config.fuse_activation and not fuse_activations(model):
+        warnings.warn(
+            "fuse_activation=True but no converted layer is followed by a known activation "
+            f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if plan is not None:
+        apply_plan(model, plan)
+    return model
+
+
+def _check_arguments(config: WASIConfig | None, calibration: Callable[[], object] | None,
+                     initialise: bool) -> WASIConfig:
+    # the config (default WASIConfig()) after checking that it and the calibration go together
+    config = WASIConfig() if config is None else config
+    if not isinstance(config, WASIConfig):
+        raise TypeError(f"config must be a wasi.WASIConfig, got {type(config).__name__}")
+    if calibration is not None:
+        if not callable(calibration):
+            raise TypeError(f"calibration must be a callable that runs the model, got {type(calibration).__name__}")
+        if not config.trains_factors:
+            raise ValueError(
+                f"calibration fits the weight factors once, at conversion: mode {config.mode!r} "
+                + ("keeps a dense weight" if not config.factor_weights
+                   else "re-projects its dense weight every step, which would undo it")
+                + "; use mode 'factored' or 'weights-only'"
+            )
+        if not initialise:
+            raise ValueError("calibration fits the factors, initialise=False leaves them for a checkpoint: "
+                             "pass one or the other")
+    return config
+
+
+def _plan_selection(model: nn.Module, config: WASIConfig, plan: Plan, filter_fn: FilterFn | None,
+                    ranks: dict[str, int | None] | None) -> tuple[FilterFn, dict[str, int | None]]:
+    # a plan selects its own layers (unless filter_fn is given) and brings its weight ranks (ranks= wins)
+    if config.activation_rank is not None or not config.compress_activations:
+        raise ValueError(
+            f"a plan sets activation ranks: convert with activation_rank=None and a mode that compresses "
+            f"activations, got activation_rank={config.activation_rank!r}, mode={config.mode!r}"
+        )
+    planned = {layer.name for layer in plan.layers}
+    wrappable = {n for n, m in model.named_modules() if n and is_wrappable(m)}
+    if planned - wrappable:
+        raise ValueError(f"the plan names layers this model lacks: {sorted(planned - wrappable)[:6]}")
+    if filter_fn is None:
+
+        def filter_fn(module: nn.Module, fqn: str) -> bool:
+            return fqn in planned
+
+    return filter_fn, {**plan.weight_ranks(), **(ranks or {})}
+
+
+def _select_or_raise(model: nn.Module, config: WASIConfig, filter_fn: FilterFn | None) -> list[str]:
+    chosen = select_layers(model, config, filter_fn)
+    if not chosen:
+        linears = [n for n, m in model.named_modules() if n and is_wrappable(m)]
+        how = "filter_fn" if filter_fn is not None else f"target={config.target!r}"
+        raise ValueError(
+            f"{how} matched no layer. WASI wraps torch.nn.Linear and transformers' Conv1D; "
+            f"this model has {len(linears)} such layers"
+            + (f", e.g. {', '.join(linears[:6])}" if linears else "")
+            + f". Targets: {', '.join(repr(t) for t in TARGETS)}, or pass filter_fn(module, fqn)."
+        )
+    return chosen
+
+
+def swap_layers(
+    model: nn.Module,
+    paths: list[str],
+    config: WASIConfig,
+    *,
+    ranks: dict[str, int | None] | None = None,
+    initialise: bool = True,
+    calibration: Callable[[], object] | None = None,
+) -> None:
+    """Replace the linear layers at ``paths`` by :class:`WASILinear`, all or none.
+
+    Layers are factorised one at a time in the order given (the peak memory stays one dense layer
+    above the model), each with its rank from ``ranks`` (else the config's) and seed
+    ``config.seed * 100003 + index``. With ``calibration``, each group of layers
+    (:func:`wasi.calibrate.fit.gram_groups`) first gets its input Gram matrices from one
+    calibration run on the model as converted so far (the first run must reach every path), and
+    its factors are fitted to them (:func:`wasi.functional.whitened_factors`).
+
+    Raises:
+        Whatever the factorisation or the calibration raises; the model is then as it was given.
+    """
+    ranks = ranks or {}
     grams: dict[str, torch.Tensor] = {}
-    groups = _gram_groups(model, chosen) if calibration is not None else [chosen]
+    groups = gram_groups(model, paths) if calibration is not None else [paths]
     first_of_group = {group[0]: group for group in groups}
     replaced: list[tuple[str, nn.Module]] = []
     try:
-        for index, fqn in enumerate(chosen):
+        for index, fqn in enumerate(paths):
             if calibration is not None and fqn in first_of_group:
                 # later groups see the inputs the already converted layers produce; the first run
                 # checks that every chosen layer is reached before any is replaced
                 group = first_of_group[fqn]
-                grams = input_grams(model, group, calibration, required=chosen if index == 0 else None)
+                grams = input_grams(model, group, calibration, required=paths if index == 0 else None)
             original = model.get_submodule(fqn)
             layer = WASILinear.from_module(
                 original,
@@ -390,18 +359,6 @@ def convert(
         for fqn, original in reversed(replaced):  # a failure leaves the model as it was given
             _set_submodule(model, fqn, original)
         raise
-    if config.recompute_from_code and not fuse_activations(model):
-        warnings.warn(
-            "recompute_from_code=True but no converted layer is followed by a known activation "
-            f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if plan is not None:
-        from wasi.calibrate import apply_plan
-
-        apply_plan(model, plan)
-    return model
 
 
 def _ranks_by_fidelity(
@@ -417,10 +374,76 @@ def _ranks_by_fidelity(
             f"WASIConfig.{knob} chooses weight ranks from calibration data: pass calibration= (a callable that "
             f"runs the model), or ranks= for every layer ({len(paths)} lack one, e.g. {paths[0]!r})"
         )
-    from wasi.calibrate.fidelity import allocate, budget_params, measure_spectra
+    return ranks_for_config(model, config, paths, calibration).ranks
 
-    spectra = measure_spectra(model, paths, calibration)
-    return allocate(spectra, fidelity=config.fidelity, budget=budget_params(spectra, config.param_budget)).ranks
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Give each WASI layer of a converted model its planned activation ranks, in place.
+
+    Fills the layer's persistent ``activation_ranks`` buffer (section 8), which the layer uses
+    instead of measuring ranks from its first batch; at run time each rank is still clipped to
+    the input's shape. Weight ranks are fixed at conversion: pass ``plan.weight_ranks()`` to
+    ``wasi.convert(..., ranks=...)`` (a mismatch here warns). A layer that has already trained
+    with other ranks restarts its bases (random range finder) at its next step.
+
+    Args:
+        model: a converted model.
+        plan: a :class:`wasi.calibrate.Plan` (or anything with its ``layers``: ``name``,
+            ``activation_ranks``, ``weight_rank``).
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: the model lacks some planned layers (named), a layer is not a WASI layer,
+            keeps its exact input (``weights-only``), or was converted with explicit
+            ``activation_rank`` (which overrides the plan).
+    """
+    modules = dict(model.named_modules())
+    missing = [layer.name for layer in plan.layers if layer.name not in modules]
+    not_wasi = [layer.name for layer in plan.layers
+                if layer.name in modules and not isinstance(modules[layer.name], WASILinear)]
+    if missing or not_wasi:
+        parts = []
+        if missing:
+            parts.append(f"the model has no layer {missing}")
+        if not_wasi:
+            parts.append(f"{not_wasi} are not WASI layers (convert the model first, e.g. "
+                         "wasi.convert(model, config, ranks=plan.weight_ranks()))")
+        raise ValueError("cannot apply the plan: " + "; ".join(parts))
+    problems = []
+    for layer in plan.layers:
+        module = modules[layer.name]
+        if not module.config.compress_activations:
+            problems.append(f"{layer.name}: mode {module.config.mode!r} keeps the exact input")
+        elif module.config.activation_rank is not None:
+            problems.append(f"{layer.name}: converted with "
+                            f"activation_rank={module.config.activation_rank!r}, "
+                            "which overrides the plan; convert with activation_rank=None")
+        elif not 2 <= len(layer.activation_ranks) <= MAX_MODES:
+            problems.append(f"{layer.name}: {len(layer.activation_ranks)} planned ranks, a layer takes "
+                            f"2 to {MAX_MODES}")
+    if problems:
+        raise ValueError("cannot apply the plan:\n  " + "\n  ".join(problems))
+    for layer in plan.layers:
+        module = modules[layer.name]
+        ranks = layer.activation_ranks
+        with torch.no_grad():
+            module.activation_ranks.zero_()
+            module.activation_ranks[: len(ranks)] = torch.tensor(ranks, dtype=torch.int64)
+        module.planned = True  # a rank raised for gradient fidelity then says it exceeds the budget
+        if layer.weight_rank is not None and module.rank is not None and module.rank != layer.weight_rank:
+            warnings.warn(
+                f"{layer.name}: converted with weight rank {module.rank}, the plan says {layer.weight_rank}; "
+                "weight ranks are set at conversion (wasi.convert(..., ranks=plan.weight_ranks()))",
+                UserWarning, stacklevel=2,
+            )
+    planned = {layer.name for layer in plan.layers}
+    extra = [name for name, m in modules.items() if isinstance(m, WASILinear) and name not in planned]
+    if extra:
+        warnings.warn(f"the plan does not cover WASI layers {extra[:6]}; they keep their own ranks",
+                      UserWarning, stacklevel=2)
+    return model
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -462,11 +485,22 @@ def unconvert(model: nn.Module) -> nn.Module:
             dense.weight.requires_grad_(trainable)
         dense.train(layer.training)
         _set_submodule(model, fqn, dense)
-        if layer.activation is not None:  # give the parent its activation back
+        if layer.fused_activation is not None:  # give the parent its activation back
             parent_name = fqn.rpartition(".")[0]
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, layer.activation_site, layer.activation)
+            setattr(parent, layer.fused_activation_site, layer.fused_activation)
     return model
 
 
-__all__ = ["AllDenseError", "convert", "fuse_activations", "input_grams", "is_conv1d", "is_fusable_activation", "select_layers", "target_matches", "unconvert", "wasi_layers"]
+__all__ = [
+    "AllDenseError",
+    "apply_plan",
+    "convert",
+    "fuse_activations",
+    "is_fusable_activation",
+    "select_layers",
+    "swap_layers",
+    "target_matches",
+    "unconvert",
+    "wasi_layers",
+]

@@ -17,9 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-
-class NonFiniteError(FloatingPointError):
-    """NaN or inf where WASI needs finite numbers (an input, a gradient, a weight); names the layer."""
+from wasi.guards import NonFiniteError, is_finite, warn_renamed
 
 
 def value_range(x: Tensor) -> Tensor:
@@ -59,16 +57,6 @@ def pow2_scale(peak: float, dtype: torch.dtype = torch.float32) -> float:
         return 1.0
     limit = _exponent_limit(dtype)
     return math.ldexp(1.0, -min(max(math.frexp(abs(peak))[1], -limit), limit))
-
-
-def is_finite(*tensors: Tensor) -> bool:
-    """True when every tensor is free of NaN and inf (one host sync for all of them)."""
-    bounds = [b for t in tensors if t.numel() for b in torch.aminmax(t.detach())]
-    if not bounds:
-        return True
-    if len({b.dtype for b in bounds}) > 1:
-        bounds = [b.double() for b in bounds]
-    return all(math.isfinite(v) for v in torch.stack(bounds).tolist())
 
 
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator, *, dtype: torch.dtype,
@@ -148,7 +136,23 @@ def qr_positive(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return q * signs, r * signs[:, None]
 
 
-def spectrum_rank(singular_values: Tensor, eps: float) -> int:
+def clip_ranks(ranks, shape) -> tuple[int, ...]:
+    """Activation ranks that fit an input of ``shape``: each in ``[1, min(d_n, numel / d_n)]`` (section 4).
+
+    A mode's rank can exceed neither the mode's size nor the product of the other modes (the
+    unfolding ``X_(n)`` has rank at most the smaller of the two).
+
+    Args:
+        ranks: wanted ``(r_1, ..., r_m)``; shape: ``(d_1, ..., d_m)``.
+
+    Returns:
+        The clipped ranks.
+    """
+    total = math.prod(shape)
+    return tuple(max(1, min(int(r), d, total // d)) for r, d in zip(ranks, shape))
+
+
+def singular_value_rank(singular_values: Tensor, eps: float) -> int:
     """The weight rank ``eps`` gives on a weight's singular values (section 3), scale-free.
 
     Energies are taken from singular values scaled by a power of two, so a weight of 1e30 or
@@ -193,7 +197,7 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
         warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
                       stacklevel=2)
         u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
-    k = rank if rank is not None else spectrum_rank(s, eps)
+    k = rank if rank is not None else singular_value_rank(s, eps)
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
 
@@ -292,7 +296,7 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
     dtype = compute_dtype(weight.dtype)
     u, s, vh, chol = whitened_svd(weight, gram, damping=damping, name=name)
     if rank is None:
-        rank = spectrum_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
+        rank = singular_value_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
     right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)
     return u[:, :rank].to(dtype).contiguous(), right.to(dtype).contiguous()  # (O, k), (k, I)
 
@@ -314,6 +318,25 @@ def track_weight_subspace(weight: Tensor, left: Tensor) -> tuple[Tensor, Tensor]
     q = w.T @ (left.to(w.dtype) * scale)  # (I, k)
     new_left = orth(w @ (q * scale))  # (O, k): the span of W W^T L
     return new_left, new_left.T @ w  # (O, k), (k, I)
+
+
+def reorthonormalise(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-orthonormalise ``L`` of ``W = L R`` without changing the product (section 6).
+
+    ``L = Q T`` by sign-normalised QR (:func:`qr_positive`); ``L <- Q`` and ``R <- T R``, so that
+    ``L R`` is the same weight with ``L``'s columns orthonormal again after optimizer steps.
+
+    Args:
+        left: ``L (O, k)``; right: ``R (k, I)``.
+
+    Returns:
+        The new ``L: (O, k)`` and ``R: (k, I)`` in the compute dtype.
+
+    Raises:
+        torch.linalg.LinAlgError: the QR fails.
+    """
+    q, t = qr_positive(left)  # (O, k), (k, k)
+    return q, t @ right.to(t.dtype)  # (k, k) @ (k, I)
 
 
 def contract_mode(tensor: Tensor, matrix: Tensor) -> Tensor:
@@ -402,6 +425,31 @@ def range_finder(x: Tensor, mode: int, rank: int, generator: torch.Generator, *,
     for block, cols in unfolding_blocks(x, mode):
         y = block @ omega[cols] if y is None else y.addmm_(block, omega[cols])  # (d_n, r)
     return orth(y)
+
+
+def track_activation_basis(x: Tensor, mode: int, rank: int, previous: Tensor, generator: torch.Generator, *,
+                           scale: Tensor | float | None = None) -> Tensor:
+    """The mode-``n`` basis of this step: warm start from the previous one, or restart (section 4).
+
+    When ``previous`` fits, ``(d_n, rank)``, one warm-started power step (:func:`power_step`);
+    otherwise, on the first step or when the batch size, the sequence length or the rank
+    changed, a cold restart by the range finder (:func:`range_finder`) from ``generator``.
+
+    Args:
+        x: the activation ``(d_1, ..., d_m)`` in the compute dtype; mode: which mode; rank: ``r_n``.
+        previous: the previous ``U_n`` (any shape; ``(0, 0)`` before the first step).
+        generator: the layer's own generator, used by a restart only.
+        scale: ``unit_scale(x)`` when the caller has it.
+
+    Returns:
+        ``U_n: (d_n, rank)`` with orthonormal columns.
+
+    Raises:
+        torch.linalg.LinAlgError: the QR fails.
+    """
+    if tuple(previous.shape) == (x.shape[mode], rank):
+        return power_step(x, mode, previous.to(x.dtype), scale=scale)  # warm start
+    return range_finder(x, mode, rank, generator, scale=scale)  # first step, or a shape change
 
 
 def mode_energies(x: Tensor, mode: int, *, scale_free: bool = False) -> Tensor:
@@ -543,6 +591,28 @@ def exact_grad_pieces(grad_out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return g.T, x2.T  # (O, T), (I, T)
 
 
+def factor_grads(m: Tensor, v: Tensor, left: Tensor | None, right: Tensor | None, *, need_weight: bool = False,
+                 need_left: bool = True, need_right: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dW, dL, dR)`` from the pieces of ``dW = M V^T`` (section 5), each only where asked.
+
+    ``dL = dW R^T = M (V^T R^T)`` and ``dR = L^T dW = (L^T M) V^T``: the dense ``dW`` is formed only
+    when ``need_weight`` (a dense weight parameter). Computed in ``M``'s dtype (a float16 input
+    keeps its core in float32).
+
+    Args:
+        m: ``M (O, c)``; v: ``V (I, c)`` (``c``: ``r_m`` for a compressed input, tokens for an exact one);
+        left: ``L (O, k)`` (needed for ``dR``); right: ``R (k, I)`` (needed for ``dL``).
+        need_weight, need_left, need_right: which gradients to return.
+
+    Returns:
+        ``dW (O, I)``, ``dL (O, k)``, ``dR (k, I)``, None where not asked.
+    """
+    grad_w = m @ v.T if need_weight else None  # (O, c) @ (c, I) -> (O, I)
+    grad_l = m @ (right.to(m.dtype) @ v).T if need_left else None  # (O, c) @ (c, k) -> (O, k)
+    grad_r = (left.to(m.dtype).T @ m) @ v.T if need_right else None  # (k, c) @ (c, I) -> (k, I)
+    return grad_w, grad_l, grad_r
+
+
 SCALED_STEP_DAMPING = 1e-3
 """``delta`` of :func:`scale_factor_grads` relative to the mean eigenvalue of ``R R^T`` (``L^T L``)."""
 
@@ -621,3 +691,10 @@ def gradient_cosine(compressed: tuple[Tensor, ...], exact: tuple[Tensor, ...],
     cross, cc, ee = dot(pc, exact), dot(pc, compressed), dot(pe, exact)
     denom = (cc * ee).clamp_min(0).sqrt()
     return torch.where(denom > 0, cross / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
+
+
+def __getattr__(name: str):
+    if name == "spectrum_rank":  # the former name of singular_value_rank
+        warn_renamed("spectrum_rank", "singular_value_rank", "wasi.functional")
+        return singular_value_rank
+    raise AttributeError(f"module 'wasi.functional' has no attribute {name!r}")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wasi import functional as WF
+from wasi.config import trains_factors
 from wasi.convert import wasi_layers
 from wasi.modules import WASILinear
 
@@ -112,7 +114,7 @@ def layer_cost(
     if ranks is None and layer.config.compress_activations and layer.config.activation_rank is not None:
         wanted = layer.config.activation_rank
         wanted = list(wanted) if isinstance(wanted, tuple) else [wanted] * len(dims)
-        ranks = tuple(max(1, min(r, d, cost.activation_dense // d)) for r, d in zip(wanted, dims))
+        ranks = WF.clip_ranks(wanted, dims)
     flops = {
         "forward_dense": mm_flops(t, i, o),
         "backward_dense": mm_flops(t, o, i) + mm_flops(o, t, i),
@@ -139,13 +141,13 @@ def layer_cost(
     else:
         cost.activation_wasi = cost.activation_dense
         c = t  # dW = G^T X: M = G^T (O, T), V = X^T (I, T)
-    if mode in ("reference", "activations-only"):
+    if not trains_factors(mode):
         backward += mm_flops(o, c, i)  # dense dW = M V^T
     else:
         backward += mm_flops(k, i, c) + mm_flops(o, c, k)  # dL = M (R V)^T
         backward += mm_flops(k, o, c) + mm_flops(k, c, i)  # dR = (L^T M) V^T
-    if layer.activation is not None and k is not None:
-        # recompute_from_code: the code X R^T (T, k) is saved too, and H = Z L^T + b rebuilt in backward
+    if layer.fused_activation is not None and k is not None:
+        # fuse_activation: the code X R^T (T, k) is saved too, and H = Z L^T + b rebuilt in backward
         cost.activation_wasi += t * k
         backward += mm_flops(t, k, o)
     flops["forward_wasi"] = forward

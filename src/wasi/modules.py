@@ -12,15 +12,21 @@ from torch import Tensor, nn
 from wasi import functional as WF
 from wasi.autograd import Probe, act_from_code, wasi_linear
 from wasi.config import WASIConfig
-from wasi.functional import NonFiniteError
+from wasi.guards import (
+    NONFINITE_POLICIES,
+    GradientCheck,
+    NonFiniteError,
+    check_training_step,
+    dense_weight_of,
+    is_conv1d,
+    is_wrappable,
+    set_nonfinite_policy,
+)
 
 MAX_MODES = 4  # inputs of 2, 3 or 4 dims: (B, I), (B, N, I), (B, H, W, C)
 
 # buffers a state saved by an older version lacks, and the value that state behaved with
 LEGACY_BUFFERS = {"scaled_step": False, "rank_boost": 1, "recheck": False}
-
-# What a training forward / backward does with NaN or inf (see ``set_nonfinite_policy``)
-NONFINITE_POLICIES = ("raise", "skip", "off")
 
 
 class WASILinear(nn.Module):
@@ -74,7 +80,7 @@ class WASILinear(nn.Module):
                 f"rank must be in [1, {min(in_features, out_features)}] for a ({out_features}, "
                 f"{in_features}) layer, got {rank!r}"
             )
-        if mode in ("factored", "weights-only"):
+        if config.trains_factors:
             self.weight = None
             self.left = nn.Parameter(torch.empty(out_features, rank, **factory))  # (O, k)
             self.right = nn.Parameter(torch.empty(rank, in_features, **factory))  # (k, I)
@@ -107,10 +113,10 @@ class WASILinear(nn.Module):
             # not state: not saved
             self.register_buffer("grad_cosine", torch.tensor(math.nan, dtype=torch.float64, device=device),
                                  persistent=False)
-        # an elementwise activation fused into the layer (WASIConfig.recompute_from_code):
-        # its input is rebuilt from the code X R^T in backward; site is the parent's attribute
-        self.activation: nn.Module | None = None
-        self.activation_site: str | None = None
+        # an elementwise activation fused into the layer (WASIConfig.fuse_activation): its input is
+        # rebuilt from the code X R^T in backward; the site is the parent's attribute it came from
+        self.fused_activation: nn.Module | None = None
+        self.fused_activation_site: str | None = None
         self.last_input_shape: tuple[int, ...] | None = None
         self.last_activation_ranks: tuple[int, ...] | None = None
         self.nonfinite = "raise"
@@ -248,7 +254,7 @@ class WASILinear(nn.Module):
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
                 y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
                                 precondition=self._scaled())
-                return y if self.activation is None else self.activation(y)
+                return y if self.fused_activation is None else self.fused_activation(y)
         self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
         core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
@@ -262,20 +268,20 @@ class WASILinear(nn.Module):
             bias=self.bias,
             core=core,
             bases=tuple(bases),
-            notify=self.backward_seen,
-            activation=self.activation,
+            backward_seen=self.backward_seen,
+            fused_activation=self.fused_activation,
             precondition=self._scaled(),
             probe=probe,
         )
         if self.nonfinite == "raise" and y.requires_grad:
-            y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
+            y.register_hook(GradientCheck(self._label()))  # runs on dY before this layer's backward
         return y
 
     def _replay(self, x: Tensor, dense: Tensor | None) -> Tensor | None:
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                               notify=self.backward_seen, activation=self.activation,
+                               backward_seen=self.backward_seen, fused_activation=self.fused_activation,
                                precondition=self._scaled())
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
@@ -289,7 +295,7 @@ class WASILinear(nn.Module):
         probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
-            bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
+            bases=tuple(b.to(saved) for b in bases), backward_seen=self.backward_seen, fused_activation=self.fused_activation,
             precondition=self._scaled(), probe=probe,
         )
 
@@ -317,8 +323,8 @@ class WASILinear(nn.Module):
         self.grad_cosine.fill_(math.nan)  # stays NaN if no weight gradient is computed
         # the boost that would make every mode full: doubling further changes nothing
         ranks, x_shape = self.last_activation_ranks, self.last_input_shape
-        total = math.prod(x_shape)
-        need = max(math.ceil(min(d, total // d) / r) for r, d in zip(ranks, x_shape))
+        full = WF.clip_ranks([math.prod(x_shape)] * len(x_shape), x_shape)  # every mode at its largest rank
+        need = max(math.ceil(f / r) for f, r in zip(full, ranks))
         boost = int(self.rank_boost)
         cap = boost * 2 ** max(0, math.ceil(math.log2(need))) if need > 1 else boost
         probe = Probe(self.grad_cosine, self.rank_boost, float(self.config.grad_cosine_floor), cap, self.recheck)
@@ -355,9 +361,7 @@ class WASILinear(nn.Module):
                             f"exact one (below {floor}) at full activation rank {ranks}; nothing left to "
                             "raise (warned once per layer)")
             return
-        shape = self.last_input_shape
-        total = math.prod(shape)
-        new = tuple(min(r * after // before, d, total // d) for r, d in zip(ranks, shape))
+        new = WF.clip_ranks([r * after // before for r in ranks], self.last_input_shape)
         self.grad_actions.append({"step": step, "cosine": value, "action": "raise", "ranks": ranks,
                                       "new_ranks": new, "boost": after})
         budget = " beyond the memory budget of its plan" if self.planned else ""
@@ -386,38 +390,14 @@ class WASILinear(nn.Module):
             )
 
     def _check_finite(self, x: Tensor) -> float | None:
-        """Check the input and the parameters with one pass over each and one host sync.
-
-        Returns the input's power-of-two scale (:func:`functional.pow2_scale`), or None for a
-        non-finite input under policy "skip".
-
-        Raises:
-            NonFiniteError: non-finite parameters, or input under policy "raise".
-        """
-        params = [(n, p) for n, p in self._parameters.items() if p is not None]
-        bounds = [*torch.aminmax(x.detach())]  # NaN shows in both, inf in one: no copy of x
-        for _, p in params:
-            bounds.extend(torch.aminmax(p.detach()))
-        if len({b.dtype for b in bounds}) > 1:
-            bounds = [b.double() for b in bounds]
-        values = torch.stack(bounds).tolist()  # the one host sync
-        bad = [n for i, (n, _) in enumerate(params) if not all(map(math.isfinite, values[2 + 2 * i: 4 + 2 * i]))]
-        if bad:
-            raise NonFiniteError(
-                f"{self._label()}: the layer's parameter {', '.join(repr(n) for n in bad)} holds NaN or inf "
-                "(an optimizer step applied non-finite gradients?); skipping steps cannot recover it, "
-                "restore a checkpoint"
-            )
-        low, high = values[:2]
-        if math.isfinite(low) and math.isfinite(high):
-            return WF.pow2_scale(max(-low, high), WF.compute_dtype(x.dtype))
-        if self.nonfinite == "raise":
-            raise NonFiniteError(
-                f"{self._label()}: the training input (shape {tuple(x.shape)}) holds NaN or inf; the "
-                "layer's state is unchanged. Fix the data or learning rate, or skip such steps "
-                "(wasi.modules.set_nonfinite_policy(model, 'skip'), or `wasi train --skip-nonfinite`)"
-            )
-        return None
+        """The input's power-of-two scale (:func:`functional.pow2_scale`) after checking the input and
+        the parameters (:func:`wasi.guards.check_training_step`); None for a non-finite input under
+        policy "skip"."""
+        bounds = check_training_step(self._label(), x, dict(self._parameters), self.nonfinite)
+        if bounds is None:
+            return None
+        low, high = bounds
+        return WF.pow2_scale(max(-low, high), WF.compute_dtype(x.dtype))
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -426,12 +406,12 @@ class WASILinear(nn.Module):
 
     def _inference(self, x: Tensor) -> Tensor:
         if self.left is not None:
-            if self.activation is not None:  # the wide pre-activation one slice at a time
-                return act_from_code(F.linear(x, self.right), self.left, self.bias, self.activation)
+            if self.fused_activation is not None:  # the wide pre-activation one slice at a time
+                return act_from_code(F.linear(x, self.right), self.left, self.bias, self.fused_activation)
             y = F.linear(F.linear(x, self.right), self.left, self.bias)  # (..., k) -> (..., O)
         else:
             y = F.linear(x, self.weight, self.bias)
-        return y if self.activation is None else self.activation(y)
+        return y if self.fused_activation is None else self.fused_activation(y)
 
     # ------------------------------------------------------------------ weight subspace
     @torch.no_grad()
@@ -459,18 +439,18 @@ class WASILinear(nn.Module):
                 # previous factors: give the buffers new tensors instead of overwriting them
                 self.left = left.to(self.left.dtype)  # (O, k)
                 self.right = right.to(self.right.dtype)  # (k, I)
-        elif mode in ("factored", "weights-only"):
+        elif self.config.trains_factors:
             every = self.config.reorth_every
             # only after a backward: a graph still waiting for its backward keeps the factors
             if every and bool(self.backward_seen) and int(self.step) % every == 0:
                 try:
-                    q, r = WF.qr_positive(self.left)  # L = Q R_qr, section 6
-                    good = not checking or WF.is_finite(q, r)
+                    left, right = WF.reorthonormalise(self.left, self.right)  # section 6: L R unchanged
+                    good = not checking or WF.is_finite(left, right)
                 except torch.linalg.LinAlgError:
                     good = False
                 if good:
-                    self.right.copy_(r @ self.right.to(r.dtype))  # (k, k) @ (k, I): L R unchanged
-                    self.left.copy_(q)
+                    self.right.copy_(right)  # (k, I)
+                    self.left.copy_(left)  # (O, k)
                 else:  # L R stays as it is, only less well conditioned until the next try
                     self._warn_once("reorth-qr", "the QR re-orthonormalisation of L failed or gave NaN/inf; "
                                     "skipped (warned once per layer)")
@@ -486,12 +466,8 @@ class WASILinear(nn.Module):
         bases: list[Tensor | None] = []
         for n, r in enumerate(ranks):
             previous = getattr(self, f"basis_{n}")
-            try:
-                if tuple(previous.shape) == (xc.shape[n], r):
-                    basis = WF.power_step(xc, n, previous.to(xc.dtype), scale=scale)  # warm start, section 4
-                else:
-                    # first step, or the batch size / sequence length changed: cold restart
-                    basis = WF.range_finder(xc, n, r, self._generator(n), scale=scale)
+            try:  # warm start, or a cold restart on a shape change (section 4)
+                basis = WF.track_activation_basis(xc, n, r, previous, self._generator(n), scale=scale)
             except torch.linalg.LinAlgError:
                 basis = None
             bases.append(basis)
@@ -539,10 +515,7 @@ class WASILinear(nn.Module):
                 stored[:dims] = torch.tensor(measured)
             ranks = stored[:dims].tolist()
         boost = int(self.rank_boost)
-        ranks = [r * boost for r in ranks]
-        total = x.numel()
-        # a rank cannot exceed the mode nor the product of the other modes
-        return [max(1, min(r, d, total // d)) for r, d in zip(ranks, x.shape)]
+        return list(WF.clip_ranks([r * boost for r in ranks], x.shape))
 
     def _energy_rank(self, x: Tensor, mode: int, eps: float) -> int:
         try:
@@ -604,8 +577,8 @@ class WASILinear(nn.Module):
                 else f"activation_eps={self.config.effective_activation_eps}"
             )
         parts.append(f"bias={self.bias is not None}")
-        if self.activation is not None:
-            parts.append(f"fused_activation={self.activation_site}")
+        if self.fused_activation is not None:
+            parts.append(f"fused_activation={self.fused_activation_site}")
         return ", ".join(parts)
 
 
@@ -637,75 +610,8 @@ def _finite_bases(bases: list[Tensor]) -> bool:
     return math.isfinite(torch.stack([b.sum() for b in bases]).sum().item())
 
 
-class _GradientCheck:
-    """Tensor hook on a layer's output: a NaN/inf output gradient raises, naming the layer."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-
-    def __call__(self, grad: Tensor) -> None:
-        if not WF.is_finite(grad):
-            raise NonFiniteError(
-                f"{self.label}: the gradient reaching this layer in backward holds NaN or inf (the loss or "
-                "a layer after this one produced it). Lower the learning rate, or skip such steps "
-                "(wasi.modules.set_nonfinite_policy(model, 'skip') and check the gradients before "
-                "optimizer.step(), or `wasi train --skip-nonfinite`)"
-            )
-
-
-def set_nonfinite_policy(model: nn.Module, policy: str) -> nn.Module:
-    """Set what every WASI layer of ``model`` does with NaN or inf while training.
-
-    Args:
-        model: a converted model (or a single :class:`WASILinear`).
-        policy: ``"raise"`` (default of new layers): a non-finite training input, parameter or
-            gradient raises :class:`NonFiniteError` naming the layer, before any state changes.
-            ``"skip"``: a non-finite input flows through to a NaN output and loss, leaving the
-            layer's bases, ranks and counters untouched, and backward does not check gradients;
-            the caller skips the optimizer step (``wasi train --skip-nonfinite`` does). Non-finite
-            parameters still raise: no skipped step can repair them. ``"off"``: no checks and no
-            host sync (e.g. under ``torch.compile``); non-finite inputs then spoil the bases.
-
-    Returns:
-        The same model.
-
-    Raises:
-        ValueError: unknown policy.
-    """
-    if policy not in NONFINITE_POLICIES:
-        raise ValueError(f"non-finite policy must be one of {NONFINITE_POLICIES}, got {policy!r}")
-    for module in model.modules():
-        if isinstance(module, WASILinear):
-            module.nonfinite = policy
-    return model
-
-
-def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
-    """The ``(O, I)`` weight of a supported linear layer and its kind ("linear" or "conv1d").
-
-    Raises:
-        TypeError: the module is not an ``nn.Linear`` nor a ``transformers`` ``Conv1D``.
-    """
-    if isinstance(module, nn.Linear):
-        return module.weight, "linear"
-    if is_conv1d(module):
-        return module.weight.T, "conv1d"  # Conv1D stores (I, O)
-    raise TypeError(
-        f"cannot wrap {type(module).__name__}: supported layers are torch.nn.Linear and "
-        "transformers' Conv1D (GPT-2)"
-    )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for ``transformers.pytorch_utils.Conv1D`` (checked by name: transformers is optional)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def is_wrappable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
+# NONFINITE_POLICIES, NonFiniteError, dense_weight_of, is_conv1d, is_wrappable and set_nonfinite_policy are
+# defined in wasi.guards and importable from here as before
 __all__ = [
     "LEGACY_BUFFERS",
     "MAX_MODES",
@@ -714,6 +620,7 @@ __all__ = [
     "WASILinear",
     "collect_grad_cosines",
     "dense_weight_of",
+    "is_conv1d",
     "is_wrappable",
     "set_nonfinite_policy",
 ]

@@ -6,10 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from wasi.config import TARGETS
 from wasi.training.methods import METHODS, WASI_MODES, split_method
 
 DEFAULT_EPS = (0.4, 0.6, 0.8, 0.9)
-TARGETS = ("mlp", "attention", "all-linear")
 DEVICES = ("cpu", "cuda")
 
 # ``--quick``: a tiny model, few steps, one repeat, every method

@@ -146,6 +146,7 @@ def measure(spec: dict) -> dict:
         input_spec,
         synthetic_batches,
     )
+    from wasi.config import has_weight_factors
     from wasi.memory import count_saved_tensors
     from wasi.models import VIT_PRESETS
     from wasi.training.loop import GRAD_CLIP
@@ -296,7 +297,7 @@ def measure(spec: dict) -> dict:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "checkpointing": method == "checkpointing" or checkpointing,
-        "recompute": bool(spec.get("recompute")) and method in WASI_MODES and WASI_MODES[method] != "activations-only",
+        "recompute": bool(spec.get("recompute")) and method in WASI_MODES and has_weight_factors(WASI_MODES[method]),
         "freeze_embeddings": bool(spec.get("freeze_embeddings")),
     }
     if not all(math.isfinite(v) for v in losses):

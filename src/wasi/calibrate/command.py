@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wasi.calibrate import RANK_GRID
+from wasi.config import TARGETS
 
 _INTS = ("batches", "batch_size", "max_length", "seed", "activation_rank")
 _FLOATS = ("budget_mb", "weight_budget_mb", "eps")
@@ -94,7 +95,7 @@ def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
                 raise ValueError
         except ValueError:
             errors.append(f"--rank-grid {args.rank_grid!r}: must be comma-separated positive integers, or none")
-    if args.target not in ("mlp", "attention", "all-linear"):
+    if args.target not in TARGETS:
         errors.append(f"--target {args.target!r}: choose mlp, attention or all-linear")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         errors.append(f"--device {args.device}: CUDA is not available on this machine")

@@ -34,7 +34,9 @@ from torch import Tensor, nn
 
 from wasi import functional as WF
 from wasi.calibrate.plan import ActivationCandidate, LayerPlan, WeightCandidate
-from wasi.modules import MAX_MODES, WASILinear, dense_weight_of
+from wasi.functional import clip_ranks  # the layer's run-time clip, importable from here as before
+from wasi.guards import dense_weight_of, warn_renamed
+from wasi.modules import MAX_MODES, WASILinear
 
 LossFn = Callable[[Any, Any], Tensor]
 STAT_DTYPE = torch.float64
@@ -139,10 +141,10 @@ class _Recorder:
         self.recording = False
         self.handles = []
         for name, m in modules.items():
-            fused = getattr(m, "activation", None)
+            fused = getattr(m, "fused_activation", None)
             self.handles.append(m.register_forward_hook(self._hook(name, fused is None), with_kwargs=True))
             if fused is not None:
-                # a layer with a fused activation (recompute_from_code): G is the gradient of the
+                # a layer with a fused activation (fuse_activation): G is the gradient of the
                 # activation's input, so the leaf goes there
                 self.handles.append(fused.register_forward_pre_hook(self._pre_activation(name)))
 
@@ -230,12 +232,6 @@ def capture(
 
 
 # -------------------------------------------------------------------- maths
-def clip_ranks(ranks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """The layer's run-time clip: each rank in ``[1, min(d_n, numel // d_n)]``."""
-    total = math.prod(shape)
-    return tuple(max(1, min(int(r), d, total // d)) for r, d in zip(ranks, shape))
-
-
 def activation_bytes(shape: Sequence[int], ranks: Sequence[int], element_size: int) -> int:
     """Saved core + bases: ``(prod r_n + sum d_n r_n) * element_size`` (docs section 9)."""
     return (math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks))) * element_size
@@ -290,7 +286,7 @@ def weight_candidates(weight: Tensor, eps_grid: Sequence[float], element_size: i
 
 
 # -------------------------------------------------------------------- the tables
-def measure(
+def measure_candidates(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batches: Iterable[Any],
@@ -398,6 +394,13 @@ def _weight_of(module: nn.Module) -> tuple[Tensor, int]:
         return weight.detach(), weight.element_size()
 
 
+def __getattr__(name: str):
+    if name == "measure":  # the former name of measure_candidates
+        warn_renamed("wasi.calibrate.measure.measure", "measure_candidates", "wasi.calibrate.measure")
+        return measure_candidates
+    raise AttributeError(f"module 'wasi.calibrate.measure' has no attribute {name!r}")
+
+
 __all__ = [
     "activation_bytes",
     "as_batch_list",
@@ -407,7 +410,7 @@ __all__ = [
     "default_loss",
     "energy_ranks",
     "gradient_error",
-    "measure",
+    "measure_candidates",
     "mode_eigh",
     "weight_candidates",
 ]

@@ -14,11 +14,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from wasi.calibrate import knapsack
-from wasi.modules import MAX_MODES, WASILinear
+from wasi.convert import apply_plan  # importable from here as before
 
 MB = 1024 * 1024  # as in wasi.memory
 PLAN_FORMAT = "wasi-calibration-plan"
@@ -442,71 +439,6 @@ def build_plan(
     )
     return Plan(chosen, budget_mb=budget_mb, weight_budget_mb=weight_budget_mb, budget_above_max=above,
                 weight_budget_above_max=weight_above, eps_grid=tuple(eps_grid), batches=batches)
-
-
-# -------------------------------------------------------------------- applying
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Give each WASI layer of a converted model its planned activation ranks, in place.
-
-    Fills the layer's persistent ``activation_ranks`` buffer (section 8), which the layer uses
-    instead of measuring ranks from its first batch; at run time each rank is still clipped to
-    the input's shape. Weight ranks are fixed at conversion: pass ``plan.weight_ranks()`` to
-    ``wasi.convert(..., ranks=...)`` (a mismatch here warns). A layer that has already trained
-    with other ranks restarts its bases (random range finder) at its next step.
-
-    Returns:
-        The same model.
-
-    Raises:
-        ValueError: the model lacks some planned layers (named), a layer is not a WASI layer,
-            keeps its exact input (``weights-only``), or was converted with explicit
-            ``activation_rank`` (which overrides the plan).
-    """
-    modules = dict(model.named_modules())
-    missing = [layer.name for layer in plan.layers if layer.name not in modules]
-    not_wasi = [layer.name for layer in plan.layers
-                if layer.name in modules and not isinstance(modules[layer.name], WASILinear)]
-    if missing or not_wasi:
-        parts = []
-        if missing:
-            parts.append(f"the model has no layer {missing}")
-        if not_wasi:
-            parts.append(f"{not_wasi} are not WASI layers (convert the model first, e.g. "
-                         "wasi.convert(model, config, ranks=plan.weight_ranks()))")
-        raise ValueError("cannot apply the plan: " + "; ".join(parts))
-    problems = []
-    for layer in plan.layers:
-        module = modules[layer.name]
-        if not module.config.compress_activations:
-            problems.append(f"{layer.name}: mode {module.config.mode!r} keeps the exact input")
-        elif module.config.activation_rank is not None:
-            problems.append(f"{layer.name}: converted with "
-                            f"activation_rank={module.config.activation_rank!r}, "
-                            "which overrides the plan; convert with activation_rank=None")
-        elif not 2 <= len(layer.activation_ranks) <= MAX_MODES:
-            problems.append(f"{layer.name}: {len(layer.activation_ranks)} planned ranks, a layer takes "
-                            f"2 to {MAX_MODES}")
-    if problems:
-        raise ValueError("cannot apply the plan:\n  " + "\n  ".join(problems))
-    for layer in plan.layers:
-        module = modules[layer.name]
-        ranks = layer.activation_ranks
-        with torch.no_grad():
-            module.activation_ranks.zero_()
-            module.activation_ranks[: len(ranks)] = torch.tensor(ranks, dtype=torch.int64)
-        module.planned = True  # a rank raised for gradient fidelity then says it exceeds the budget
-        if layer.weight_rank is not None and module.rank is not None and module.rank != layer.weight_rank:
-            warnings.warn(
-                f"{layer.name}: converted with weight rank {module.rank}, the plan says {layer.weight_rank}; "
-                "weight ranks are set at conversion (wasi.convert(..., ranks=plan.weight_ranks()))",
-                UserWarning, stacklevel=2,
-            )
-    planned = {layer.name for layer in plan.layers}
-    extra = [name for name, m in modules.items() if isinstance(m, WASILinear) and name not in planned]
-    if extra:
-        warnings.warn(f"the plan does not cover WASI layers {extra[:6]}; they keep their own ranks",
-                      UserWarning, stacklevel=2)
-    return model
 
 
 __all__ = [

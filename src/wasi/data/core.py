@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from wasi.files import sha256_file, write_atomic  # noqa: F401 - the data modules import them from here
 
 DEFAULT_CACHE = Path("~/.cache/wasi/data")
 CACHE_ENV = "WASI_CACHE"
@@ -109,15 +110,6 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(path: Path) -> dict:
     """The JSON manifest at ``path``, or an empty dict when it is missing or unreadable."""
     try:
@@ -125,13 +117,6 @@ def read_manifest(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:

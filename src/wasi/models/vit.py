@@ -39,7 +39,7 @@ class AttentionCore(nn.Module):
     """Multi-head attention of packed ``(B, N, 3 D)`` query/key/value to ``(B, N, D)``.
 
     Parameter-free and a function of its input only, so a WASI ``qkv`` layer can absorb it
-    (``WASIConfig.recompute_from_code``) and rebuild ``q, k, v`` from its small code in backward.
+    (``WASIConfig.fuse_activation``) and rebuild ``q, k, v`` from its small code in backward.
     """
 
     wasi_fusable = True

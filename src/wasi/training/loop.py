@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wasi.checkpoint import fsync_dir, fsync_file, remove_quietly
+from wasi.config import TARGETS
 from wasi.convert import AllDenseError
+from wasi.files import fsync_dir, fsync_file, remove_quietly
+from wasi.guards import NonFiniteError, set_nonfinite_policy
 from wasi.memory import count_saved_tensors
-from wasi.modules import NonFiniteError, WASILinear, collect_grad_cosines, set_nonfinite_policy
+from wasi.modules import WASILinear, collect_grad_cosines
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import (
@@ -162,7 +164,7 @@ class TrainSettings:
             errors.append("--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
         if not 0 <= self.seed <= MAX_SEED:
             errors.append(f"--seed {self.seed}: must be in 0 .. {MAX_SEED} (2**32-1)")
-        if self.target not in ("mlp", "attention", "all-linear"):
+        if self.target not in TARGETS:
             errors.append(f"--target {self.target!r}: choose mlp, attention or all-linear")
         if not isinstance(self.checkpointing, bool):
             errors.append(f"--checkpointing {self.checkpointing!r}: must be true or false")

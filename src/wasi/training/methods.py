@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wasi.config import WASIConfig
+from wasi.config import WASIConfig, has_weight_factors
 from wasi.convert import convert, select_layers
 
 WASI_MODES = {
@@ -43,7 +43,7 @@ class MethodOptions:
     seed: int = 0
     ranks: dict | None = None  # per-layer weight ranks
     plan: Any = None  # a wasi.calibrate.Plan: per-layer activation (and weight) ranks
-    recompute: bool = False  # WASIConfig.recompute_from_code, for the WASI methods with weight factors
+    recompute: bool = False  # WASIConfig.fuse_activation, for the WASI methods with weight factors
     checkpointing: bool = False  # activation checkpointing on top of any method
     freeze_embeddings: bool = False  # every nn.Embedding keeps its pretrained table (no gradient, no optimizer state)
     fidelity: float | None = None  # wsi/wasi: weight ranks by output fidelity on the calibration (WASIConfig.fidelity)
@@ -115,7 +115,7 @@ def apply_method(
         config = WASIConfig(
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
-            recompute_from_code=options.recompute and WASI_MODES[method] != "activations-only",
+            fuse_activation=options.recompute and has_weight_factors(WASI_MODES[method]),
             fidelity=options.fidelity,
         )
         convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
