@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from wasi.config import WASIConfig
+from wasi.distributed import keep_local_buffers
 from wasi.modules import WASILinear, dense_weight_of, is_conv1d, is_wrappable
 
 if TYPE_CHECKING:
@@ -401,7 +402,7 @@ def convert(
         from wasi.calibrate import apply_plan
 
         apply_plan(model, plan)
-    return model
+    return keep_local_buffers(model)  # DDP, however built, leaves each process its activation side
 
 
 def _ranks_by_fidelity(
