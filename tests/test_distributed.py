@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import wasi
-from wasi.distributed import LOCAL_BUFFERS, data_parallel, local_buffer_names
+from wasi.distributed import LOCAL_BUFFERS, AllReduceCounter, data_parallel, local_buffer_names, shard
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -149,3 +149,33 @@ def test_a_converted_model_trains_under_transformers_trainer(tmp_path):
     batch = _Pairs(4, config.vocab_size)[0]
     ids = batch["input_ids"][None]
     torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_shard_covers_every_item_once():
+    parts = [list(shard(11, r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(11))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard(4, 2, 2)
+
+
+def test_allreduce_counter_counts_the_trainable_gradients_once_per_step(tmp_path):
+    """A WASI model all-reduces its factors, k (I + O) per layer, not the dense I O."""
+    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    converted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    wasi.convert(converted, wasi.WASIConfig(rank=4, mode="weights-only"), filter_fn=lambda m, fqn: fqn == "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sent = {}
+        for name, model in (("dense", dense), ("wasi", converted)):
+            ddp = nn.parallel.DistributedDataParallel(model)
+            counter = AllReduceCounter().attach(ddp)
+            for _ in range(2):
+                ddp(torch.randn(8, 64)).sum().backward()
+            trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            assert counter.bytes == 2 * trainable and counter.calls >= 2
+            sent[name] = counter.bytes / 2
+    finally:
+        dist.destroy_process_group()
+    assert sent["wasi"] == 4 * (4 * (64 + 64) + 64 + 64 * 2 + 2)
+    assert sent["dense"] == 4 * (64 * 64 + 64 + 64 * 2 + 2)

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from wasi.modules import MAX_MODES, WASILinear
 
-__all__ = ["LOCAL_BUFFERS", "data_parallel", "keep_local_buffers", "local_buffer_names"]
+__all__ = ["LOCAL_BUFFERS", "AllReduceCounter", "data_parallel", "keep_local_buffers", "local_buffer_names",
+           "shard"]
 
 # the buffers of a WASILinear that belong to one process (see the module docstring)
 LOCAL_BUFFERS = (
@@ -99,3 +103,47 @@ def data_parallel(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParalle
         The DDP-wrapped model.
     """
     return DistributedDataParallel(keep_local_buffers(model), **ddp_kwargs)
+
+
+def shard(count: int, rank: int, world: int) -> range:
+    """This process's share of ``count`` items: every ``world``-th, from ``rank``.
+
+    Shares differ in size by at most one; together they cover every item once.
+
+    Args:
+        count: the number of items (samples of a global batch, or of a dataset).
+        rank, world: this process's rank and the number of processes.
+
+    Raises:
+        ValueError: ``rank`` is not in ``[0, world)``.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return range(rank, count, world)
+
+
+class AllReduceCounter:
+    """Counts the payload of a DDP model's gradient all-reduces; the reduction is DDP's own.
+
+    ``AllReduceCounter().attach(ddp)`` installs a communication hook that all-reduces every
+    bucket as DDP does by default and adds its size to ``bytes`` (the bucket tensors in their
+    dtype; the transport's framing is not counted); ``calls`` counts the buckets.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def attach(self, ddp: DistributedDataParallel) -> AllReduceCounter:
+        ddp.register_comm_hook(self, _counting_allreduce)
+        return self
+
+    def reset(self) -> None:
+        self.bytes = self.calls = 0
+
+
+def _counting_allreduce(counter, bucket):  # DDP checks the annotations: none here
+    buffer = bucket.buffer()
+    counter.bytes += buffer.numel() * buffer.element_size()
+    counter.calls += 1
+    return allreduce_hook(None, bucket)  # None: the default process group
