@@ -30,7 +30,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("wasi.modules",),
     # the multiple-choice knapsack sits with fit: fit's parameter budget (WASIConfig.param_budget, which
     # convert honours) is solved by it; it imports nothing of wasi
-    4: ("wasi.calibrate.fit", "wasi.calibrate.knapsack"),
+    # distributed: which WASI buffers each process keeps under DDP; convert marks them
+    4: ("wasi.calibrate.fit", "wasi.calibrate.knapsack", "wasi.distributed"),
     5: ("wasi.convert", "wasi.checkpoint", "wasi.memory"),
     6: ("wasi", "wasi.calibrate", "wasi.calibrate.*"),
     7: ("wasi.data", "wasi.data.*", "wasi.models", "wasi.models.*"),

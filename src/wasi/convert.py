@@ -12,6 +12,7 @@ from torch import nn
 
 from wasi.calibrate.fit import gram_groups, input_grams, ranks_for_config
 from wasi.config import TARGETS, WASIConfig
+from wasi.distributed import keep_local_buffers
 from wasi.guards import is_wrappable
 from wasi.modules import MAX_MODES, WASILinear
 
@@ -250,7 +251,7 @@ def convert(
         )
     if plan is not None:
         apply_plan(model, plan)
-    return model
+    return keep_local_buffers(model)  # DDP, however built, leaves each process its activation side
 
 
 def _check_arguments(config: WASIConfig | None, calibration: Callable[[], object] | None,
