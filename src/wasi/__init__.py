@@ -26,6 +26,7 @@ _EXPORTS = {
     "convert": "wasi.convert",
     "unconvert": "wasi.convert",
     "wasi_layers": "wasi.convert",
+    "data_parallel": "wasi.distributed",
     "count_saved_tensors": "wasi.memory",
     "summary": "wasi.memory",
     "NonFiniteError": "wasi.guards",
@@ -46,6 +47,7 @@ __all__ = [
     "choose_ranks",
     "convert",
     "count_saved_tensors",
+    "data_parallel",
     "load",
     "save",
     "set_nonfinite_policy",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
+    from wasi.distributed import data_parallel
     from wasi.guards import NonFiniteError, set_nonfinite_policy
     from wasi.memory import count_saved_tensors, summary
     from wasi.modules import WASILinear
