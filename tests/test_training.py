@@ -99,16 +99,16 @@ def test_cli_reports_every_configuration_error_at_once(tmp_path, capsys):
 
 
 def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypatch):
-    from wasi.training import loop
+    from wasi.training import pipeline
 
     seen = []
-    original = loop.apply_method
+    original = pipeline.apply_method
 
     def spy(model, method, options, *, head, calibration=None):
         seen.append(calibration)
         return original(model, method, options, head=head, calibration=calibration)
 
-    monkeypatch.setattr(loop, "apply_method", spy)
+    monkeypatch.setattr(pipeline, "apply_method", spy)
     run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "plain", init_samples=0, steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "default", steps=2, fidelity=0.0), print_fn=lambda _m: None)
