@@ -178,16 +178,16 @@ def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_training_runs_in_train_mode_whatever_mode_the_model_arrives_in(tmp_path, monkeypatch):
-    from wasi.training import loop
+    from wasi.training import pipeline
 
-    original = loop.build_model
+    original = pipeline.build_model
 
     def build_in_eval_mode(*args, **kwargs):
         bundle = original(*args, **kwargs)
         bundle.model.eval()  # as transformers' from_pretrained returns it
         return bundle
 
-    monkeypatch.setattr(loop, "build_model", build_in_eval_mode)
+    monkeypatch.setattr(pipeline, "build_model", build_in_eval_mode)
     run_training(_settings(tmp_path / "eval", steps=3), print_fn=lambda _m: None)
     state = _final_model(tmp_path / "eval")
     steps = [v.item() for k, v in state.items() if k.endswith(".step")]

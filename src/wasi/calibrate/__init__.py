@@ -9,7 +9,7 @@ print it, save it (:meth:`Plan.to_json`), and apply it to a converted model
 
 Modules: :mod:`~wasi.calibrate.measure` (hooks, HOSVD tables), :mod:`~wasi.calibrate.knapsack`
 (the dynamic programme), :mod:`~wasi.calibrate.plan` (the plan, JSON, applying),
-:mod:`~wasi.calibrate.command` (``wasi calibrate``); weight ranks by output fidelity:
+``wasi calibrate`` is :mod:`wasi.cli.calibrate`; weight ranks by output fidelity:
 :mod:`~wasi.calibrate.fidelity` (docs WASI.md section 11).
 """
 
@@ -168,13 +168,6 @@ def calibrate(
                       batches=len(batch_list))
 
 
-def add_calibrate_parser(subparsers):
-    """Register ``wasi calibrate`` (see :mod:`wasi.calibrate.command`)."""
-    from wasi.calibrate.command import add_calibrate_parser as add
-
-    return add(subparsers)
-
-
 __all__ = [
     "EPS_GRID",
     "MB",
@@ -183,7 +176,6 @@ __all__ = [
     "Plan",
     "RankChoice",
     "WeightCandidate",
-    "add_calibrate_parser",
     "apply_plan",
     "build_plan",
     "calibrate",
