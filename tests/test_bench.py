@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from wasi.bench import add_bench_parser
 from wasi.bench.report import summarize
 from wasi.bench.synthetic import decay_spectrum, spectrum_rank
 from wasi.cli import UsageError
+from wasi.cli.bench import add_bench_parser, settings_from_args
 from wasi.training.methods import METHODS, WASI_MODES
 
 
@@ -31,8 +31,6 @@ def _bench(argv: list[str]) -> int:
 
 
 def _parse(argv: list[str]):
-    from wasi.bench.command import settings_from_args
-
     parser = argparse.ArgumentParser(prog="wasi")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
     return settings_from_args(parser.parse_args(["bench", *argv]))

@@ -19,7 +19,7 @@ import wasi
 from wasi import WASIConfig
 from wasi import functional as WF
 from wasi.calibrate import RANK_GRID, Plan, apply_plan, calibrate, knapsack
-from wasi.calibrate.command import add_calibrate_parser
+from wasi.cli.calibrate import add_calibrate_parser
 from wasi.calibrate.measure import default_loss, mode_eigh
 from wasi.cli import UsageError
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import wasi
-from conftest import dense_linear, randn
+from conftest import SmallDisk, dense_linear, randn
 from wasi import CheckpointError, WASIConfig, WASILinear
 from wasi.checkpoint import CONFIG_FILE, WEIGHTS_FILE, config_digest
 from wasi.cli import build_parser, main
@@ -194,75 +194,6 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint_byte_identical(sa
     assert info.value.errno == errno.ENOSPC
     assert _hashes(saved) == before  # byte-identical, and no temporary file left behind
     wasi.load(_vit(), saved)
-
-
-# ---------------------------------------------------------------------------- a real full disk
-class SmallDisk:
-    """A folder whose writes a test makes fail at a chosen moment, for real.
-
-    Where this process may mount one (root on Linux), the folder is a 16 MiB tmpfs and
-    :meth:`fill` writes a file until the filesystem says ``ENOSPC``. Elsewhere :meth:`fill`
-    lowers the file-size limit (``RLIMIT_FSIZE``) to 0, so that every write that grows a file
-    fails with ``EFBIG``. Either way the real ``write`` call fails, in safetensors, torch,
-    matplotlib or Python alike; nothing is faked.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.mounted = False
-        self._limit = None
-        if os.environ.get("WASI_TEST_DISK", "tmpfs") == "tmpfs" and sys.platform.startswith("linux") \
-                and os.geteuid() == 0 and shutil.which("mount"):
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
-                                  capture_output=True, check=False)
-            self.mounted = done.returncode == 0
-        self.errno = errno.ENOSPC if self.mounted else errno.EFBIG
-        self.reason = os.strerror(self.errno)
-
-    def fill(self) -> None:
-        if self.mounted:
-            fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            try:
-                for block in (1 << 20, 4096, 1):
-                    try:
-                        while os.write(fd, b"\0" * block):
-                            pass
-                    except OSError as err:
-                        assert err.errno == errno.ENOSPC
-            finally:
-                os.close(fd)
-            return
-        import resource
-
-        self._limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-        self._handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, self._limit[1]))
-
-    def free(self) -> None:
-        if self.mounted:
-            remove = self.folder / "filler"
-            if remove.exists():
-                remove.unlink()
-        elif self._limit is not None:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_FSIZE, self._limit)
-            signal.signal(signal.SIGXFSZ, self._handler)
-            self._limit = None
-
-    def close(self) -> None:
-        self.free()
-        if self.mounted:
-            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True, check=False)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    disk = SmallDisk(folder)
-    yield disk
-    disk.close()
 
 
 def test_a_real_full_disk_during_save_raises_the_documented_os_error(small_disk):
@@ -516,12 +447,12 @@ def test_cli_a_full_disk_anywhere_is_one_line_leaves_nothing_half_written_and_re
 
 
 def test_cli_skip_nonfinite_flag_reaches_the_settings(tmp_path, capsys):
-    from wasi.cli import _settings
+    from wasi.cli.train import train_settings
 
     args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path), "--skip-nonfinite"])
-    assert _settings(args).skip_nonfinite is True
+    assert train_settings(args).skip_nonfinite is True
     args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path)])
-    assert _settings(args).skip_nonfinite is False
+    assert train_settings(args).skip_nonfinite is False
 
 
 # ============================================================================ non-finite steps in a run
@@ -700,7 +631,7 @@ def test_sigkill_at_random_points_resumes_to_the_weights_of_an_uninterrupted_run
 
 # ============================================================================ long run, flat memory
 def test_a_long_run_with_varying_shapes_keeps_memory_flat():
-    from wasi.training.measure import PeakMemory, _status_kb
+    from wasi.training.measure import PeakMemory, status_kb
 
     model = nn.Sequential(
         WASILinear.from_module(dense_linear(16, 32, seed=0), WASIConfig(eps=0.9, activation_eps=0.9), name="fc1"),
@@ -724,7 +655,7 @@ def test_a_long_run_with_varying_shapes_keeps_memory_flat():
     for step in range(2000):
         if step in (100, 1000):
             (whole if step == 100 else late).reset()
-            hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+            hwm, rss = status_kb("VmHWM"), status_kb("VmRSS")
             if hwm is None or rss is None or hwm > rss + 1024:
                 pytest.skip("the kernel's peak (VmHWM) cannot be reset here")
         shape = order[step] if step < len(order) else rng.choice(shapes)

@@ -4,57 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
+from conftest import word_tokenizer
 from wasi.cli import main
 from wasi.data import DataError
 from wasi.data.lmtext import Document, load_lm_documents, load_text_folder, split_documents
 from wasi.training.causal_lm import lm_evaluate, make_lm_split, token_windows
 from wasi.training.loop import RunError, TrainSettings, run_training
 from wasi.training.models import ModelError, build_model, resolve_task
-
-WORDS = "the cat sat on a mat while dogs ran far away and birds sang in trees".split()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer random Llama (saved as LlamaForCausalLM) with a word-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    """12 documents of a repetitive word pattern (learnable in a few steps)."""
-    folder = tmp_path_factory.mktemp("texts")
-    rng = random.Random(0)
-    pattern = "the cat sat on a mat while dogs ran far away and birds sang in trees"
-    for i in range(12):
-        words = pattern.split()
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(words[rng.randrange(len(words)):] + words * 20))
-    return folder
 
 
 def _settings(model, data, out, **kw) -> TrainSettings:
@@ -65,7 +25,7 @@ def _settings(model, data, out, **kw) -> TrainSettings:
 
 
 def test_windows_cut_the_joined_documents_into_equal_pieces():
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     windows = token_windows(["the cat sat", "on a mat while dogs"], tokenizer, 3)
     flat = [t for w in windows for t in w]
     eos = tokenizer.eos_token_id
@@ -189,11 +149,7 @@ def test_text_folders_a_causal_lm_cannot_read_are_one_line_errors(tiny_llama, tm
         assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bench_and_calibrate_refuse_a_causal_lm(tiny_llama, text_folder, tmp_path, capsys):
-    from wasi.bench.settings import BenchSettings
-
-    errors = BenchSettings(model=str(tiny_llama), data="digits", out=str(tmp_path / "b")).validate()
-    assert any("is a causal LM" in e for e in errors)
+def test_calibrate_refuses_a_causal_lm(tiny_llama, tmp_path, capsys):
     csv = tmp_path / "cls.csv"
     csv.write_text("text,label\n" + "".join(f"the cat sat {i},{i % 2}\n" for i in range(12)))
     code = main(["calibrate", "--model", str(tiny_llama), "--data", str(csv), "--out", str(tmp_path / "p.json")])
