@@ -134,6 +134,7 @@ WORDS = "the cat sat on a mat while dogs ran far away and birds sang in trees".s
 
 
 def word_tokenizer():
+    """A word-level tokenizer of WORDS, with pad, end-of-text and unknown tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -238,3 +239,22 @@ def small_disk(tmp_path):
     disk = SmallDisk(folder)
     yield disk
     disk.close()
+
+
+# ---------------------------------------------------------------------------- a tiny image model
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A 2-layer random DINOv2 image classifier (saved as Dinov2ForImageClassification), 8 px images."""
+    import json
+
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=8,
+                          patch_size=2, num_channels=3, num_labels=2)
+    Dinov2ForImageClassification(config).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_center_crop": True, "crop_size": {"height": 8, "width": 8}, "do_normalize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    return folder

@@ -60,3 +60,22 @@ def test_freeze_embeddings_reaches_every_run_and_is_refused_for_a_vit(tmp_path):
     settings = _parse(["--model", "minilm", "--data", "spam", "--methods", "vanilla,lora,wasi", "--eps", "0.8",
                        "--freeze-embeddings", "--out", str(tmp_path)])
     assert all(worker_spec(settings, m, e, 1)["freeze_embeddings"] for m, e in settings.runs())
+
+
+def test_fidelity_and_the_train_options_reach_the_settings(tiny_llama, text_folder, tmp_path):
+    settings = _parse(["--model", str(tiny_llama), "--data", str(text_folder), "--methods", "vanilla,wasi",
+                       "--eps", "0.8", "--fidelity", "0.999,0", "--task", "causal-lm", "--max-train-samples", "16",
+                       "--max-eval-samples", "8", "--out", str(tmp_path)])
+    assert settings.fidelity == (0.999, 0.0) and settings.task == "causal-lm"
+    assert (settings.max_train_samples, settings.max_eval_samples) == (16, 8)
+    assert settings.runs() == [("vanilla", None), ("wasi+fidelity0.999", 0.8), ("wasi", 0.8)]
+    with pytest.raises(UsageError, match="--fidelity 'high': must be comma-separated numbers"):
+        _parse(["--quick", "--fidelity", "high", "--out", "x"])
+    with pytest.raises(UsageError, match=r"--fidelity \[1.5\]: every value must be in \(0, 1\]"):
+        _parse(["--quick", "--fidelity", "1.5", "--out", "x"])
+    with pytest.raises(UsageError, match="--fidelity chooses the weight ranks of wsi and wasi"):
+        _parse(["--quick", "--methods", "vanilla,lora", "--fidelity", "0.99", "--out", "x"])
+    with pytest.raises(UsageError, match=r"--methods: \['lora\+fidelity0.9'\]: \+fidelityF takes a number"):
+        _parse(["--quick", "--methods", "lora+fidelity0.9", "--out", "x"])
+    with pytest.raises(UsageError, match="--task 'poetry': choose one of"):
+        _parse(["--quick", "--task", "poetry", "--out", "x"])

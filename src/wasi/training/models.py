@@ -285,7 +285,7 @@ def resolve_task(spec: str, requested: str | None = None) -> tuple[str, str]:
 def _vit_bundle(model: ViT, description: str) -> ModelBundle:
     return ModelBundle(
         model, "image", image_size=model.shape.image_size, channels=model.shape.channels,
-        head="head", description=description,
+        head="head", description=description, task="image-classification",
     )
 
 
