@@ -411,7 +411,7 @@ def test_a_real_full_disk_during_save_raises_the_documented_os_error(small_disk)
     finally:
         small_disk.free()
     assert type(info.value) is OSError and info.value.errno == small_disk.errno  # not safetensors' own error
-    assert str(info.value) == (f"[Errno {small_disk.errno}] wasi.save: writing {str(saved)!r} failed: "
+    assert str(info.value) == (f"[Errno {small_disk.errno}] wasi.save: writing {str(saved_after_a_step)!r} failed: "
                                f"{small_disk.reason}; the checkpoint already there is unchanged")
     assert _hashes(saved_after_a_step) == before  # byte-identical, and no temporary file left
     wasi.load(_vit(), saved_after_a_step)

@@ -82,11 +82,11 @@ def load_task_data(model: str, data: str, *, task: str | None = None, seed: int 
     folder_size = image_size if Path(data).is_dir() else None
     dataset = load_dataset(data, cache_dir=cache_dir, image_size=folder_size)
     check_classifiable(dataset)
+    parts = split_stratified(dataset, fractions=SPLIT_FRACTIONS, seed=seed)
     wanted = "image" if chosen == "image-classification" else "text"
     if dataset.kind != wanted:
         raise RunError(f"model {model!r} takes {wanted} inputs but data {data!r} is {dataset.kind} "
                        f"(the model is for {chosen}: {why})")
-    parts = split_stratified(dataset, fractions=SPLIT_FRACTIONS, seed=seed)
     return TaskData(chosen, why, list(dataset.classes), tuple(parts))
 
 
