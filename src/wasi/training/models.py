@@ -14,7 +14,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from wasi.data.core import DataError, resolve_cache_dir
 from wasi.models import VIT_PRESETS, ViT, build_vit
+from wasi.models.dinov2 import OnnxConversionError, dinov2_small_folder
+from wasi.models.packaged import PackageFileError
+from wasi.models.smollm2 import GGUFConversionError, smollm2_folder
 from wasi.models.vit import ViTShape
 
 PRETRAINED_FILE = "wasi_pretrained.json"
@@ -223,8 +227,6 @@ def _load_folder(path: Path, num_classes: int, task: str, description: str) -> M
 
 def model_cache(cache_dir: str | os.PathLike | None) -> Path:
     """The folder packaged models are converted into: the data cache (``--cache-dir``, ``$WASI_CACHE``)."""
-    from wasi.data.core import DataError, resolve_cache_dir
-
     try:
         return resolve_cache_dir(cache_dir)
     except DataError as err:
@@ -232,18 +234,12 @@ def model_cache(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _packaged_folder(spec: str, cache_dir: str | os.PathLike | None) -> Path:
-    from wasi.models.packaged import PackageFileError
-
     try:
         if spec == "dinov2-s":
-            from wasi.models.dinov2 import OnnxConversionError, dinov2_small_folder
-
             try:
                 return dinov2_small_folder(model_cache(cache_dir))
             except OnnxConversionError as err:
                 raise ModelError(f"model 'dinov2-s': {err}") from None
-        from wasi.models.smollm2 import GGUFConversionError, smollm2_folder
-
         try:
             return smollm2_folder(model_cache(cache_dir))
         except GGUFConversionError as err:
