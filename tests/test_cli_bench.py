@@ -79,3 +79,15 @@ def test_fidelity_and_the_train_options_reach_the_settings(tiny_llama, text_fold
         _parse(["--quick", "--methods", "lora+fidelity0.9", "--out", "x"])
     with pytest.raises(UsageError, match="--task 'poetry': choose one of"):
         _parse(["--quick", "--task", "poetry", "--out", "x"])
+
+
+def test_the_help_names_every_model_and_dataset_and_documents_every_option():
+    from wasi.training.models import MODEL_NAMES
+    from wasi.training.settings import DATA_NAMES
+
+    bench = add_bench_parser(argparse.ArgumentParser(prog="wasi").add_subparsers(dest="command"))
+    helps = {a.dest: a.help for a in bench._actions}
+    assert all(name in helps["model"] for name in MODEL_NAMES)
+    assert all(name in helps["data"] for name in (*DATA_NAMES, "synthetic"))
+    assert "causal-lm" in helps["task"] and "perplexity" in helps["task"]
+    assert not [a.option_strings for a in bench._actions if a.option_strings and not a.help]
