@@ -117,6 +117,8 @@ def markdown(results: dict) -> str:
         fit = s.get("init_samples", 0)  # None: wasi train's default; absent in results older than the option
         if fit is None:
             fit = DEFAULT_INIT_SAMPLES
+        if fit and s.get("max_train_samples") and s["max_train_samples"] < fit:
+            fit = s["max_train_samples"]  # the fit takes the training samples there are
         lines.append(f"- accuracy runs: wsi and wasi start from factors fitted to the layers' outputs on {fit} "
                      "training samples (`--init-samples`, same ranks)" if fit else
                      "- accuracy runs: wsi and wasi start from the truncated SVD of each weight (`--init-samples 0`)")
@@ -266,11 +268,12 @@ def plot(results: dict, out: Path) -> list[str]:
     scored = [r for r in rows if r[score] is not None and r.get("train_run")]
     if scored:
         fig, axes = plt.subplots(1, len(TRAIN_RUN_FIELDS), figsize=(6 * len(TRAIN_RUN_FIELDS), 4.5))
+        colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(scored)}  # one colour per run in every panel
         for ax, (key, axis) in zip(axes, TRAIN_RUN_FIELDS):
             points = sorted((r["train_run"][key], r[score], r["name"]) for r in scored
                             if isinstance(r["train_run"].get(key), (int, float)))
             for x, y, name in points:
-                ax.scatter(x, y)
+                ax.scatter(x, y, color=colors[name])
                 ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front = pareto_front([(x, y) for x, y, _ in points], lower_is_better=lower)
             if front:

@@ -41,6 +41,7 @@ from wasi.training.pipeline import (
     make_part,
 )
 from wasi.training.settings import FITTED_METHODS, TrainSettings
+from wasi.training.state import seed_everything
 from wasi.training.step import train_step
 
 MB = 2**20
@@ -172,14 +173,15 @@ def measure(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     warm_up(spec)
-    torch.manual_seed(spec["seed"])
 
     # ---- data first: the baseline excludes it
     inputs, data, batches, fit, fit_split = _prepare_batches(spec, method, device)
     meter = PeakMemory(device)
     meter.reset()  # the baseline: libraries and data loaded, no model yet
 
-    # ---- model, method, optimizer
+    # ---- model, method, optimizer: seeded as `wasi train` seeds them, so a new head is the one its
+    # accuracy run trains (and ranks by fidelity, measured through it, come out the same)
+    seed_everything(spec["seed"])
     if data is None:  # synthetic inputs: random labels of SYNTHETIC_CLASSES classes
         bundle = build_model(spec["model"], num_classes=SYNTHETIC_CLASSES, arch=spec.get("arch"),
                              task=inputs.task, cache_dir=spec.get("cache_dir"))
