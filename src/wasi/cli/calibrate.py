@@ -15,7 +15,7 @@ from wasi.config import WASIConfig
 from wasi.data import DataError
 from wasi.training.models import ModelError, model_inputs, resolve_task
 from wasi.training.pipeline import build_run_model, first_batches, load_task_data
-from wasi.training.settings import RunError
+from wasi.training.settings import RunError, check_target_option
 from wasi.training.state import seed_everything
 
 _INTS = ("batches", "batch_size", "max_length", "seed", "activation_rank")
@@ -98,8 +98,7 @@ def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
                 raise ValueError
         except ValueError:
             errors.append(f"--rank-grid {args.rank_grid!r}: must be comma-separated positive integers, or none")
-    if args.target not in ("mlp", "attention", "all-linear"):
-        errors.append(f"--target {args.target!r}: choose mlp, attention or all-linear")
+    errors += check_target_option(args.target)
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         errors.append(f"--device {args.device}: CUDA is not available on this machine")
     out = Path(args.out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from wasi.config import TARGETS
 from wasi.training.methods import METHODS
 from wasi.training.models import MODEL_NAMES, TASKS, ModelError, check_model, text_positions
 
@@ -27,7 +28,6 @@ GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
 DEFAULT_INIT_SAMPLES = 256  # wsi/wasi: samples the weight factors are fitted to unless --init-samples says otherwise
 FITTED_METHODS = ("wsi", "wasi")  # the methods whose factors start from the data-aware init
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-TARGET_NAMES = ("mlp", "attention", "all-linear")
 # wsi/wasi: the fraction of the target layers' output energy kept on the fit samples (a mean weighted
 # by each layer's effect on the output), which chooses the weight ranks (docs WASI.md section 11)
 # unless --fidelity 0 leaves them to --eps
@@ -82,7 +82,7 @@ def check_seed_option(seed: int) -> list[str]:
 
 
 def check_target_option(target: str) -> list[str]:
-    if target not in TARGET_NAMES:
+    if target not in TARGETS:
         return [f"--target {target!r}: choose mlp, attention or all-linear"]
     return []
 
