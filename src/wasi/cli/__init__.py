@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from wasi.cli.demo import add_demo_parser
-from wasi.cli.train import add_pretrain_parser, add_train_parser
+from wasi.cli.pretrain import add_pretrain_parser
+from wasi.cli.train import add_train_parser
 from wasi.cli.usage import UsageError, parse_numbers
 
 # the subcommands whose parsers import torch to register; `wasi --help` lists them with these

@@ -1,4 +1,7 @@
-"""``wasi train`` and ``wasi pretrain``: the training run's options, its settings and its handlers."""
+"""``wasi train``: the training run's options, the settings they build, and the handler.
+
+``wasi pretrain`` (:mod:`wasi.cli.pretrain`) takes the same options but the method's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import argparse
 from wasi.cli.usage import UsageError, default_device, parse_numbers
 
 TRAIN_HELP = "fine-tune a model on a dataset with one method"
-PRETRAIN_HELP = "train a ViT from scratch (dense) and save it for `wasi train --model DIR`"
 INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
         "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
 FLOATS = ("eps", "lr", "lora_lr", "fidelity")
@@ -19,14 +21,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction, **parser_kw) -> arg
     add_run_arguments(train, with_method=True)
     train.set_defaults(func=cmd_train)
     return train
-
-
-def add_pretrain_parser(subparsers: argparse._SubParsersAction, **parser_kw) -> argparse.ArgumentParser:
-    """Register ``pretrain`` on the ``wasi`` command's subparsers; returns its parser."""
-    pretrain = subparsers.add_parser("pretrain", help=PRETRAIN_HELP, **parser_kw)
-    add_run_arguments(pretrain, with_method=False)
-    pretrain.set_defaults(func=cmd_pretrain)
-    return pretrain
 
 
 def train_settings(args: argparse.Namespace, **fixed):
@@ -83,12 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(train_settings(args))
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    return run(train_settings(args, method="vanilla", export_pretrained=True))
-
-
 def add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> None:
-    """The options of a training run (``with_method``: those of `wasi train` beyond `wasi pretrain`'s)."""
+    """The options of a training run (``with_method``: those of ``wasi train`` beyond ``wasi pretrain``'s)."""
     parser.add_argument("--model", required=True,
                         help="minilm, dinov2-s, smollm2-135m, vit-micro, vit-tiny, vit-small, vit-b32, a model "
                              "folder, or a weights file (with --arch)")
