@@ -73,14 +73,14 @@ def _finite(value) -> bool:
 
 def test_a_causal_lm_bench_reports_perplexity_against_memory_and_time(tiny_llama, text_folder, tmp_path):
     out = tmp_path / "lm"
-    code = _bench(["--model", str(tiny_llama), "--data", str(text_folder), "--methods", "vanilla,lora,wasi",
+    code = _bench(["--model", str(tiny_llama), "--data", str(text_folder), "--methods", "vanilla,wasi",
                    "--eps", "0.8", "--fidelity", "0.9,0", "--steps", "3", "--repeats", "1", "--batch-size", "4",
                    "--max-length", "16", "--train-epochs", "1", "--max-train-samples", "16", "--max-eval-samples",
                    "8", "--lr", "3e-3", "--init-samples", "8", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert code == 0 and results["failed"] == [], [r.get("error") for r in results["records"]]
     names = {(r["method"], r["eps"]) for r in results["records"]}
-    assert names == {("vanilla", None), ("lora", None), ("wasi+fidelity0.9", 0.8), ("wasi", 0.8)}
+    assert names == {("vanilla", None), ("wasi+fidelity0.9", 0.8), ("wasi", 0.8)}
     for record in results["records"]:
         assert record["task"] == "causal-lm" and record["test_accuracy"] is None
         assert _finite(record["test_perplexity"]) and record["test_perplexity"] > 1
@@ -93,7 +93,7 @@ def test_a_causal_lm_bench_reports_perplexity_against_memory_and_time(tiny_llama
     assert json.loads((out / "train" / "wasi+fidelity0.9-eps0.8" / "summary.json").read_text())["fidelity"] == 0.9
     table = (out / "results.md").read_text()
     assert "## Test perplexity against memory and time (the accuracy runs)" in table
-    for name in ("vanilla", "lora", "wasi+fidelity0.9", "wasi"):
+    for name in ("vanilla", "wasi+fidelity0.9", "wasi"):
         assert f"| {name} |" in table
     assert "test ppl" in table and "`+fidelityF`" in table
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
