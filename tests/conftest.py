@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +127,134 @@ def gpt2():
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+# ---------------------------------------------------------------------------- a tiny causal LM and its texts
+WORDS = "the cat sat on a mat while dogs ran far away and birds sang in trees".split()
+
+
+def word_tokenizer():
+    """A word-level tokenizer of WORDS, with pad, end-of-text and unknown tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer random Llama (saved as LlamaForCausalLM) with a word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory):
+    """12 documents of a repetitive word pattern (learnable in a few steps)."""
+    folder = tmp_path_factory.mktemp("texts")
+    rng = random.Random(0)
+    pattern = "the cat sat on a mat while dogs ran far away and birds sang in trees"
+    for i in range(12):
+        words = pattern.split()
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(words[rng.randrange(len(words)):] + words * 20))
+    return folder
+
+
+# ---------------------------------------------------------------------------- a real full disk
+class SmallDisk:
+    """A folder whose writes a test makes fail at a chosen moment, for real.
+
+    Where this process may mount one (root on Linux), the folder is a 16 MiB tmpfs and
+    :meth:`fill` writes a file until the filesystem says ``ENOSPC``. Elsewhere :meth:`fill`
+    lowers the file-size limit (``RLIMIT_FSIZE``) to 0, so that every write that grows a file
+    fails with ``EFBIG``. Either way the real ``write`` call fails, in safetensors, torch,
+    matplotlib or Python alike; nothing is faked.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.mounted = False
+        self._limit = None
+        if os.environ.get("WASI_TEST_DISK", "tmpfs") == "tmpfs" and sys.platform.startswith("linux") \
+                and os.geteuid() == 0 and shutil.which("mount"):
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                                  capture_output=True, check=False)
+            self.mounted = done.returncode == 0
+        self.errno = errno.ENOSPC if self.mounted else errno.EFBIG
+        self.reason = os.strerror(self.errno)
+
+    def fill(self) -> None:
+        if self.mounted:
+            fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                for block in (1 << 20, 4096, 1):
+                    try:
+                        while os.write(fd, b"\0" * block):
+                            pass
+                    except OSError as err:
+                        assert err.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            return
+        import resource
+
+        self._limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self._handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, self._limit[1]))
+
+    def free(self) -> None:
+        if self.mounted:
+            remove = self.folder / "filler"
+            if remove.exists():
+                remove.unlink()
+        elif self._limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, self._limit)
+            signal.signal(signal.SIGXFSZ, self._handler)
+            self._limit = None
+
+    def close(self) -> None:
+        self.free()
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    disk = SmallDisk(folder)
+    yield disk
+    disk.close()
+
+
+# ---------------------------------------------------------------------------- a tiny image model
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A 2-layer random DINOv2 image classifier (saved as Dinov2ForImageClassification), 8 px images."""
+    import json
+
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=8,
+                          patch_size=2, num_channels=3, num_labels=2)
+    Dinov2ForImageClassification(config).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_center_crop": True, "crop_size": {"height": 8, "width": 8}, "do_normalize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    return folder

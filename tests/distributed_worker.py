@@ -1,4 +1,4 @@
-"""One process of the data-parallel tests (tests/test_distributed.py), started by torchrun.
+"""One process of the data-parallel tests (tests/test_distributed.py), started by torchrun or with its environment.
 
 Trains a small converted MLP for a few SGD steps on a fixed global batch; each process takes its
 shard (rows ``rank::world``), and writes its losses and final state to ``--out``.
@@ -7,6 +7,7 @@ shard (rows ``rank::world``), and writes its losses and final state to ``--out``
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 
     torch.manual_seed(0)  # the same model and data on every process
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +281,156 @@ def test_a_state_without_the_new_buffers_loads_into_a_default_layer_as_trained()
     state = {k: v for k, v in layer.state_dict().items() if k not in ("scaled_step", "rank_boost", "recheck")}
     layer.load_state_dict(state)  # strict: the missing buffers take their old meaning, no error
     assert not bool(layer.scaled_step) and int(layer.rank_boost) == 1
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+
+
+@pytest.fixture
+def saved_after_a_step(tmp_path) -> Path:
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=2))
+    model.train()
+    nn.functional.cross_entropy(model(randn(4, 1, 8, 8)), torch.arange(4)).backward()
+    wasi.save(model, tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def _flip_a_data_byte(file: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit inside ``tensor``'s bytes in ``file``: every header and index stays valid."""
+    data = bytearray(file.read_bytes())
+    raw = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0
+    data[at + len(raw) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _damage(folder: Path, how: str) -> None:
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    meta = json.loads(config.read_text())
+    if how == "bit-flip":
+        from safetensors.torch import load_file
+
+        _flip_a_data_byte(weights, load_file(weights)["blocks.0.mlp.fc1.left"])
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "newer-version":
+        meta["version"] = CONFIG_VERSION + 1
+        config.write_text(json.dumps(meta))
+    elif how == "bad-layer-entry":
+        meta["layers"]["blocks.0.mlp.fc1"] = {"rank": "four"}
+        meta["config_sha256"] = config_digest(meta)  # past the checksum: the layer table's own check
+        config.write_text(json.dumps(meta))
+    elif how == "edited-eps":
+        meta["config"]["eps"] = 0.5
+        config.write_text(json.dumps(meta, indent=2))
+    elif how == "not-json":
+        config.write_bytes(b"\xff\xfe garbage")
+
+
+LOAD_FAILURES = {
+    # name: (model factory, damage, message)
+    "other-depth": (lambda: _vit(depth=3), None, r"missing keys \['blocks\.2\."),
+    "other-width": (lambda: _vit(dim=32, mlp_dim=128), None, r"the model has shape \(128, 32\)"),
+    "other-head": (lambda: build_vit("vit-micro", num_classes=7), None,
+                   (r"does not fit the model: size mismatch for head\.weight: the checkpoint has shape \(5, 64\), "
+                    r"the model \(7, 64\)")),
+    "bit-flip": (_vit, "bit-flip", r"model\.safetensors is corrupt or truncated: its SHA-256 .* differs"),
+    "truncated": (_vit, "truncated", r"model\.safetensors is corrupt or truncated"),
+    "newer-version": (_vit, "newer-version", rf"format version {CONFIG_VERSION + 1}; this wasi reads up to"),
+    "bad-layer-entry": (_vit, "bad-layer-entry", r"the entry of layer 'blocks\.0\.mlp\.fc1' is malformed"),
+    "not-json": (_vit, "not-json", r"is not valid JSON"),
+    "edited-eps": (_vit, "edited-eps", (r"wasi_config\.json was changed after it was saved \(its contents do not "
+                                        r"match the SHA-256 recorded in it\)")),
+    # a model the caller converted with another config: the checkpoint's own config must win
+    "converted-with-another-config": (lambda: wasi.convert(_vit(), WASIConfig(eps=0.5, mode="reference")), None,
+                                      r"wasi\.load expects an unconverted model"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_FAILURES))
+def test_a_failing_load_leaves_the_model_unconverted_and_the_checkpoint_untouched(saved_after_a_step, case):
+    factory, damage, message = LOAD_FAILURES[case]
+    if damage:
+        _damage(saved_after_a_step, damage)
+    before = _hashes(saved_after_a_step)
+    model = factory()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        wasi.load(model, saved_after_a_step)
+    if case != "converted-with-another-config":
+        assert not wasi.wasi_layers(model)  # not converted, not half converted
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert _hashes(saved_after_a_step) == before
+
+
+def test_save_is_atomic_and_records_the_weights_checksum(saved_after_a_step):
+    assert sorted(p.name for p in saved_after_a_step.iterdir()) == [WEIGHTS_FILE, CONFIG_FILE]
+    meta = json.loads((saved_after_a_step / CONFIG_FILE).read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((saved_after_a_step / WEIGHTS_FILE).read_bytes()).hexdigest()
+    wasi.load(_vit(seed=1), saved_after_a_step)  # and it loads
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint_byte_identical(saved_after_a_step, monkeypatch):
+    before = _hashes(saved_after_a_step)
+    from wasi import checkpoint
+
+    real = checkpoint.save_model
+
+    def disk_full(model, filename, metadata=None):
+        real(model, filename, metadata=metadata)
+        with open(filename, "r+b") as handle:  # half the file made it to the disk
+            handle.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full)
+    model = wasi.convert(_vit(seed=2), WASIConfig(rank=4, activation_rank=2))
+    with pytest.raises(OSError, match=r"wasi\.save: writing .* failed: No space left on device; the checkpoint "
+                                      r"already there is unchanged") as info:
+        wasi.save(model, saved_after_a_step)
+    assert info.value.errno == errno.ENOSPC
+    assert _hashes(saved_after_a_step) == before  # byte-identical, and no temporary file left behind
+    wasi.load(_vit(), saved_after_a_step)
+
+
+def test_a_real_full_disk_during_save_raises_the_documented_os_error(small_disk):
+    saved_after_a_step = small_disk.folder / "ckpt"
+    model = wasi.convert(_vit(), WASIConfig(rank=4, activation_rank=2))
+    wasi.save(model, saved_after_a_step)
+    before = _hashes(saved_after_a_step)
+    small_disk.fill()
+    try:
+        with pytest.raises(OSError) as info:
+            wasi.save(wasi.convert(_vit(seed=2), WASIConfig(rank=4, activation_rank=2)), saved_after_a_step)
+    finally:
+        small_disk.free()
+    assert type(info.value) is OSError and info.value.errno == small_disk.errno  # not safetensors' own error
+    assert str(info.value) == (f"[Errno {small_disk.errno}] wasi.save: writing {str(saved_after_a_step)!r} failed: "
+                               f"{small_disk.reason}; the checkpoint already there is unchanged")
+    assert _hashes(saved_after_a_step) == before  # byte-identical, and no temporary file left
+    wasi.load(_vit(), saved_after_a_step)
+
+
+def test_saving_into_an_unwritable_place_is_a_clear_os_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    model = wasi.convert(_vit(), WASIConfig(rank=4))
+    with pytest.raises(OSError, match=r"wasi\.save: cannot create the folder '.*a-file/ckpt'"):
+        wasi.save(model, blocker / "ckpt")
+
+
+def test_unknown_config_keys_warn_and_the_files_stay_as_they_were(saved_after_a_step):
+    meta = json.loads((saved_after_a_step / CONFIG_FILE).read_text())
+    meta["config"]["future_knob"] = 1
+    meta["config_sha256"] = config_digest(meta)  # as a newer wasi that knows the key would write it
+    (saved_after_a_step / CONFIG_FILE).write_text(json.dumps(meta))
+    before = _hashes(saved_after_a_step)
+    with pytest.warns(UserWarning, match=r"ignoring unknown config keys \['future_knob'\]"):
+        wasi.load(_vit(), saved_after_a_step)
+    assert _hashes(saved_after_a_step) == before

@@ -7,6 +7,8 @@ import math
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from wasi.config import MODES, TARGETS, WASIConfig
 
@@ -145,3 +147,44 @@ def test_the_old_keyword_recompute_from_code_still_works_with_a_deprecation_warn
     assert dataclasses.replace(config, eps=0.5).fuse_activation is True  # replace keeps it, without a warning
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="former name of fuse_activation"):
         WASIConfig(fuse_activation=True, recompute_from_code=False)
+
+
+# no example database: the same examples on every run, and nothing written into the repository
+FAST = settings(max_examples=25, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+_NOT_A_FRACTION = st.one_of(
+    st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True),
+    st.just(float("nan")), st.just(float("inf")), st.just(-float("inf")),
+    st.booleans(), st.text(max_size=3), st.none(),
+)
+
+
+@FAST
+@given(value=_NOT_A_FRACTION, field=st.sampled_from(["eps", "activation_eps"]))
+def test_energy_thresholds_outside_zero_one_are_refused_naming_the_field(value, field):
+    if field == "eps" and value is None:
+        value = float("nan")
+    if field == "activation_eps" and value is None:
+        return  # None means "not set" for activation_eps
+    with pytest.raises(ValueError, match=rf"^WASIConfig\.{field} must be a number in \(0, 1\], got "):
+        WASIConfig(**{field: value})
+
+
+@FAST
+@given(value=st.floats(min_value=0.0, max_value=1.0, exclude_min=True))
+def test_every_threshold_in_zero_one_is_accepted(value):
+    assert WASIConfig(eps=value, activation_eps=value).eps == value
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("target", "mlps", r"WASIConfig\.target must be one of \('mlp', 'attention', 'all-linear'\), got 'mlps'"),
+    ("mode", "fast", r"WASIConfig\.mode must be one of"),
+    ("rank", 0, r"WASIConfig\.rank must be a positive integer, got 0"),
+    ("activation_rank", (2, 0, 3), r"WASIConfig\.activation_rank must be a positive integer, got 0"),
+    ("activation_rank", (2,), r"needs one rank per input mode"),
+])
+def test_other_bad_config_values_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        WASIConfig(**{field: value})

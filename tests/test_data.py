@@ -18,6 +18,7 @@ import torch
 from wasi.data import DataError, Dataset, fashion, load_dataset, spam, split_stratified
 from wasi.data.core import resolve_cache_dir, sha256_file, split_counts
 from wasi.data.fashion import parse_fashion_mnist_dir, parse_idx
+from wasi.data.lmtext import Document, load_lm_documents, load_text_folder, split_documents
 from wasi.data.spam import email_to_text, parse_spam_archive
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -499,3 +500,17 @@ def test_split_skips_classes_without_samples():
 def test_real_builtin_datasets(name, size, counts):
     ds = load_dataset(name)
     assert len(ds) == size and ds.class_counts() == counts
+
+
+def test_documents_split_whole_and_reproducibly(text_folder):
+    docs = load_text_folder(text_folder)
+    assert len(docs) == 12 and all(isinstance(d, Document) for d in docs)
+    train, val, test = split_documents(docs, seed=3)
+    names = [{d.name for d in part} for part in (train, val, test)]
+    assert (len(train), len(val), len(test)) == (10, 1, 1)
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert [d.name for d in split_documents(docs, seed=3)[2]] == [d.name for d in test]
+    with pytest.raises(DataError, match="at least 3 documents"):
+        split_documents(docs[:2])
+    with pytest.raises(DataError, match="is a file"):
+        load_lm_documents(str(text_folder / "doc00.txt"))

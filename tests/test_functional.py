@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
-from conftest import randn
+from conftest import dense_linear, randn
+from wasi import WASIConfig, WASILinear
 from wasi import functional as WF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -407,3 +413,99 @@ def test_clip_ranks_bounds_each_mode_by_its_size_and_the_other_modes():
     assert WF.clip_ranks([8, 8, 8], (2, 3, 50)) == (2, 3, 6)  # 50: at most 2 * 3 columns
     assert WF.clip_ranks([0, 1], (4, 4)) == (1, 1)
     assert WF.clip_ranks([100], (7,)) == (1,)  # one mode: no other modes to span
+
+
+def _layer(in_features=16, out_features=12, *, dtype=torch.float32, seed=0, name="blocks.0.mlp.fc1",
+           **config) -> WASILinear:
+    config.setdefault("rank", 4 if config.get("mode") != "activations-only" else None)
+    return WASILinear.from_module(dense_linear(in_features, out_features, dtype=dtype, seed=seed),
+                                  WASIConfig(**config), name=name)
+
+
+def _step(layer: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    y = layer(x)
+    (y * randn(*y.shape, seed=seed, dtype=y.dtype)).sum().backward()
+    return y
+
+
+def _all_finite(module: nn.Module) -> bool:
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _is_orthonormal(basis: torch.Tensor, atol: float = 1e-5) -> bool:
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype)
+    return torch.allclose(basis.T @ basis, eye, atol=atol)
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(exponent=st.integers(min_value=-30, max_value=30), mode=st.integers(0, 2))
+def test_power_step_and_range_finder_are_scale_invariant(exponent, mode):
+    x = randn(4, 6, 9, seed=1)
+    previous = WF.orth(randn(x.shape[mode], 2, seed=2))
+    c = 10.0 ** exponent
+    base = WF.power_step(x, mode, previous)
+    scaled = WF.power_step(x * c, mode, previous)
+    assert bool(torch.isfinite(scaled).all())
+    torch.testing.assert_close(scaled, base, atol=1e-4, rtol=0)
+    cold = WF.range_finder(x * c, mode, 2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cold, WF.range_finder(x, mode, 2, torch.Generator().manual_seed(3)),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_weight_tracking_energies_and_svd_are_scale_invariant(scale):
+    w = randn(12, 16, seed=4) / 4
+    left = WF.orth(randn(12, 3, seed=5))
+    l1, r1 = WF.track_weight_subspace(w, left)
+    l2, r2 = WF.track_weight_subspace(w * scale, left)
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r2 / scale, r1, atol=1e-5, rtol=1e-4)
+    x = randn(4, 6, 9, seed=6)
+    for mode in range(3):
+        ref = WF.mode_energies(x, mode, scale_free=True)
+        got = WF.mode_energies(x * scale, mode, scale_free=True)
+        assert WF.energy_rank(got, 0.8) == WF.energy_rank(ref, 0.8)
+    for eps in (0.5, 0.9):
+        la, ra = WF.svd_factors(w, eps=eps)
+        lb, rb = WF.svd_factors(w * scale, eps=eps)
+        assert la.shape == lb.shape  # the same rank
+        torch.testing.assert_close(lb @ rb / scale, la @ ra, atol=1e-5, rtol=1e-4)
+
+
+def test_svd_that_fails_in_float32_is_retried_in_float64_with_a_warning(monkeypatch):
+    real_svd = torch.linalg.svd
+
+    def failing(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    module = dense_linear(16, 12, seed=21)
+    with pytest.warns(RuntimeWarning, match=r"fc: the torch.float32 SVD of the weight failed; retrying in float64"):
+        layer = WASILinear.from_module(copy.deepcopy(module), WASIConfig(eps=1.0), name="fc")
+    assert layer.left.dtype == torch.float32
+    torch.testing.assert_close(layer.left @ layer.right, module.weight, atol=1e-5, rtol=0)
+
+
+def test_eigenvalues_that_fail_fall_back_to_the_full_mode_rank(monkeypatch):
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", broken)
+    layer = _layer(activation_eps=0.5)
+    with pytest.warns(RuntimeWarning, match="energies could not be computed"):
+        _step(layer, randn(3, 5, 16, seed=3))
+    assert layer.last_activation_ranks == (3, 5, 15)  # clipped by the product of the other modes
+    assert _all_finite(layer)
+
+
+def test_random_orthonormal_is_orthonormal_reproducible_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = WF.random_orthonormal(50, 20, torch.Generator().manual_seed(1), dtype=torch.float32)
+    b = WF.random_orthonormal(50, 20, torch.Generator().manual_seed(1), dtype=torch.float32)
+    assert torch.equal(a, b) and _is_orthonormal(a, atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -37,8 +37,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     7: ("wasi.data", "wasi.data.*", "wasi.models", "wasi.models.*"),
     8: ("wasi.training", "wasi.training.*"),
     9: ("wasi.bench", "wasi.bench.*", "wasi.export", "wasi.export.*"),
-    # command fronts: `wasi calibrate` and `wasi demo` belong with the CLI
-    10: ("wasi.cli", "wasi.cli.*", "wasi.__main__", "wasi.calibrate.command", "wasi.demo"),
+    # the command fronts
+    10: ("wasi.cli", "wasi.cli.*", "wasi.__main__"),
 }
 
 

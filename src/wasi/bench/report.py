@@ -6,14 +6,19 @@ import json
 import statistics
 from pathlib import Path
 
-from wasi.bench.runner import run_name
+from wasi.bench.settings import SYNTHETIC, run_name
+from wasi.training.settings import DEFAULT_INIT_SAMPLES
 
 # measured fields whose median over repeats is reported
 MEDIAN_FIELDS = (
     "peak_memory_mb", "setup_peak_mb", "train_peak_mb", "weights_mb", "buffers_mb", "gradients_mb",
     "optimizer_state_mb", "saved_activation_mb", "other_mb", "train_step_s_median", "inference_ms_per_batch",
-    "inference_ms_per_sample", "test_accuracy", "best_val_accuracy", "loss_last",
+    "inference_ms_per_sample", "test_accuracy", "best_val_accuracy", "test_perplexity", "test_loss", "loss_last",
 )
+# what the accuracy runs (``--train-epochs``) measured of themselves: the frontier's axes
+TRAIN_RUN_FIELDS = (("peak_memory_mb", "measured peak memory (MB)"),
+                    ("train_step_s_median", "training step (s, median)"),
+                    ("inference_ms_per_sample", "inference (ms per sample)"))
 # ratio = method / vanilla, lower is better for every one
 RATIO_FIELDS = ("peak_memory_mb", "train_peak_mb", "saved_activation_mb", "train_step_s_median",
                 "inference_ms_per_sample")
@@ -54,6 +59,7 @@ def summarize(records: list[dict], pairs: list[tuple[str, float | None]]) -> lis
         row["analytic_ratio"] = 1 / ratio if ratio else None
         row["layers"] = first.get("layers")
         row["trainable_params"] = first.get("trainable_params")
+        row["train_run"] = next((r["train_run"] for r in ok if r.get("train_run")), None)
         rows.append(row)
     vanilla = next((r for r in rows if r["method"] == "vanilla" and r["repeats_ok"]), None)
     for row in rows:
@@ -62,6 +68,14 @@ def summarize(records: list[dict], pairs: list[tuple[str, float | None]]) -> lis
             for key in RATIO_FIELDS
         }
     return rows
+
+
+def score_of(rows: list[dict]) -> tuple[str, str, bool]:
+    """The test score the accuracy runs report: ``(field, label, lower_is_better)``; perplexity for a
+    causal LM, else accuracy."""
+    if any(r.get("test_perplexity") is not None for r in rows):
+        return "test_perplexity", "test perplexity", True
+    return "test_accuracy", "test accuracy", False
 
 
 def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
@@ -100,23 +114,29 @@ def markdown(results: dict) -> str:
         lines.append("- `--freeze-embeddings`: every method keeps the model's nn.Embedding tables frozen (no "
                      "gradient, no optimizer state)")
     if s.get("train_epochs") and any(m.split("+")[0] in ("wsi", "wasi") for m in s["methods"]):
-        from wasi.training.loop import DEFAULT_INIT_SAMPLES
-
         fit = s.get("init_samples", 0)  # None: wasi train's default; absent in results older than the option
         if fit is None:
             fit = DEFAULT_INIT_SAMPLES
+        if fit and s.get("max_train_samples") and s["max_train_samples"] < fit:
+            fit = s["max_train_samples"]  # the fit takes the training samples there are
         lines.append(f"- accuracy runs: wsi and wasi start from factors fitted to the layers' outputs on {fit} "
                      "training samples (`--init-samples`, same ranks)" if fit else
                      "- accuracy runs: wsi and wasi start from the truncated SVD of each weight (`--init-samples 0`)")
     if s.get("recompute"):
         lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
                      "attention q, k, v) from the low-rank code in backward instead of storing them")
-    if s["data"] == "synthetic" and s["spectrum_decay"] > 0:
+    if s.get("fidelity"):
+        lines.append("- `+fidelityF`: wsi and wasi choose each layer's weight rank to keep the fraction F of the "
+                     "converted layers' output energy on the fit samples (`wasi train --fidelity`), in the "
+                     "measurement runs and the accuracy runs alike")
+    if s["data"] == SYNTHETIC and s["spectrum_decay"] > 0:
         lines.append("- synthetic data; a randomly initialised model's linear weights get a power-law "
                      f"spectrum s_j ~ j^-{s['spectrum_decay']:g} (same Frobenius norm), see "
                      "`wasi.bench.synthetic`")
+    score, score_label, _ = score_of(rows)
+    short = "test ppl" if score == "test_perplexity" else "test acc"
     lines += ["", ("| method | eps | peak MB | ÷ vanilla | train-phase peak MB | ÷ vanilla | saved act MB | "
-              "÷ vanilla | step s | ÷ vanilla | inference ms/sample | ÷ vanilla | test acc | "
+              "÷ vanilla | step s | ÷ vanilla | inference ms/sample | ÷ vanilla | " + short + " | "
               "analytic ÷ dense |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -130,9 +150,21 @@ def markdown(results: dict) -> str:
             f"{_fmt(q['train_peak_mb'], '.2f', 'x')} | {_fmt(r['saved_activation_mb'], '.2f')} | "
             f"{_fmt(q['saved_activation_mb'], '.3f', 'x')} | {_fmt(r['train_step_s_median'], '.4f')} | "
             f"{_fmt(q['train_step_s_median'], '.2f', 'x')} | {_fmt(r['inference_ms_per_sample'], '.3f')} | "
-            f"{_fmt(q['inference_ms_per_sample'], '.2f', 'x')} | {_fmt(r['test_accuracy'], '.4f')} | "
+            f"{_fmt(q['inference_ms_per_sample'], '.2f', 'x')} | {_fmt(r[score], '.4f')} | "
             f"{_fmt(r['analytic_ratio'], '.3f', 'x')} |"
         )
+    trained = [r for r in rows if r.get("train_run")]
+    if trained:
+        lines += ["", f"## {score_label.capitalize()} against memory and time (the accuracy runs)", "",
+                  (f"Each row is one training run (`--train-epochs`): its {score_label}, and the peak memory, "
+                   "median step time and inference time that same run measured (`wasi train`'s summary)."), "",
+                  f"| method | eps | {score_label} | peak MB | step s | inference ms/sample | train steps |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in trained:
+            t = r["train_run"]
+            lines.append(f"| {r['method']} | {_fmt(r['eps'], 'g')} | {_fmt(r[score], '.4f')} | "
+                         f"{_fmt(t.get('peak_memory_mb'))} | {_fmt(t.get('train_step_s_median'), '.4f')} | "
+                         f"{_fmt(t.get('inference_ms_per_sample'), '.3f')} | {_fmt(t.get('train_steps'), 'd')} |")
     lines += ["", "## Memory breakdown (MB, medians)", "",
               ("Sizes of what a step holds; they are not all alive at once (saved activations are freed "
               "during backward while gradients appear; optimizer state is created at the first step), so "
@@ -232,26 +264,37 @@ def plot(results: dict, out: Path) -> list[str]:
     plt.close(fig)
     written.append("memory.png")
 
-    scored = [r for r in rows if r["test_accuracy"] is not None]
+    score, label, lower = score_of(rows)
+    scored = [r for r in rows if r[score] is not None and r.get("train_run")]
     if scored:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        points = sorted((r["peak_memory_mb"], r["test_accuracy"], r["name"]) for r in scored)
-        for x, y, name in points:
-            ax.scatter(x, y)
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front, best = [], -1.0
-        for x, y, _ in points:  # the Pareto front: no cheaper run is as accurate
-            if y > best:
-                front.append((x, y))
-                best = y
-        ax.plot(*zip(*front), "k--", linewidth=0.8, label="Pareto front")
-        ax.set(xlabel="measured peak memory (MB)", ylabel="test accuracy", title="accuracy vs memory")
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(TRAIN_RUN_FIELDS), figsize=(6 * len(TRAIN_RUN_FIELDS), 4.5))
+        colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(scored)}  # one colour per run in every panel
+        for ax, (key, axis) in zip(axes, TRAIN_RUN_FIELDS):
+            points = sorted((r["train_run"][key], r[score], r["name"]) for r in scored
+                            if isinstance(r["train_run"].get(key), (int, float)))
+            for x, y, name in points:
+                ax.scatter(x, y, color=colors[name])
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front = pareto_front([(x, y) for x, y, _ in points], lower_is_better=lower)
+            if front:
+                ax.plot(*zip(*front), "k--", linewidth=0.8, label="Pareto front")
+                ax.legend(fontsize=7)
+            ax.set(xlabel=axis, ylabel=label, title=f"{label} vs {axis.split(' (')[0]}")
+        fig.suptitle("the accuracy runs: score and what the same run measured", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "pareto.png", dpi=100)
         plt.close(fig)
         written.append("pareto.png")
     return written
+
+
+def pareto_front(points: list[tuple[float, float]], *, lower_is_better: bool) -> list[tuple[float, float]]:
+    """The points no cheaper point beats: sorted by cost ``x``, each better in ``y`` than all before it."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or (y < front[-1][1] if lower_is_better else y > front[-1][1]):
+            front.append((x, y))
+    return front
 
 
 def write_report(results: dict, out: Path) -> list[Path]:

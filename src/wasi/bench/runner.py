@@ -11,7 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wasi.bench.settings import BenchSettings
+import torch
+
+import wasi
+from wasi.bench.report import summarize, write_report
+from wasi.bench.settings import BenchSettings, run_name, split_run_method
 
 # glibc otherwise raises its mmap threshold after the first large free and keeps later
 # large tensors in the heap, where freed memory stays resident: the measured peak would then
@@ -22,23 +26,20 @@ from wasi.bench.settings import BenchSettings
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run_name(method: str, eps: float | None, repeat: int | None = None) -> str:
-    """``wasi-eps0.8-r1`` style names of runs and their files."""
-    name = method if eps is None else f"{method}-eps{eps:g}"
-    return name if repeat is None else f"{name}-r{repeat}"
-
-
 def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat: int) -> dict:
     """What the worker process needs to run ``method`` at ``eps`` (JSON-serialisable)."""
     out = Path(settings.out)
     train = settings.train_epochs is not None and repeat == 1  # accuracy once, not per repeat
+    fidelity = split_run_method(method)[2]
     return {
         "method": method, "eps": eps, "repeat": repeat, "model": settings.model, "data": settings.data,
         "batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed,
         "target": settings.target, "optimizer": settings.optimizer, "lr": settings.method_lr(method),
         "rank": settings.rank, "activation_rank": settings.activation_rank,
         "recompute": settings.recompute, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
-        "init_samples": settings.init_samples, "freeze_embeddings": settings.freeze_embeddings,
+        "init_samples": settings.fit_samples(method), "freeze_embeddings": settings.freeze_embeddings,
+        "fidelity": fidelity, "task": settings.task, "image_size": settings.image_size,
+        "max_train_samples": settings.max_train_samples, "max_eval_samples": settings.max_eval_samples,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,
         "spectrum_decay": settings.spectrum_decay, "inference_batches": settings.inference_batches,
         "threads": settings.threads, "device": settings.device, "arch": settings.arch,
@@ -49,10 +50,6 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
 
 def environment() -> dict:
     """Versions and machine, for the report."""
-    import torch
-
-    import wasi
-
     return {
         "versions": {"torch": torch.__version__, "wasi": wasi.__version__,
                      "python": platform.python_version()},
@@ -107,6 +104,8 @@ def _describe(record: dict) -> str:
             f"inference {record['inference_ms_per_sample']:.3f} ms/sample")
     if record.get("test_accuracy") is not None:
         text += f", test acc {record['test_accuracy']:.4f}"
+    if record.get("test_perplexity") is not None:
+        text += f", test perplexity {record['test_perplexity']:.2f}"
     return text
 
 
@@ -131,8 +130,6 @@ def run_bench(settings: BenchSettings, print_fn: Callable[[str], None] = print) 
     Raises:
         OSError: the output folder cannot be written.
     """
-    from wasi.bench.report import summarize, write_report
-
     out = Path(settings.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)

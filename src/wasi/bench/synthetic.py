@@ -18,66 +18,31 @@ keeps 10, 43, 181 and 373 directions at ``eps`` 0.4, 0.6, 0.8 and 0.9
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
+from wasi.bench.settings import SYNTHETIC
 from wasi.functional import energy_rank
-from wasi.models import VIT_PRESETS
+from wasi.training.models import ModelBundle, model_inputs
 
-SYNTHETIC = "synthetic"
 SYNTHETIC_CLASSES = 10
+__all__ = ["SYNTHETIC", "SYNTHETIC_CLASSES", "decay_spectrum", "input_spec", "spectrum_rank", "synthetic_batches"]
 
 
-@dataclass
-class InputSpec:
-    """The inputs a model takes, known without building it."""
+def input_spec(model: str, arch: str | None = None, *, task: str | None = None,
+               cache_dir: str | None = None) -> ModelBundle:
+    """What ``wasi.training.models.build_model(model, arch=arch)`` will take as input, without its weights.
 
-    kind: str  # "image" or "text"
-    image_size: int | None = None
-    channels: int | None = None
-    tokenizer: Any = None
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.tokenizer.vocab_size)
-
-
-def input_spec(model: str, arch: str | None = None) -> InputSpec:
-    """What ``wasi.training.models.build_model(model, arch=arch)`` will take as input.
-
-    Reads a preset, a ``wasi pretrain`` folder's JSON or a tokenizer; never the weights.
+    See :func:`wasi.training.models.model_inputs`; the result's ``model`` is None.
 
     Raises:
         ModelError: the model cannot be resolved.
     """
-    from wasi.training.models import PRETRAINED_FILE, ModelError, minilm_path
-
-    if model in VIT_PRESETS:
-        shape = VIT_PRESETS[model]
-        return InputSpec("image", image_size=shape.image_size, channels=shape.channels)
-    path = minilm_path() if model == "minilm" else Path(model)
-    if path.is_dir() and (path / PRETRAINED_FILE).is_file():
-        shape = json.loads((path / PRETRAINED_FILE).read_text())["shape"]
-        return InputSpec("image", image_size=shape["image_size"], channels=shape.get("channels", 3))
-    if path.is_dir() and (path / "config.json").is_file():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
-
-        return InputSpec("text", tokenizer=AutoTokenizer.from_pretrained(str(path)))
-    if path.is_file() and arch in VIT_PRESETS:
-        shape = VIT_PRESETS[arch]
-        return InputSpec("image", image_size=shape.image_size, channels=shape.channels)
-    raise ModelError(f"cannot tell the input shape of model {model!r} (arch {arch!r})")
+    return model_inputs(model, arch=arch, task=task, cache_dir=cache_dir)
 
 
 def synthetic_batches(
-    spec: InputSpec, *, batch_size: int, count: int, seed: int, max_length: int = 128,
+    spec: ModelBundle, *, batch_size: int, count: int, seed: int, max_length: int = 128,
     num_classes: int = SYNTHETIC_CLASSES,
 ) -> list[dict[str, torch.Tensor]]:
     """``count`` random batches at the model's input shape, with random labels.
@@ -102,8 +67,9 @@ def synthetic_batches(
             images = images + 0.1 * torch.randn(images.shape, generator=g)  # (B, C, S, S)
             batches.append({"images": images, "labels": labels})
         else:
-            low = min(1000, spec.vocab_size // 2)  # above BERT-style special and unused ids
-            ids = torch.randint(low, spec.vocab_size, (batch_size, max_length), generator=g)  # (B, T)
+            vocab = int(spec.tokenizer.vocab_size)
+            low = min(1000, vocab // 2)  # above BERT-style special and unused ids
+            ids = torch.randint(low, vocab, (batch_size, max_length), generator=g)  # (B, T)
             mask = torch.ones_like(ids)  # (B, T)
             batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches

@@ -1,7 +1,9 @@
 """One benchmark run, in its own process: ``python -m wasi.bench.worker SPEC.json RECORD.json``.
 
-The process prepares the data, sets the memory baseline, then builds the model, applies the
-method, trains ``steps`` steps on fixed batches and writes one JSON record: the measured
+The process prepares the data as ``wasi train`` does (:mod:`wasi.training.pipeline`: the first
+batches of the run's first epoch), sets the memory baseline, then builds the model, applies the
+method, trains ``steps`` steps on those batches with ``wasi train``'s step
+(:mod:`wasi.training.step`) and writes one JSON record: the measured
 process peak (over the warm-up steps, under the strict CPU allocator) and its breakdown, step
 and inference times (after the warm-up, under the caching one), and (WASI methods) the analytic,
 paper-style accounting, kept in its own field. Failures are recorded, never raised: the
@@ -19,7 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from wasi.bench.settings import SYNTHETIC, split_run_method
+from wasi.bench.synthetic import SYNTHETIC_CLASSES, decay_spectrum, input_spec, synthetic_batches
+from wasi.config import has_weight_factors
+from wasi.convert import wasi_layers
+from wasi.memory import summary
+from wasi.models import VIT_PRESETS, build_vit
+from wasi.training.loop import run_training
+from wasi.training.measure import PeakMemory, median, set_cpu_allocator
+from wasi.training.methods import WASI_MODES, MethodOptions, apply_method, build_optimizer, target_layers
+from wasi.training.models import build_model, save_pretrained_vit
+from wasi.training.pipeline import (
+    apply_run_method,
+    build_run_model,
+    calibration_pass,
+    check_image_size,
+    first_batches,
+    load_task_data,
+    make_part,
+)
+from wasi.training.settings import FITTED_METHODS, TrainSettings
+from wasi.training.state import seed_everything
+from wasi.training.step import train_step
 
 MB = 2**20
 
@@ -54,11 +78,7 @@ def warm_up(spec: dict) -> None:
     that an optimizer's first step imports: about 70 MB resident, LAPACK for the SVD and QR,
     the oneDNN primitives): loaded here, their code stays out of the measured peak.
     """
-    from wasi.models import build_vit
-    from wasi.training.loop import GRAD_CLIP
-    from wasi.training.methods import MethodOptions, apply_method, build_optimizer, split_method
-
-    method, checkpointing = split_method(spec["method"])
+    method, checkpointing, _ = split_run_method(spec["method"])
     state = torch.get_rng_state()
     model = build_vit("vit-micro", num_classes=4, channels=3)
     options = MethodOptions(eps=0.8, target=spec["target"], lora_rank=2, galore_rank=2, seed=0,
@@ -66,47 +86,16 @@ def warm_up(spec: dict) -> None:
     model = apply_method(model, method, options, head="head")
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=1e-4)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    batch = {"images": torch.randn(4, 3, 8, 8), "labels": torch.tensor([0, 1, 2, 3])}
     for _ in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
+        train_step(model, "image-classification", batch, optimizer, trainable)
     model.eval()
     with torch.no_grad():
-        model(images)
+        model(batch["images"])
     torch.set_rng_state(state)
 
 
-def _real_batches(spec: dict, inputs, count: int) -> tuple[list[dict[str, torch.Tensor]], int]:
-    from wasi.data import load_dataset, split_stratified
-    from wasi.training.batches import make_batch, make_split
-    from wasi.training.models import ModelBundle
-
-    dataset = load_dataset(spec["data"], cache_dir=spec.get("cache_dir"))
-    if dataset.kind != inputs.kind:
-        raise ValueError(
-            f"model {spec['model']!r} takes {inputs.kind} inputs but data {spec['data']!r} is {dataset.kind}"
-        )
-    train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=spec["seed"])
-    shape_only = ModelBundle(None, inputs.kind, tokenizer=inputs.tokenizer, image_size=inputs.image_size,
-                             channels=inputs.channels)
-    split = make_split(train, shape_only, spec["max_length"])
-    order = torch.randperm(split.size, generator=torch.Generator().manual_seed(spec["seed"]))
-    bs = spec["batch_size"]
-    pad = inputs.tokenizer.pad_token_id if inputs.tokenizer is not None else 0
-    batches = []
-    for b in range(count):
-        idx = order[(b * bs) % split.size:][:bs]
-        if len(idx) < bs:  # a small dataset: wrap around
-            idx = torch.cat([idx, order[: bs - len(idx)]])
-        batches.append(make_batch(split, idx, pad, torch.device("cpu")))
-    return batches, len(dataset.classes)
-
-
 def _layer_ranks(model: torch.nn.Module) -> list[dict]:
-    from wasi.convert import wasi_layers
-
     return [
         {"name": name, "shape": [layer.out_features, layer.in_features], "rank": layer.rank,
          "activation_ranks": list(layer.last_activation_ranks) if layer.last_activation_ranks else None,
@@ -116,8 +105,6 @@ def _layer_ranks(model: torch.nn.Module) -> list[dict]:
 
 
 def _analytic(model: torch.nn.Module) -> dict:
-    from wasi.memory import summary
-
     table = summary(model)
     totals = table.totals()
     size = table.bytes_per_element
@@ -130,6 +117,46 @@ def _analytic(model: torch.nn.Module) -> dict:
     return out
 
 
+def _prepare_batches(spec: dict, method: str, device: torch.device):
+    """The batches of the measured steps, the fit of wsi/wasi (a function, or None) and the task.
+
+    Real data goes through ``wasi train``'s preparation: the first batches of its first epoch,
+    and its first training samples for the fit. Everything here happens before the baseline.
+    """
+    steps, bs = spec["steps"], spec["batch_size"]
+    count = max(1, min(steps, 4))
+    fit = spec.get("init_samples") if method in FITTED_METHODS and spec.get("fidelity") else None
+    inputs = input_spec(spec["model"], spec.get("arch"), task=spec.get("task"), cache_dir=spec.get("cache_dir"))
+    if spec.get("image_size") and inputs.kind == "image":
+        inputs.image_size = spec["image_size"]
+    if spec["data"] == SYNTHETIC:
+        batches = synthetic_batches(inputs, batch_size=bs, count=count, seed=spec["seed"],
+                                    max_length=spec["max_length"])
+        data, fit_split = None, None
+    else:
+        data = load_task_data(spec["model"], spec["data"], task=spec.get("task"), seed=spec["seed"],
+                              cache_dir=spec.get("cache_dir"), image_size=spec.get("image_size"))
+        batches = first_batches(data, inputs, seed=spec["seed"], batch_size=bs, count=count,
+                                max_length=spec["max_length"], image_size=spec.get("image_size"),
+                                max_train_samples=spec.get("max_train_samples"))
+        fit_split = None
+        if fit:
+            limit = spec.get("max_train_samples")
+            fit_split = make_part(data, 0, inputs, max_length=spec["max_length"], image_size=spec.get("image_size"),
+                                  count=fit if limit is None else min(fit, limit))
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    return inputs, data, batches, fit, fit_split
+
+
+def _forward_over(bundle, batches: list[dict[str, torch.Tensor]]):
+    # synthetic data: the factors are fitted to the outputs on the measured batches themselves
+    def calibration() -> None:
+        for batch in batches:
+            bundle.logits(batch)
+
+    return calibration
+
+
 def measure(spec: dict) -> dict:
     """Run one (method, eps) measurement as ``spec`` describes; returns the record.
 
@@ -139,53 +166,30 @@ def measure(spec: dict) -> dict:
     Returns:
         The record; its ``error`` is set, and the measurements missing, when the run failed.
     """
-    from wasi.bench.synthetic import (
-        SYNTHETIC,
-        SYNTHETIC_CLASSES,
-        decay_spectrum,
-        input_spec,
-        synthetic_batches,
-    )
-    from wasi.config import has_weight_factors
-    from wasi.memory import count_saved_tensors
-    from wasi.models import VIT_PRESETS
-    from wasi.training.loop import GRAD_CLIP
-    from wasi.training.measure import PeakMemory, median, set_cpu_allocator
-    from wasi.training.methods import (
-        WASI_MODES,
-        MethodOptions,
-        apply_method,
-        build_optimizer,
-        split_method,
-        target_layers,
-    )
-    from wasi.training.models import build_model
-
     wall = time.perf_counter()
-    (method, checkpointing), steps, bs = split_method(spec["method"]), spec["steps"], spec["batch_size"]
+    method, checkpointing, fidelity = split_run_method(spec["method"])
+    steps, bs = spec["steps"], spec["batch_size"]
     checkpointing = checkpointing or bool(spec.get("checkpointing"))
     device = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     warm_up(spec)
-    torch.manual_seed(spec["seed"])
 
     # ---- data first: the baseline excludes it
-    inputs = input_spec(spec["model"], spec.get("arch"))
-    count = max(1, min(steps, 4))
-    if spec["data"] == SYNTHETIC:
-        batches = synthetic_batches(inputs, batch_size=bs, count=count, seed=spec["seed"],
-                                    max_length=spec["max_length"])
-        num_classes = SYNTHETIC_CLASSES
-    else:
-        batches, num_classes = _real_batches(spec, inputs, count)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    inputs, data, batches, fit, fit_split = _prepare_batches(spec, method, device)
     meter = PeakMemory(device)
     meter.reset()  # the baseline: libraries and data loaded, no model yet
 
-    # ---- model, method, optimizer
-    bundle = build_model(spec["model"], num_classes=num_classes, arch=spec.get("arch"),
-                         cache_dir=spec.get("cache_dir"))
+    # ---- model, method, optimizer: seeded as `wasi train` seeds them, so a new head is the one its
+    # accuracy run trains (and ranks by fidelity, measured through it, come out the same)
+    seed_everything(spec["seed"])
+    if data is None:  # synthetic inputs: random labels of SYNTHETIC_CLASSES classes
+        bundle = build_model(spec["model"], num_classes=SYNTHETIC_CLASSES, arch=spec.get("arch"),
+                             task=inputs.task, cache_dir=spec.get("cache_dir"))
+    else:
+        bundle = build_run_model(data, spec["model"], arch=spec.get("arch"), cache_dir=spec.get("cache_dir"))
+    check_image_size(bundle, spec["model"], spec.get("image_size"))
+    task = bundle.task
     shaped = []
     if spec["model"] in VIT_PRESETS and spec["spectrum_decay"] > 0:  # random weights only
         shaped = decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"],
@@ -200,8 +204,18 @@ def measure(spec: dict) -> dict:
                             activation_rank=spec.get("activation_rank"), target=spec["target"],
                             lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
                             ranks=ranks, recompute=spec.get("recompute", False),
-                            checkpointing=checkpointing, freeze_embeddings=spec.get("freeze_embeddings", False))
-    model = apply_method(bundle.model, method, options, head=bundle.head).to(device)
+                            checkpointing=checkpointing, freeze_embeddings=spec.get("freeze_embeddings", False),
+                            fidelity=fidelity or None)
+    bundle.model.to(device)
+    calibration = None
+    if fidelity:  # ranks by fidelity: fitted to the samples `wasi train` fits them to
+        if fit_split is not None:
+            calibration = calibration_pass(bundle, fit_split, count=fit, batch_size=bs, device=device)
+        else:
+            calibration = _forward_over(bundle, batches)
+    model, _ = apply_run_method(bundle, method, options, calibration=calibration, fidelity_flag=fidelity,
+                                print_fn=lambda m: print(m, flush=True))
+    model = model.to(device)
     bundle.model = model
     optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -225,22 +239,17 @@ def measure(spec: dict) -> dict:
                 allocator = "caching"
         batch = batches[step % len(batches)]
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)  # no stale gradient lives through the forward
-        if step == 0:  # counted on the warm-up step, which the median skips
-            with count_saved_tensors(model) as counter:
-                loss = F.cross_entropy(bundle.logits(batch), batch["labels"])
-            saved_bytes = counter.bytes
-        else:
-            loss = F.cross_entropy(bundle.logits(batch), batch["labels"])
-        loss.backward()
-        if step == steps - 1:
-            grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
-        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-        optimizer.step()
-        losses.append(loss.item())
+        # saved tensors counted on the warm-up step, which the median skips; gradients on the last
+        result = train_step(model, task, batch, optimizer, trainable, count_saved=step == 0,
+                            measure_grads=step == steps - 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        losses.append(result.loss)
+        if result.saved_bytes is not None:
+            saved_bytes = result.saved_bytes
+        if result.grad_bytes is not None:
+            grad_bytes = result.grad_bytes
     if train_peak is None:
         train_peak = phase.peak_mb() + offset
     peak = max(setup_peak, train_peak)
@@ -270,6 +279,8 @@ def measure(spec: dict) -> dict:
 
     pieces = weights + buffers + grad_bytes + opt_state + saved_bytes
     record = {
+        "task": task,
+        "fidelity": fidelity,
         "peak_memory_mb": peak,
         "setup_peak_mb": setup_peak,
         "train_peak_mb": train_peak,
@@ -310,16 +321,13 @@ def measure(spec: dict) -> dict:
 
 
 def _train_for_accuracy(spec: dict) -> dict:
-    # the training loop on the real data: test accuracy for the Pareto plot
-    from wasi.models import VIT_PRESETS
-    from wasi.training.loop import FITTED_METHODS, TrainSettings, run_training
-    from wasi.training.methods import split_method
-
-    method, checkpointing = split_method(spec["method"])
+    # the training loop on the real data: the test score, and what that run measured of itself
+    method, checkpointing, fidelity = split_run_method(spec["method"])
     model = spec["model"]
     out = Path(spec["train_out"])
     if model in VIT_PRESETS and spec["spectrum_decay"] > 0:
         model = str(_shaped_model_folder(spec, out.parent / f"{model}-spectrum"))
+    fitted = method in FITTED_METHODS
     settings = TrainSettings(
         model=model, data=spec["data"], out=str(out), method=method,
         eps=spec["eps"] if spec["eps"] is not None else 0.8, activation_rank=spec.get("activation_rank"),
@@ -330,20 +338,27 @@ def _train_for_accuracy(spec: dict) -> dict:
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
         checkpointing=checkpointing or spec.get("checkpointing", False),
-        init_samples=spec.get("init_samples") if method in FITTED_METHODS else None,
-        fidelity=0.0 if method in FITTED_METHODS else None,  # the ranks of --eps, which the step measurement used
+        init_samples=spec.get("init_samples") if fitted else None,
+        # the ranks the step measurement used: by the run's fidelity, else by --eps
+        fidelity=(fidelity or 0.0) if fitted else None,
         freeze_embeddings=spec.get("freeze_embeddings", False),
+        task=spec.get("task"), image_size=spec.get("image_size"),
+        max_train_samples=spec.get("max_train_samples"), max_eval_samples=spec.get("max_eval_samples"),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
-    return {"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"],
-            "train_summary": str(out / "summary.json")}
+    result = {"train_summary": str(out / "summary.json"),
+              "train_run": {key: summary.get(key) for key in ("peak_memory_mb", "train_step_s_median",
+                                                              "inference_ms_per_sample", "train_steps")}}
+    if summary.get("task") == "causal-lm":
+        result.update({"test_perplexity": summary["test_perplexity"], "test_loss": summary["test_loss"],
+                       "best_val_perplexity": summary["best_val_perplexity"]})
+    else:
+        result.update({"test_accuracy": summary["test_accuracy"], "best_val_accuracy": summary["best_val_accuracy"]})
+    return result
 
 
 def _shaped_model_folder(spec: dict, folder: Path) -> Path:
     # the same decayed-spectrum weights the measurement used, as a folder the loop loads
-    from wasi.bench.synthetic import decay_spectrum
-    from wasi.training.models import build_model, save_pretrained_vit
-
     if not (folder / "model.safetensors").is_file():
         bundle = build_model(spec["model"], num_classes=2)
         decay_spectrum(bundle.model, alpha=spec["spectrum_decay"], seed=spec["seed"], skip=(bundle.head,))

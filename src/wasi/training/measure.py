@@ -13,7 +13,8 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``), or None where there is none."""
     try:
         match = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
     except OSError:
@@ -37,7 +38,7 @@ class PeakMemory:
     def current_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
-        rss = _status_kb("VmRSS")
+        rss = status_kb("VmRSS")
         return rss / 1024 if rss is not None else 0.0
 
     def reset(self) -> None:
@@ -57,7 +58,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
-        hwm = _status_kb("VmHWM")
+        hwm = status_kb("VmHWM")
         if hwm is None:
             import resource
 
@@ -68,7 +69,7 @@ class PeakMemory:
 
 def process_peak_mb() -> float:
     """The process's peak resident memory since it started (or since a :meth:`PeakMemory.reset`), MiB."""
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     if hwm is not None:
         return hwm / 1024
     import resource

@@ -14,7 +14,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from wasi.data.core import DataError, resolve_cache_dir
 from wasi.models import VIT_PRESETS, ViT, build_vit
+from wasi.models.dinov2 import OnnxConversionError, dinov2_small_folder
+from wasi.models.packaged import PackageFileError
+from wasi.models.smollm2 import GGUFConversionError, smollm2_folder
 from wasi.models.vit import ViTShape
 
 PRETRAINED_FILE = "wasi_pretrained.json"
@@ -111,6 +115,29 @@ def _quiet_transformers():
     return restore
 
 
+def _pad_with_eos(tokenizer) -> bool:
+    # decoder tokenizers often have no pad token: pad with end-of-text (padded positions are masked)
+    if tokenizer.pad_token_id is not None:
+        return False
+    tokenizer.pad_token = tokenizer.eos_token
+    return True
+
+
+def _load_tokenizer(path: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    restore = _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of {str(path)!r}: {err}") from None
+    finally:
+        restore()
+    _pad_with_eos(tokenizer)
+    return tokenizer
+
+
 def _load_transformers_classifier(path: Path, num_classes: int, description: str) -> ModelBundle:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -125,8 +152,7 @@ def _load_transformers_classifier(path: Path, num_classes: int, description: str
         raise ModelError(f"cannot load a transformers model from {str(path)!r}: {err}") from None
     finally:
         restore()
-    if tokenizer.pad_token_id is None:  # decoder tokenizers often have none; padded positions are masked
-        tokenizer.pad_token = tokenizer.eos_token
+    if _pad_with_eos(tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
     head = "classifier" if hasattr(model, "classifier") else "score"
     return ModelBundle(model, "text", tokenizer=tokenizer, head=head, description=description)
@@ -186,8 +212,7 @@ def _load_transformers_causal_lm(path: Path, description: str) -> ModelBundle:
         raise ModelError(f"cannot load a transformers causal LM from {str(path)!r}: {err}") from None
     finally:
         restore()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _pad_with_eos(tokenizer)
     # no new head: the language-model head is the pretrained one (and often tied to the embeddings)
     return ModelBundle(model, "text", tokenizer=tokenizer, head=None, description=description, task="causal-lm")
 
@@ -202,8 +227,6 @@ def _load_folder(path: Path, num_classes: int, task: str, description: str) -> M
 
 def model_cache(cache_dir: str | os.PathLike | None) -> Path:
     """The folder packaged models are converted into: the data cache (``--cache-dir``, ``$WASI_CACHE``)."""
-    from wasi.data.core import DataError, resolve_cache_dir
-
     try:
         return resolve_cache_dir(cache_dir)
     except DataError as err:
@@ -211,18 +234,12 @@ def model_cache(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _packaged_folder(spec: str, cache_dir: str | os.PathLike | None) -> Path:
-    from wasi.models.packaged import PackageFileError
-
     try:
         if spec == "dinov2-s":
-            from wasi.models.dinov2 import OnnxConversionError, dinov2_small_folder
-
             try:
                 return dinov2_small_folder(model_cache(cache_dir))
             except OnnxConversionError as err:
                 raise ModelError(f"model 'dinov2-s': {err}") from None
-        from wasi.models.smollm2 import GGUFConversionError, smollm2_folder
-
         try:
             return smollm2_folder(model_cache(cache_dir))
         except GGUFConversionError as err:
@@ -264,7 +281,7 @@ def resolve_task(spec: str, requested: str | None = None) -> tuple[str, str]:
 def _vit_bundle(model: ViT, description: str) -> ModelBundle:
     return ModelBundle(
         model, "image", image_size=model.shape.image_size, channels=model.shape.channels,
-        head="head", description=description,
+        head="head", description=description, task="image-classification",
     )
 
 
@@ -403,6 +420,40 @@ def text_positions(spec: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def model_inputs(spec: str, *, arch: str | None = None, task: str | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> ModelBundle:
+    """What :func:`build_model` with the same arguments takes as input, without loading its weights.
+
+    Reads a preset, a folder's JSON files or a tokenizer (a packaged model is converted first,
+    once). The result is a :class:`ModelBundle` whose ``model`` is None: enough to make splits
+    and batches (``wasi.training.batches.make_split``) before the model is built.
+
+    Raises:
+        ModelError: as :func:`build_model` would for the same arguments (but weights of another shape).
+    """
+    chosen, _ = resolve_task(spec, task)
+    if spec in VIT_PRESETS or (Path(spec).is_file() and arch in VIT_PRESETS):
+        shape = VIT_PRESETS[spec if spec in VIT_PRESETS else arch]
+        return ModelBundle(None, "image", image_size=shape.image_size, channels=shape.channels, task=chosen)
+    check_model(spec, arch)
+    if spec == "minilm":
+        path = minilm_path()
+    elif spec in PACKAGED_MODELS:
+        path = _packaged_folder(spec, cache_dir)
+    else:
+        path = Path(spec)
+    if (path / PRETRAINED_FILE).is_file():
+        shape = _vit_shape(path / PRETRAINED_FILE)
+        return ModelBundle(None, "image", image_size=shape["image_size"], channels=shape.get("channels", 3),
+                           task=chosen)
+    if chosen == "image-classification":
+        config = _read_json(path / "config.json")
+        size, mean, std = _preprocessing(path, config)
+        return ModelBundle(None, "image", image_size=size, channels=int(config.get("num_channels", 3)), task=chosen,
+                           image_mean=mean, image_std=std)
+    return ModelBundle(None, "text", tokenizer=_load_tokenizer(path), task=chosen)
 
 
 def build_model(spec: str, *, num_classes: int, arch: str | None = None, task: str | None = None,

@@ -1,4 +1,4 @@
-"""`wasi calibrate` (wasi.calibrate.command), and training with the plan it writes."""
+"""``wasi calibrate`` (:mod:`wasi.cli.calibrate`): the plan it writes, its argument errors, the models it refuses."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from wasi.calibrate import Plan
-from wasi.calibrate.command import add_calibrate_parser
-from wasi.cli import UsageError
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from wasi.cli import UsageError, main
+from wasi.cli.calibrate import add_calibrate_parser
 
 
+def test_calibrate_refuses_a_causal_lm(tiny_llama, tmp_path, capsys):
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f"the cat sat {i},{i % 2}\n" for i in range(12)))
+    code = main(["calibrate", "--model", str(tiny_llama), "--data", str(csv), "--out", str(tmp_path / "p.json")])
+    assert code == 2 and "is a causal LM" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- CLI
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="wasi")
     add_calibrate_parser(parser.add_subparsers(dest="command", required=True))
@@ -46,7 +52,6 @@ def test_cli_reports_every_bad_argument_at_once(tmp_path):
               "--budget-mb", "lots", "--batches", "0", "--eps-grid", "0.5,2"])
     text = str(info.value)
     assert all(flag in text for flag in ("--budget-mb", "--batches", "--eps-grid", "--out"))
-
 
 
 def test_train_with_a_plan_from_the_cli(tmp_path):

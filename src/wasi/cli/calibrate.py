@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from wasi.calibrate import RANK_GRID
-from wasi.config import TARGETS
+from wasi.calibrate import RANK_GRID, calibrate
+from wasi.cli.usage import UsageError, parse_numbers
+from wasi.config import WASIConfig
+from wasi.data import DataError
+from wasi.training.models import ModelError, model_inputs, resolve_task
+from wasi.training.pipeline import build_run_model, first_batches, load_task_data
+from wasi.training.settings import RunError, check_target_option
+from wasi.training.state import seed_everything
 
 _INTS = ("batches", "batch_size", "max_length", "seed", "activation_rank")
 _FLOATS = ("budget_mb", "weight_budget_mb", "eps")
@@ -66,8 +71,6 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
-    from wasi.cli import parse_numbers
-
     parsed, errors = parse_numbers(args, _INTS, _FLOATS)
     values = {name: parsed.get(name) for name in _INTS + _FLOATS}
     for name, value in parsed.items():
@@ -95,8 +98,7 @@ def _parse(args: argparse.Namespace) -> tuple[dict, list[str]]:
                 raise ValueError
         except ValueError:
             errors.append(f"--rank-grid {args.rank_grid!r}: must be comma-separated positive integers, or none")
-    if args.target not in TARGETS:
-        errors.append(f"--target {args.target!r}: choose mlp, attention or all-linear")
+    errors += check_target_option(args.target)
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         errors.append(f"--device {args.device}: CUDA is not available on this machine")
     out = Path(args.out)
@@ -118,54 +120,38 @@ def _image_loss(output: torch.Tensor, batch: _Positional) -> torch.Tensor:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate on the first ``--batches`` training batches and write the plan.
 
-    Raises:
-        wasi.cli.UsageError: bad arguments (all listed), unusable data or model, or a budget
-            below the minimum (the message states it).
-    """
-    from wasi.calibrate import calibrate
-    from wasi.cli import UsageError
-    from wasi.config import WASIConfig
-    from wasi.data import DataError, load_dataset, split_stratified
-    from wasi.training.batches import epoch_order, make_batch, make_split
-    from wasi.training.models import ModelError, build_model
+    The data and the model are prepared as ``wasi train`` prepares them
+    (:mod:`wasi.training.pipeline`), with the same seeding: the batches are the first ones
+    ``wasi train`` will see and the new head is the one it trains.
 
+    Raises:
+        UsageError: bad arguments (all listed), unusable data or model, or a budget below the
+            minimum (the message states it).
+    """
     values, errors = _parse(args)
     if errors:
         raise UsageError("\n  ".join(["invalid arguments:", *errors]))
     seed, bs, count = values["seed"], values["batch_size"], values["batches"]
     device = torch.device(args.device)
     try:
-        # the same order of seeding and loading as `wasi train`, so the new head is the one it trains
-        torch.manual_seed(seed)
-        random.seed(seed)
-        import numpy as np
-
-        np.random.seed(seed)
-        dataset = load_dataset(args.data, cache_dir=args.cache_dir)
-        train, _, _ = split_stratified(dataset, fractions=(0.8, 0.1, 0.1), seed=seed)
-        bundle = build_model(args.model, num_classes=len(dataset.classes), arch=args.arch,
-                             cache_dir=args.cache_dir)
-    except (DataError, ModelError) as err:
+        if resolve_task(args.model)[0] == "causal-lm":
+            raise UsageError(f"model {args.model!r} is a causal LM: `wasi calibrate` plans classification runs")
+        seed_everything(seed)
+        data = load_task_data(args.model, args.data, seed=seed, cache_dir=args.cache_dir)
+        inputs = model_inputs(args.model, arch=args.arch, task=data.task, cache_dir=args.cache_dir)
+        batches = first_batches(data, inputs, seed=seed, batch_size=bs, count=count,
+                                max_length=values["max_length"], device=device, wrap=False)
+        bundle = build_run_model(data, args.model, arch=args.arch, cache_dir=args.cache_dir)
+    except (DataError, ModelError, RunError) as err:
         raise UsageError(str(err)) from None
-    if bundle.task == "causal-lm":
-        raise UsageError(f"model {args.model!r} is a causal LM: `wasi calibrate` plans classification runs")
-    if bundle.kind != dataset.kind:
-        raise UsageError(f"model {args.model!r} takes {bundle.kind} inputs but data {args.data!r} "
-                         f"is {dataset.kind}")
-    order = epoch_order(len(train), seed, 0)[: count * bs]  # the first batches `wasi train` will see
-    if len(order) < count * bs:
-        count = max(1, len(order) // bs)
-        order = order[: count * bs]
-    split = make_split(train.subset(order), bundle, values["max_length"])
-    pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer is not None else 0
-    batches = []
-    for b in range(count):
-        batch = make_batch(split, torch.arange(b * bs, min((b + 1) * bs, split.size)), pad_id, device)
-        if bundle.kind == "image":
+    count = len(batches)
+    if bundle.kind == "image":
+        positional_batches = []
+        for batch in batches:
             positional = _Positional((batch["images"],))
             positional.labels = batch["labels"]
-            batch = positional
-        batches.append(batch)
+            positional_batches.append(positional)
+        batches = positional_batches
     model = bundle.model.to(device)
     config = WASIConfig(eps=values["eps"], target=args.target, activation_rank=values["activation_rank"])
     try:

@@ -1,15 +1,105 @@
-"""The training run: resume equality, outputs, and the CLI's error path."""
+"""The training loop (:mod:`wasi.training.loop`): resume equality, outputs, non-finite steps, the causal-LM task."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from wasi.cli import main
-from wasi.training.loop import Run, TrainSettings, run_training
+from wasi.data.lmtext import load_text_folder, split_documents
+from wasi.training.causal_lm import lm_evaluate, make_lm_split
+from wasi.training.loop import Run, RunError, TrainSettings, run_training
+from wasi.training.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only contend
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _faulty_settings(out: Path, **kw) -> TrainSettings:
+    base = {"model": "vit-micro", "data": "digits", "out": str(out), "method": "wasi", "steps": 6,
+            "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "max_train_samples": 96,
+            "eval_batch_size": 128, "lr": 1e-3}
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _poison(monkeypatch, at_step: int, how: str) -> None:
+    """Make the batch of step ``at_step`` (1-based) non-finite: NaN pixels, or a NaN gradient."""
+    original_step, original_logits = Run._train_step, Run._logits
+
+    def train_step(self, batch):
+        if self.step + 1 == at_step and how == "input":
+            batch = dict(batch, images=batch["images"].clone())
+            batch["images"][0, 0, 0, 0] = float("nan")
+        return original_step(self, batch)
+
+    def logits(self, batch):
+        out = original_logits(self, batch)
+        if self.step + 1 == at_step and how == "gradient" and out.requires_grad:
+            out.register_hook(lambda g: g * float("nan"))  # finite loss, NaN gradient
+        return out
+
+    monkeypatch.setattr(Run, "_train_step", train_step)
+    monkeypatch.setattr(Run, "_logits", logits)
+
+
+@pytest.mark.parametrize("how", ["input", "gradient"])
+def test_skip_nonfinite_skips_the_step_counts_it_and_keeps_the_model_usable(tmp_path, monkeypatch, how):
+    _poison(monkeypatch, 3, how)
+    summary = run_training(_faulty_settings(tmp_path, skip_nonfinite=True), print_fn=_quiet)
+    assert summary["skipped_steps"] == 1 and summary["train_steps"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skips = [r for r in records if r["type"] == "skip"]
+    assert [r["step"] for r in skips] == [3]
+    assert ("loss is nan" if how == "input" else "gradient norm is nan") in skips[0]["reason"]
+    train = {r["step"]: r for r in records if r["type"] == "train"}
+    assert train[3]["loss"] is None and train[2]["skipped_steps"] == 0 and train[6]["skipped_steps"] == 1
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["skipped_steps"] == 1
+    for key, value in state["model"].items():
+        assert not value.is_floating_point() or bool(torch.isfinite(value).all()), key
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("how,names", [("input", "blocks.0.mlp.fc1: the training input"),
+                                       ("gradient", "blocks.1.mlp.fc2: the gradient reaching this layer")])
+def test_without_skip_a_nonfinite_step_stops_the_run_naming_the_layer(tmp_path, monkeypatch, how, names):
+    _poison(monkeypatch, 3, how)
+    snapshot = {}
+    original = Run._train_step
+
+    def remember(self, batch):
+        if self.step == 2:
+            snapshot["checkpoint"] = (tmp_path / "checkpoint.pt").read_bytes()
+        return original(self, batch)
+
+    monkeypatch.setattr(Run, "_train_step", remember)
+    with pytest.raises(RunError, match=rf"^step 3: {names}.*--skip-nonfinite"):
+        run_training(_faulty_settings(tmp_path), print_fn=_quiet)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == snapshot["checkpoint"]
+
+
+def test_vanilla_training_skips_an_infinite_loss_too(tmp_path, monkeypatch):
+    original = Run._logits
+
+    def logits(self, batch):
+        out = original(self, batch)
+        return out * float("inf") if self.step + 1 == 2 else out
+
+    monkeypatch.setattr(Run, "_logits", logits)
+    summary = run_training(_faulty_settings(tmp_path, method="vanilla", steps=3, skip_nonfinite=True), print_fn=_quiet)
+    assert summary["skipped_steps"] == 1
+    with pytest.raises(RunError, match=r"^step 2: the loss is (nan|inf); nothing was updated"):
+        run_training(_faulty_settings(tmp_path / "again", method="vanilla", steps=3), print_fn=_quiet)
 
 
 def _settings(out, **kw) -> TrainSettings:
@@ -88,27 +178,17 @@ def test_pretrain_then_finetune_loads_the_weights(tmp_path):
     assert summary["train_steps"] == 3
 
 
-def test_cli_reports_every_configuration_error_at_once(tmp_path, capsys):
-    code = main(["train", "--model", "no-such-model", "--data", "no-such-data", "--method", "magic",
-                 "--eps", "1.5", "--batch-size", "abc", "--lr", "-1", "--out", str(tmp_path / "x")])
-    err = capsys.readouterr().err
-    assert code == 2
-    for needle in ("no-such-model", "no-such-data", "magic", "--eps 1.5", "--batch-size 'abc'", "--lr -1"):
-        assert needle in err, needle
-    assert "Traceback" not in err
-
-
 def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypatch):
-    from wasi.training import loop
+    from wasi.training import pipeline
 
     seen = []
-    original = loop.apply_method
+    original = pipeline.apply_method
 
     def spy(model, method, options, *, head, calibration=None):
         seen.append(calibration)
         return original(model, method, options, head=head, calibration=calibration)
 
-    monkeypatch.setattr(loop, "apply_method", spy)
+    monkeypatch.setattr(pipeline, "apply_method", spy)
     run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "plain", init_samples=0, steps=2), print_fn=lambda _m: None)
     run_training(_settings(tmp_path / "default", steps=2, fidelity=0.0), print_fn=lambda _m: None)
@@ -170,82 +250,21 @@ def test_fidelity_chooses_the_ranks_and_is_checked(tmp_path, capsys):
         assert code == 2 and message in err and "Traceback" not in err, argv
 
 
-def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "r"),
-                 "--steps", "2", "--resume"])
-    err = capsys.readouterr().err
-    assert code == 2 and "no checkpoint" in err and "Traceback" not in err
-
-
 def test_training_runs_in_train_mode_whatever_mode_the_model_arrives_in(tmp_path, monkeypatch):
-    from wasi.training import loop
+    from wasi.training import pipeline
 
-    original = loop.build_model
+    original = pipeline.build_model
 
     def build_in_eval_mode(*args, **kwargs):
         bundle = original(*args, **kwargs)
         bundle.model.eval()  # as transformers' from_pretrained returns it
         return bundle
 
-    monkeypatch.setattr(loop, "build_model", build_in_eval_mode)
+    monkeypatch.setattr(pipeline, "build_model", build_in_eval_mode)
     run_training(_settings(tmp_path / "eval", steps=3), print_fn=lambda _m: None)
     state = _final_model(tmp_path / "eval")
     steps = [v.item() for k, v in state.items() if k.endswith(".step")]
     assert steps and all(s == 3 for s in steps)  # every WASI layer compressed on every step
-
-
-def test_text_batches_pad_to_the_longest_row_and_mask_the_padding():
-    from wasi.training.batches import Split, make_batch
-
-    split = Split(3, torch.tensor([0, 1, 1]), tokens=[[5, 6, 7], [8], [9, 10]])
-    batch = make_batch(split, torch.tensor([2, 1]), pad_id=0, device=torch.device("cpu"))
-    assert batch["input_ids"].tolist() == [[9, 10], [8, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
-    assert batch["labels"].tolist() == [1, 1]
-
-
-def test_epoch_order_is_a_function_of_seed_and_epoch_only():
-    from wasi.training.batches import epoch_order
-
-    first = epoch_order(50, seed=3, epoch=1)
-    assert sorted(first.tolist()) == list(range(50))
-    torch.manual_seed(123)  # the global generator must not matter
-    assert torch.equal(first, epoch_order(50, seed=3, epoch=1))
-    assert not torch.equal(first, epoch_order(50, seed=3, epoch=2))
-    assert not torch.equal(first, epoch_order(50, seed=4, epoch=1))
-
-
-@pytest.mark.parametrize("method", ["vanilla", "wasi", "lora"])
-def test_freeze_embeddings_keeps_the_token_tables_out_of_the_step(minilm, minilm_batch, method):
-    from wasi.training.methods import MethodOptions, apply_method, build_optimizer
-
-    options = MethodOptions(eps=0.8, target="all-linear", freeze_embeddings=True)
-    model = apply_method(minilm, method, options, head="classifier")
-    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    assert len(tables) == 3  # word, position, token type
-    optimizer = build_optimizer(model, method, options, name="adamw", lr=1e-3)
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not stepped & {id(p) for t in tables for p in t.parameters()}
-    before = [t.weight.detach().clone() for t in tables]
-    classifier = next(p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad)
-    head_before = classifier.detach().clone()
-    model(**minilm_batch).loss.backward()
-    optimizer.step()
-    assert all(torch.equal(b, t.weight) for b, t in zip(before, tables, strict=True))
-    assert not torch.equal(head_before, classifier)
-
-
-def test_freeze_embeddings_without_token_tables_is_a_clear_error(tmp_path, capsys):
-    from wasi.models import build_vit
-    from wasi.training.methods import freeze_embeddings
-
-    with pytest.raises(ValueError, match="ViT has no nn.Embedding layer to freeze"):
-        freeze_embeddings(build_vit("vit-micro", num_classes=3))
-    code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "x"), "--steps", "1",
-                 "--freeze-embeddings"])
-    err = capsys.readouterr().err
-    assert code == 2 and "--freeze-embeddings: model 'vit-micro' has no nn.Embedding layer" in err
-    assert "Traceback" not in err and not (tmp_path / "x" / "checkpoint.pt").exists()
 
 
 def test_a_rank_raise_is_logged_at_the_runs_step(tmp_path, monkeypatch):
@@ -267,3 +286,71 @@ def test_a_rank_raise_is_logged_at_the_runs_step(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["type"], r["step"]) for r in records] == [("grad_cosine", 37), ("grad_action", 37)]
     assert records[1]["new_ranks"] == [2, 2] and layer.grad_actions == []
+
+
+def _task_settings(model, data, out, **kw) -> TrainSettings:
+    base = {"model": str(model), "data": str(data), "out": str(out), "method": "wasi", "steps": 4, "batch_size": 4,
+            "max_length": 32, "eval_batch_size": 16, "lr": 3e-3, "checkpoint_every": 100, "log_every": 2}
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_causal_lm_run_reports_perplexities_and_exports_a_transformers_folder(tiny_llama, text_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    summary = run_training(_task_settings(tiny_llama, text_folder, out, eps=0.5, target="all-linear"),
+                           print_fn=lines.append)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["task"] == "causal-lm"
+    for key in ("dense_perplexity", "converted_perplexity", "test_perplexity", "test_loss", "best_val_perplexity"):
+        assert math.isfinite(written[key]) and written[key] > 1, key
+    assert "test_accuracy" not in written
+    assert written["converted_perplexity"] != written["dense_perplexity"]  # eps 0.5 changes the weights
+    assert math.isclose(written["test_perplexity"], math.exp(written["test_loss"]), rel_tol=1e-9)
+    assert written["generation_sample"]["prompt"] and any(line.startswith("sample: ") for line in lines)
+    assert (out / "model" / "wasi_config.json").is_file()  # the low-rank form
+    # the transformers folder is the trained model: same held-out perplexity when reloaded
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "transformers"))
+    tokenizer = build_model(str(out / "transformers"), num_classes=1).tokenizer
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and not any("left" in n for n, _ in reloaded.named_parameters())
+    documents = split_documents(load_text_folder(text_folder), seed=0)[2]
+    test = make_lm_split([d.text for d in documents], tokenizer, 32, "test")
+    _, perplexity = lm_evaluate(reloaded, test, tokenizer.pad_token_id, torch.device("cpu"))
+    assert math.isclose(perplexity, summary["test_perplexity"], rel_tol=1e-4)
+
+
+def test_causal_lm_training_lowers_the_held_out_perplexity(tiny_llama, text_folder, tmp_path):
+    summary = run_training(_task_settings(tiny_llama, text_folder, tmp_path / "v", method="vanilla", steps=30,
+                                     lr=1e-2), print_fn=lambda _m: None)
+    assert summary["converted_perplexity"] == summary["dense_perplexity"]  # vanilla converts nothing
+    assert summary["test_perplexity"] < 0.5 * summary["dense_perplexity"]
+
+
+def test_lora_gets_ten_times_the_learning_rate_unless_told(tiny_llama, text_folder, tmp_path):
+    pytest.importorskip("peft")
+    summary = run_training(_task_settings(tiny_llama, text_folder, tmp_path / "l", method="lora", steps=1, lr=1e-4),
+                           print_fn=lambda _m: None)
+    assert summary["lr"] == pytest.approx(1e-3)
+    told = _task_settings(tiny_llama, text_folder, tmp_path / "l2", method="lora", lr=1e-4, lora_lr=5e-4)
+    assert told.learning_rate == 5e-4
+    assert _task_settings(tiny_llama, text_folder, tmp_path / "w", lora_lr=5e-4).validate() == [
+        "--lora-lr is the learning rate of --method lora, got --method wasi"]
+    assert (tmp_path / "l" / "transformers" / "config.json").is_file()  # adapters merged into a plain folder
+
+
+def test_classification_summary_records_the_settings_that_tell_runs_apart(tmp_path):
+    out = tmp_path / "c"
+    summary = run_training(_task_settings("vit-micro", "digits", out, steps=2, batch_size=16, max_train_samples=40,
+                                     max_eval_samples=30, image_size=8, recompute=True, target="all-linear",
+                                     max_length=64), print_fn=lambda _m: None)
+    written = json.loads((out / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    expected = {"task": "image-classification", "target": "all-linear", "recompute": True, "checkpointing": False,
+                "max_length": 64, "max_train_samples": 40, "max_eval_samples": 30, "image_size": 8,
+                "train_samples": 40}
+    assert {k: written[k] for k in expected} == expected
+    assert "dense_perplexity" not in written and 0 <= written["test_accuracy"] <= 1
+    with pytest.raises(RunError, match="--image-size 16: model 'vit-micro' takes 8 px images only"):
+        run_training(_task_settings("vit-micro", "digits", tmp_path / "d", steps=1, image_size=16), print_fn=print)

@@ -1,4 +1,4 @@
-"""The built-in demo: pretrain a tiny ViT on digits, convert it to WASI, fine-tune it."""
+"""The built-in demo behind `wasi demo`: pretrain a tiny ViT on digits, convert it to WASI, fine-tune it."""
 
 from __future__ import annotations
 

@@ -1,78 +1,38 @@
-"""The ``wasi`` command line: a thin front, one function per subcommand.
+"""``wasi train``: the training run's options, the settings they build, and the handler.
 
-Parsing imports nothing heavy (no torch, no transformers): ``wasi --help`` and ``wasi train
---help`` answer at once, and each subcommand imports what it needs when it runs.
+``wasi pretrain`` (:mod:`wasi.cli.pretrain`) takes the same options but the method's.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-# the subcommands whose parsers live beside their code (registering them imports torch); `wasi --help`
-# lists them with these lines, the real parser is built when one of them runs
-LAZY_COMMANDS = {
-    "bench": "measure every method side by side (memory, time, accuracy), one process per run",
-    "calibrate": "choose per-layer WASI ranks for a memory budget from a few real batches",
-}
-EXIT_STATUS = """exit status:
-  0    done
-  2    the run could not start or go on: bad arguments or data, a damaged checkpoint, a folder that
-       cannot be written, a full disk, a NaN loss; one line on stderr names what and where
-  130  interrupted (Ctrl-C); a checkpoint was saved, continue with --resume"""
+from wasi.cli.usage import UsageError, default_device, parse_numbers
+
+TRAIN_HELP = "fine-tune a model on a dataset with one method"
+INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
+        "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
+FLOATS = ("eps", "lr", "lora_lr", "fidelity")
 
 
-class UsageError(Exception):
-    """Configuration errors, reported together with exit status 2."""
-
-    @classmethod
-    def listing(cls, errors: list[str]) -> UsageError:
-        """One problem on one line; several under ``invalid arguments:``, one per line."""
-        if len(errors) == 1:
-            return cls(errors[0])
-        return cls("\n  ".join(["invalid arguments:", *errors]))
+def add_train_parser(subparsers: argparse._SubParsersAction, **parser_kw) -> argparse.ArgumentParser:
+    """Register ``train`` on the ``wasi`` command's subparsers; returns its parser."""
+    train = subparsers.add_parser("train", help=TRAIN_HELP, **parser_kw)
+    add_run_arguments(train, with_method=True)
+    train.set_defaults(func=cmd_train)
+    return train
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from wasi.demo import DemoError, run_demo
+def train_settings(args: argparse.Namespace, **fixed):
+    """The run settings of parsed ``train``/``pretrain`` arguments (``fixed`` overrides them).
 
-    try:
-        run_demo(pretrain_steps=args.pretrain_steps, steps=args.steps, eps=args.eps, seed=args.seed,
-                 plot=args.plot)
-    except DemoError as err:
-        raise UsageError(str(err)) from None
-    return 0
+    Raises:
+        UsageError: every bad value, together.
+    """
+    from wasi.training.settings import TrainSettings
 
-
-_INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
-         "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
-_FLOATS = ("eps", "lr", "lora_lr", "fidelity")
-
-
-def parse_numbers(args: argparse.Namespace, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[dict, list[str]]:
-    """Convert the named options given as strings; returns the values given and one error per bad value."""
-    values, errors = {}, []
-    for name in (*ints, *floats):
-        raw = getattr(args, name, None)  # None: the subcommand has no such option
-        if raw is None:
-            continue
-        if not isinstance(raw, str):
-            values[name] = raw
-            continue
-        try:
-            values[name] = int(raw) if name in ints else float(raw)
-        except ValueError:
-            kind = "an integer" if name in ints else "a number"
-            errors.append(f"--{name.replace('_', '-')} {raw!r}: must be {kind}")
-    return values, errors
-
-
-def _settings(args: argparse.Namespace, **fixed):
-    """Build the run settings; every bad value is reported, together, as a UsageError."""
-    from wasi.training.loop import TrainSettings
-
-    values, errors = parse_numbers(args, _INTS, _FLOATS)
-    device = args.device if args.device is not None else _default_device()
+    values, errors = parse_numbers(args, INTS, FLOATS)
+    device = args.device if args.device is not None else default_device()
     fields = {
         "model": args.model, "data": args.data, "out": args.out, "target": getattr(args, "target", "mlp"),
         "optimizer": args.optimizer, "resume": args.resume, "arch": args.arch, "cache_dir": args.cache_dir,
@@ -90,10 +50,16 @@ def _settings(args: argparse.Namespace, **fixed):
     return settings
 
 
-def _run(settings) -> int:
+def run(settings) -> int:
+    """Run the training ``settings`` describe; 0 when done, 130 when interrupted.
+
+    Raises:
+        UsageError: the run could not start or go on (one line).
+    """
     from wasi.data import DataError
-    from wasi.training.loop import RunError, run_training
+    from wasi.training.loop import run_training
     from wasi.training.models import ModelError
+    from wasi.training.settings import RunError
 
     errors = settings.validate()
     if errors:
@@ -107,15 +73,12 @@ def _run(settings) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    return _run(_settings(args))
+def cmd_train(args: argparse.Namespace) -> int:
+    return run(train_settings(args))
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    return _run(_settings(args, method="vanilla", export_pretrained=True))
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> None:
+    """The options of a training run (``with_method``: those of ``wasi train`` beyond ``wasi pretrain``'s)."""
     parser.add_argument("--model", required=True,
                         help="minilm, dinov2-s, smollm2-135m, vit-micro, vit-tiny, vit-small, vit-b32, a model "
                              "folder, or a weights file (with --arch)")
@@ -198,70 +161,3 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) ->
     parser.add_argument("--cache-dir", default=None,
                         help="data and converted-model cache folder (default $WASI_CACHE, else ~/.cache/wasi/data)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
-    """The ``wasi`` parser.
-
-    Args:
-        lazy: register ``bench`` and ``calibrate`` by name and help line only (their parsers import
-            torch); ``main`` does this unless one of them is the command.
-    """
-    parser = argparse.ArgumentParser(prog="wasi", description="Weight-Activation Subspace Iteration",
-                                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="pretrain a tiny ViT on digits, convert it to WASI, fine-tune it (CPU)",
-                          epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--steps", type=int, default=300, help="WASI fine-tuning steps (default 300)")
-    demo.add_argument("--pretrain-steps", type=int, default=150, help="dense pretraining steps (default 150)")
-    demo.add_argument("--eps", type=float, default=0.8, help="energy threshold, weights and activations")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--plot", default=None,
-                      help="also draw the loss curves to this PNG file (a new file; an existing one is kept)")
-    demo.set_defaults(func=_cmd_demo)
-
-    train = sub.add_parser("train", help="fine-tune a model on a dataset with one method",
-                           epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(train, with_method=True)
-    train.set_defaults(func=_cmd_train)
-
-    pretrain = sub.add_parser("pretrain", help="train a ViT from scratch (dense) and save it for `wasi train --model DIR`",
-                              epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_arguments(pretrain, with_method=False)
-    pretrain.set_defaults(func=_cmd_pretrain)
-
-    if lazy:
-        for name, line in LAZY_COMMANDS.items():
-            sub.add_parser(name, help=line, add_help=False)
-        return parser
-    from wasi.bench import add_bench_parser
-
-    add_bench_parser(sub)
-
-    from wasi.calibrate.command import add_calibrate_parser
-
-    add_calibrate_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((word for word in argv if not word.startswith("-")), None)
-    parser = build_parser(lazy=command not in LAZY_COMMANDS)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UsageError as err:
-        print(f"wasi {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from wasi.bench.runner import run_bench
 from wasi.bench.settings import QUICK, BenchSettings
+from wasi.cli.usage import UsageError, default_device, parse_numbers
 from wasi.training.methods import METHODS
+from wasi.training.models import MODEL_NAMES
+from wasi.training.settings import DATA_NAMES, DEFAULT_FIDELITY
 
 _INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
-         "galore_rank", "max_length", "inference_batches", "threads", "init_samples")
+         "galore_rank", "max_length", "inference_batches", "threads", "init_samples", "image_size",
+         "max_train_samples", "max_eval_samples")
 _FLOATS = ("lr", "lora_lr", "spectrum_decay", "timeout")
 
 
@@ -16,20 +21,32 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register ``bench`` on the ``wasi`` command's subparsers; returns its parser.
 
     The parser's ``func`` default is :func:`cmd_bench`, which returns an exit code and raises
-    ``wasi.cli.UsageError`` listing every configuration error at once.
+    :class:`~wasi.cli.usage.UsageError` listing every configuration error at once.
     """
     parser = subparsers.add_parser(
         "bench", help="measure every method side by side (memory, time, accuracy), one process per run",
         description="Run each (method, eps) in a fresh process on the same model, data, batch and seed, "
                     "interleaved over repeats; write results.json, results.md and plots to --out.",
     )
-    parser.add_argument("--model", default=None, help="as for `wasi train` (--quick: vit-micro)")
+    parser.add_argument("--model", default=None,
+                        help=f"as for `wasi train`: {', '.join(MODEL_NAMES)}, a model folder, or a weights "
+                             "file (with --arch) (--quick: vit-micro)")
     parser.add_argument("--data", default=None,
-                        help="synthetic (random inputs, no accuracy) or a `wasi train` dataset "
-                             "(--quick: synthetic)")
+                        help=f"synthetic (random inputs, no accuracy) or a `wasi train` dataset: "
+                             f"{', '.join(DATA_NAMES)}, a folder or file (--quick: synthetic)")
+    parser.add_argument("--task", default=None,
+                        help="as for `wasi train`: text-classification, image-classification or causal-lm "
+                             "(default: the model's own); a causal LM reports test perplexity instead of accuracy")
     parser.add_argument("--out", required=True, help="output folder: results.json, results.md, *.png, runs/")
     parser.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(METHODS)}; a method "
-                        "with the suffix +checkpointing (e.g. lora+checkpointing) runs with activation checkpointing")
+                        "with the suffix +checkpointing (e.g. lora+checkpointing) runs with activation checkpointing; "
+                        "wsi or wasi with the suffix +fidelityF (e.g. wasi+fidelity0.999) chooses its weight ranks "
+                        "by output fidelity F")
+    parser.add_argument("--fidelity", default=None,
+                        help="comma-separated output fidelities: wsi and wasi run once per value, each layer's "
+                             "weight rank chosen to keep that fraction of the converted layers' output energy on "
+                             f"the fit samples, as `wasi train --fidelity` (e.g. {DEFAULT_FIDELITY:g},0.999,0.995; "
+                             "0 = ranks by --eps; default: ranks by --eps only)")
     parser.add_argument("--eps", default=None,
                         help="comma-separated energy thresholds of the WASI methods "
                              "(default 0.4,0.6,0.8,0.9)")
@@ -45,7 +62,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--init-samples", default=None,
                         help="with --train-epochs: wsi and wasi fit their factors to the outputs of this many "
                              "training samples before training (as `wasi train --init-samples`; same ranks, so "
-                             "the memory and time runs are unaffected)")
+                             "the memory and time runs are unaffected); with --fidelity: the samples the ranks "
+                             "are chosen on, in both runs (default 256)")
     parser.add_argument("--rank", default=None,
                         help="explicit weight rank of every WASI layer (instead of eps)")
     parser.add_argument("--activation-rank", default=None,
@@ -58,7 +76,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="learning rate of the lora runs (default 10x --lr, as in `wasi train`: LoRA trains "
                              "its adapters from zero)")
     parser.add_argument("--seed", default=None, help="default 0")
-    parser.add_argument("--max-length", default=None, help="tokens per text (default 128)")
+    parser.add_argument("--max-length", default=None,
+                        help="tokens per text, or per causal-LM window (default 128)")
+    parser.add_argument("--max-train-samples", default=None,
+                        help="as for `wasi train`: use only this many training samples (causal LM: token windows), "
+                             "in the measured batches and the accuracy runs")
+    parser.add_argument("--max-eval-samples", default=None,
+                        help="as for `wasi train`: use only this many validation and test samples in the accuracy runs")
+    parser.add_argument("--image-size", default=None,
+                        help="as for `wasi train`: the image side the model is fed (DINOv2 models: a multiple of 14)")
     parser.add_argument("--spectrum-decay", default=None,
                         help="power-law exponent given to a randomly initialised model's linear weights "
                              "(default 0.5; 0 keeps the flat random spectrum)")
@@ -99,10 +125,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Build and validate the settings; every problem is reported together.
 
     Raises:
-        wasi.cli.UsageError: one or more invalid arguments.
+        UsageError: one or more invalid arguments.
     """
-    from wasi.cli import UsageError, parse_numbers
-
     values: dict = dict(QUICK) if args.quick else {}
     parsed, errors = parse_numbers(args, _INTS, _FLOATS)
     values.update(parsed)
@@ -113,6 +137,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             values["eps"] = tuple(float(e) for e in args.eps.split(",") if e.strip())
         except ValueError:
             errors.append(f"--eps {args.eps!r}: must be comma-separated numbers")
+    if args.fidelity is not None:
+        try:
+            values["fidelity"] = tuple(float(f) for f in args.fidelity.split(",") if f.strip())
+        except ValueError:
+            errors.append(f"--fidelity {args.fidelity!r}: must be comma-separated numbers")
     if args.recompute:
         values["recompute"] = True
     if args.checkpointing:
@@ -121,7 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         values["freeze_embeddings"] = True
     if args.methods is not None:
         values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir"):
+    for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir", "task"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for name in ("model", "data"):
@@ -129,9 +158,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             errors.append(f"--{name} is required (or use --quick)")
             values[name] = "?"
     if "device" not in values:
-        import torch
-
-        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        values["device"] = default_device()
     settings = BenchSettings(out=args.out, quick=args.quick, command=_command_line(args), **values)
     if errors:  # missing model/data would only repeat themselves below
         errors += [e for e in settings.validate() if not e.startswith(("--model '?'", "--data '?'"))]
@@ -149,11 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         0 when every run succeeded, 1 when some failed (they are listed in results.md).
 
     Raises:
-        wasi.cli.UsageError: invalid arguments, or an output folder that cannot be written.
+        UsageError: invalid arguments, or an output folder that cannot be written.
     """
-    from wasi.bench.runner import run_bench
-    from wasi.cli import UsageError
-
     settings = settings_from_args(args)
     try:
         result = run_bench(settings)

@@ -1,0 +1,65 @@
+"""One benchmark run (:mod:`wasi.bench.worker`): what reaches the accuracy runs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from wasi.cli import UsageError
+from wasi.cli.bench import add_bench_parser, settings_from_args
+
+
+def _parse(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="wasi")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return settings_from_args(parser.parse_args(["bench", *argv]))
+
+
+def test_init_samples_reach_the_accuracy_runs_of_wsi_and_wasi_only(tmp_path, monkeypatch):
+    from wasi.bench import worker
+    from wasi.bench.runner import worker_spec
+
+    with pytest.raises(UsageError, match="--init-samples applies to the accuracy runs: give --train-epochs"):
+        _parse(["--quick", "--init-samples", "64", "--out", "x"])
+    with pytest.raises(UsageError, match="--init-samples -1: must be a non-negative integer"):
+        _parse(["--quick", "--init-samples", "-1", "--out", "x"])
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "lora,wsi,wasi", "--eps", "0.8",
+                       "--train-epochs", "1", "--init-samples", "64", "--out", str(tmp_path)])
+    seen = {}
+
+    def fake_training(train_settings, print_fn):
+        seen[train_settings.method] = train_settings.fit_samples
+        return {"test_accuracy": 0.5, "best_val_accuracy": 0.5}
+
+    monkeypatch.setattr(worker, "run_training", fake_training)
+    for method, eps in settings.runs():
+        worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
+    assert seen == {"lora": 0, "wsi": 64, "wasi": 64}
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "lora,wsi,wasi", "--eps", "0.8",
+                       "--train-epochs", "1", "--out", str(tmp_path)])  # wasi train's default
+    for method, eps in settings.runs():
+        worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
+    assert seen == {"lora": 0, "wsi": 256, "wasi": 256}
+
+
+def test_an_accuracy_run_takes_the_run_s_fidelity_and_reports_perplexity_for_a_causal_lm(tmp_path, monkeypatch):
+    from wasi.bench import worker
+    from wasi.bench.runner import worker_spec
+
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "lora,wasi", "--eps", "0.8",
+                       "--fidelity", "0.995,0", "--train-epochs", "1", "--out", str(tmp_path)])
+    seen = {}
+
+    def fake_training(train_settings, print_fn):
+        seen[(train_settings.method, train_settings.weight_fidelity)] = train_settings.fit_samples
+        return {"task": "causal-lm", "test_perplexity": 12.5, "test_loss": 2.5, "best_val_perplexity": 13.0,
+                "peak_memory_mb": 10.0, "train_step_s_median": 0.1, "inference_ms_per_sample": 1.0, "train_steps": 4}
+
+    monkeypatch.setattr(worker, "run_training", fake_training)
+    results = {m: worker._train_for_accuracy(worker_spec(settings, m, e, 1)) for m, e in settings.runs()}
+    assert seen == {("lora", None): 0, ("wasi", 0.995): 256, ("wasi", None): 256}
+    record = results["wasi+fidelity0.995"]
+    assert record["test_perplexity"] == 12.5 and record["test_loss"] == 2.5 and "test_accuracy" not in record
+    assert record["train_run"] == {"peak_memory_mb": 10.0, "train_step_s_median": 0.1,
+                                   "inference_ms_per_sample": 1.0, "train_steps": 4}

@@ -1,0 +1,46 @@
+"""The scripts in benchmarks/ run on tiny inputs."""
+
+from __future__ import annotations
+
+
+def test_step_profile_script_reports_the_peak_and_where(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "step_profile.py"
+    spec = importlib.util.spec_from_file_location("step_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model", "vit-micro", "--method", "wasi+checkpointing", "--eps", "0.8", "--batch-size", "4",
+                 "--steps", "2", "--ops"])  # --ops ends under the caching allocator
+    out = capsys.readouterr().out
+    assert "wasi+checkpointing eps 0.8, batch 4: peak" in out
+    assert "backward blocks." in out  # a block recomputed in backward, labelled
+    assert "one training step, top operators" in out and "one inference batch" in out
+
+
+def test_grad_fidelity_script_takes_image_batches():
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from wasi.training.batches import Split
+    from wasi.training.models import build_model
+
+    path = Path(__file__).parent.parent / "benchmarks" / "grad_fidelity.py"
+    spec = importlib.util.spec_from_file_location("grad_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    bundle = build_model("vit-micro", num_classes=3)
+    images = torch.randn(5, bundle.channels, bundle.image_size, bundle.image_size)
+    split = Split(5, torch.tensor([0, 1, 2, 0, 1]), images=images)
+    loss = module._loss(bundle.model, {"images": images[:2], "labels": split.labels[:2]})
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    accuracy, mean_loss = module._evaluate(bundle.model, split, 0)
+    assert 0 <= accuracy <= 1 and mean_loss > 0
+    layer = {"min": 0.5, "median": 0.9, "final_activation_ranks": [2, 3, 4]}
+    table = module.markdown([{"variant": "after", "val_accuracy": 0.5, "val_loss": 1.0,
+                              "layers": {"dinov2.encoder.layer.0.mlp.fc1": layer}}])
+    assert "| layer.0.mlp.fc1 | 0.500 / 0.900 | 2x3x4 |" in table

@@ -1,0 +1,64 @@
+"""The settings of a run (:mod:`wasi.training.settings`): the checks `wasi train` and `wasi bench` share."""
+
+from __future__ import annotations
+
+import pytest
+
+from wasi.training.settings import (
+    DEFAULT_LR,
+    LORA_LR_FACTOR,
+    MAX_SEED,
+    TrainSettings,
+    check_data_option,
+    check_device,
+    check_model_option,
+    check_optimizer_option,
+    check_out,
+    check_seed_option,
+    check_target_option,
+    check_task_option,
+)
+
+
+def test_each_check_names_the_flag_and_the_value(tmp_path):
+    assert check_model_option("no-such-model", None, 128)[0].startswith("--model 'no-such-model': not one of")
+    assert check_model_option("vit-micro", None, 10_000) == []  # an image model has no positions to exceed
+    assert check_data_option("nowhere")[0].startswith("--data 'nowhere': not one of")
+    assert check_data_option("synthetic", extra=("synthetic",)) == []
+    assert check_task_option("poetry") == ["--task 'poetry': choose one of "
+                                           "['text-classification', 'image-classification', 'causal-lm']"]
+    assert check_optimizer_option("lion", galore=False, flag="--method") == ["--optimizer 'lion': choose sgd or adamw"]
+    assert check_optimizer_option("sgd", galore=True, flag="--methods") == [
+        "--methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)"]
+    assert check_seed_option(MAX_SEED) == [] and check_seed_option(-1) == [
+        f"--seed -1: must be in 0 .. {MAX_SEED} (2**32-1)"]
+    assert check_target_option("heads") == ["--target 'heads': choose mlp, attention or all-linear"]
+    assert check_device("tpu")[0].startswith("--device 'tpu'")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert "already holds files (x)" in check_out(str(tmp_path / "full"), resume=False)[0]
+    assert check_out(str(tmp_path / "full"), resume=True) == []
+
+
+def test_validate_lists_every_problem_of_a_run(tmp_path):
+    settings = TrainSettings(model="vit-micro", data="nowhere", out=str(tmp_path / "o"), method="magic", seed=-1,
+                             target="heads", optimizer="lion")
+    errors = settings.validate()
+    for start in ("--data 'nowhere'", "--method 'magic'", "--seed -1", "--target 'heads'", "--optimizer 'lion'"):
+        assert any(e.startswith(start) for e in errors), start
+
+
+def test_the_learning_rate_defaults_by_optimizer_and_method(tmp_path):
+    base = {"model": "vit-micro", "data": "digits", "out": str(tmp_path)}
+    assert TrainSettings(**base, optimizer="sgd").learning_rate == DEFAULT_LR["sgd"]
+    assert TrainSettings(**base, method="lora").learning_rate == LORA_LR_FACTOR * DEFAULT_LR["adamw"]
+    assert TrainSettings(**base, method="lora", lora_lr=5e-4).learning_rate == 5e-4
+    # the resumable fingerprint leaves out what may change between an interrupted run and its resume
+    fingerprint = TrainSettings(**base, resume=True, device="cpu").fingerprint()
+    assert "resume" not in fingerprint and "device" not in fingerprint and fingerprint["model"] == "vit-micro"
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_positive_options_are_positive(tmp_path, value):
+    errors = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path), batch_size=value).validate()
+    assert f"--batch-size {value}: must be a positive integer" in errors
