@@ -237,6 +237,10 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     _add_run_arguments(pretrain, with_method=False)
     pretrain.set_defaults(func=_cmd_pretrain)
 
+    from wasi.export.command import add_export_parser, add_predict_parser
+
+    add_export_parser(sub)
+    add_predict_parser(sub)
     if lazy:
         for name, line in LAZY_COMMANDS.items():
             sub.add_parser(name, help=line, add_help=False)
