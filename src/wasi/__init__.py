@@ -26,6 +26,7 @@ _EXPORTS = {
     "convert": "wasi.convert",
     "unconvert": "wasi.convert",
     "wasi_layers": "wasi.convert",
+    "export_onnx": "wasi.export.onnx",
     "count_saved_tensors": "wasi.memory",
     "summary": "wasi.memory",
     "NonFiniteError": "wasi.modules",
@@ -46,6 +47,7 @@ __all__ = [
     "choose_ranks",
     "convert",
     "count_saved_tensors",
+    "export_onnx",
     "load",
     "save",
     "set_nonfinite_policy",
@@ -87,5 +89,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
+    from wasi.export.onnx import export_onnx
     from wasi.memory import count_saved_tensors, summary
     from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy

@@ -326,7 +326,7 @@ def load_onnx(path: str | os.PathLike, *, threads: int = 1) -> Scorer:
 
     try:
         meta = read_metadata(path)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - protobuf's decode errors and OS errors alike
         raise PredictError(f"cannot read {str(path)!r} as ONNX: {err}") from None
     if METADATA_KEY not in meta:
         raise PredictError(f"{str(path)!r} carries no preprocessing (metadata {METADATA_KEY!r}): export it with "
