@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import wasi  # noqa: E402
-from wasi.cli import main  # noqa: E402
-from wasi.export.onnx import (  # noqa: E402
+import wasi
+from wasi.cli import main
+from wasi.export.onnx import (
     ExportError,
     export_onnx,
     matmul_weights,
@@ -24,13 +24,13 @@ from wasi.export.onnx import (  # noqa: E402
     run_session,
     session,
 )
-from wasi.export.predict import PredictError, load_onnx, load_run, score  # noqa: E402
-from wasi.export.quantize import quantize_int8  # noqa: E402
-from wasi.training.loop import TrainSettings, run_training  # noqa: E402
+from wasi.export.predict import PredictError, load_onnx, load_run, score
+from wasi.export.quantize import quantize_int8
+from wasi.training.loop import TrainSettings, run_training
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-WORDS = ("great movie loved it terrible plot what a fun ride boring and slow the cat sat on mat while dogs ran "
-         "far away birds sang in trees").split()
+WORDS = ["great", "movie", "loved", "it", "terrible", "plot", "what", "a", "fun", "ride", "boring", "and", "slow",
+         "the", "cat", "sat", "on", "mat", "while", "dogs", "ran", "far", "away", "birds", "sang", "in", "trees"]
 
 
 def _tokenizer():

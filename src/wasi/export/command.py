@@ -148,9 +148,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _scale(scorer, example) -> float:
-    from wasi.export.onnx import as_inputs
-
     import torch
+
+    from wasi.export.onnx import as_inputs
 
     names, inputs, _ = as_inputs(example)
     with torch.no_grad():
@@ -184,8 +184,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if out.exists():
             raise _usage(f"--out {args.out!r} already exists; remove it or give another file")
     try:
-        from wasi.export.predict import PredictError, open_scorer, score, write_rows
         from wasi.export.onnx import ExportError
+        from wasi.export.predict import PredictError, open_scorer, score, write_rows
     except ImportError as err:
         raise _usage(str(err)) from None
     try:

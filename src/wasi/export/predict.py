@@ -173,7 +173,7 @@ def _head_size(weights: Path) -> int:
     try:
         with safe_open(str(weights), framework="pt") as handle:
             for key in HEAD_KEYS:
-                if key in handle.keys():
+                if key in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                     return int(handle.get_slice(key).get_shape()[0])
     except (SafetensorError, OSError) as err:
         raise PredictError(f"cannot read {str(weights)!r}: {err}") from None
@@ -556,8 +556,7 @@ def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             if path.suffix.lower() == ".jsonl":
-                for row in rows:
-                    handle.write(json.dumps(row) + "\n")
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
             else:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["source"])
                 writer.writeheader()

@@ -27,9 +27,8 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike, *, per_c
         ImportError: onnxruntime is missing (the install command is named).
     """
     import_onnxruntime()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = Path(target)
     if target.exists():
