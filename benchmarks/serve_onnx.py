@@ -92,7 +92,7 @@ def bench_run(run_dir: Path, work: Path, args) -> dict:
     serving = args.lm_batch if causal else args.batch
     example, what = check_batch(scorer, max(serving, 2), cache_dir=args.cache_dir)
     layers = wasi_layers(scorer.model)
-    paths = {}
+    paths: dict[str, Path] = {}
     for dense in (False, True):
         label = "dense" if dense else "low-rank"
         fp32 = folder / f"{label}.onnx"
@@ -102,6 +102,9 @@ def bench_run(run_dir: Path, work: Path, args) -> dict:
         if not int8.exists():
             quantize_int8(fp32, int8)
         paths[f"{label} fp32"], paths[f"{label} int8"] = fp32, int8
+    if args.profile_only:  # the four exports' profiles, from the files a full run left
+        return {"run": str(run_dir), "model": summary["model"], "profile": _profile(
+            paths, _feed(scorer, _rows(example, 1)), args.profile_runs, [n for n, _ in layers])}
     record: dict = {"run": str(run_dir), "model": summary["model"], "task": scorer.feeder.task,
                     "method": summary["method"], "fidelity": summary.get("fidelity"),
                     "image_size": scorer.feeder.image_size if scorer.feeder.kind == "image" else None,
@@ -148,8 +151,7 @@ def bench_run(run_dir: Path, work: Path, args) -> dict:
             twin = times[("dense" + v[len("low-rank"):], t, b)]
             ratios = [d / lr for d, lr in zip(twin, own)]
             record["variants"][v][f"paired_ratio_t{t}_b{b}"] = statistics.median(ratios)
-    record["profile"] = _profile({v: paths[v] for v in ("low-rank fp32", "dense fp32")}, feeds[1],
-                                 args.profile_runs, [n for n, _ in layers])
+    record["profile"] = _profile(paths, feeds[1], args.profile_runs, [n for n, _ in layers])
     return record
 
 
@@ -207,12 +209,23 @@ def main() -> None:
     parser.add_argument("--min-rounds", type=int, default=3)
     parser.add_argument("--max-rounds", type=int, default=50)
     parser.add_argument("--profile-runs", type=int, default=10)
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only profile the four exports (batch 1, 1 thread), into --out/profile.json")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    if args.profile_only:
+        for run in args.runs:
+            records.append(bench_run(Path(run), Path(args.work), args))
+            (out / "profile.json").write_text(json.dumps(records, indent=2) + "\n")
+            for v, prof in records[-1]["profile"].items():
+                top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(prof["by_op_ms"].items())[:6])
+                print(f"{records[-1]['model']} {v}: {prof['total_ms']:.2f} ms in kernels, WASI layers' nodes "
+                      f"{prof['wasi_layers_ms']:.2f} ms; by op: {top}", flush=True)
+        return
     for run in args.runs:
         print(f"== {run}", flush=True)
         records.append(bench_run(Path(run), Path(args.work), args))

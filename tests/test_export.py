@@ -156,6 +156,21 @@ def test_round_trip_at_two_batch_sizes_on_an_image_model(one_thread):
     assert model.training is False and wasi.wasi_layers(model)  # the model itself is not changed
 
 
+def test_fused_activations_follow_the_two_matmuls(one_thread):
+    from wasi.training.models import build_model
+
+    torch.manual_seed(0)
+    model = wasi.convert(build_model("vit-micro", num_classes=10).model,
+                         wasi.WASIConfig(rank=4, target="all-linear", recompute_from_code=True)).eval()
+    fused = [name for name, layer in wasi.wasi_layers(model) if layer.activation is not None]
+    assert fused  # fc1's GELU and the attention core after qkv
+    x = torch.rand(3, 1, 8, 8)
+    data = export_onnx(model, x)
+    assert max_abs_difference(data, model, x) < 1e-5
+    got = run_session(session(data), {"pixel_values": torch.rand(6, 1, 8, 8)})
+    assert got.shape == (6, 10)
+
+
 def test_the_export_leaves_the_model_and_an_existing_file_alone(tmp_path, one_thread):
     model = _converted_vit().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -185,8 +185,9 @@ def _run_classes(summary: dict, count: int, cache_dir: str | None) -> list[str]:
     # the data is no longer there
     from wasi.data import DataError, load_dataset
 
+    folder_size = summary.get("image_size") if Path(summary["data"]).is_dir() else None
     try:
-        classes = list(load_dataset(summary["data"], cache_dir=cache_dir).classes)
+        classes = list(load_dataset(summary["data"], cache_dir=cache_dir, image_size=folder_size).classes)
     except (DataError, OSError):
         classes = []
     return classes if len(classes) == count else [str(i) for i in range(count)]
@@ -270,14 +271,6 @@ def load_run(run_dir: str | os.PathLike, *, cache_dir: str | None = None) -> Sco
             return model_logits(model, batch).float()
 
     return Scorer(logits, feeder, model, summary)
-
-
-def example_batch(feeder: Feeder, batch: int = 2) -> dict[str, Tensor] | Tensor:
-    """A small input of the right kind for tracing: token ids of two lengths' worth, or images."""
-    if feeder.kind == "image":
-        return torch.rand(batch, feeder.channels, feeder.image_size, feeder.image_size)
-    rows = [[feeder.pad_id + 1 if feeder.pad_id == 0 else 1] * min(8, feeder.max_length)] * batch
-    return feeder.text_batch(rows)
 
 
 def check_batch(scorer: Scorer, count: int, *, cache_dir: str | None = None) -> tuple[Tensor | dict, str]:
@@ -377,8 +370,9 @@ def _labelled(scorer: Scorer, data: str, split: str | None, cache_dir: str | Non
     from wasi.data import DataError, load_dataset, split_stratified
 
     feeder = scorer.feeder
-    try:
-        dataset = load_dataset(data, cache_dir=cache_dir)
+    folder_size = feeder.image_size if feeder.kind == "image" and Path(data).is_dir() else None
+    try:  # a folder of images of several sizes is resized as it is read, as wasi train does
+        dataset = load_dataset(data, cache_dir=cache_dir, image_size=folder_size)
     except DataError as err:
         raise PredictError(f"--data {data!r}: {err}") from None
     if dataset.kind != feeder.kind:
@@ -570,5 +564,5 @@ def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ExportError", "Feeder", "PredictError", "Scored", "Scorer", "check_batch", "example_batch", "load_onnx", "load_run",
+__all__ = ["ExportError", "Feeder", "PredictError", "Scored", "Scorer", "check_batch", "load_onnx", "load_run",
            "open_scorer", "read_summary", "score", "write_rows"]
