@@ -347,6 +347,11 @@ def test_bad_inputs_are_one_line_errors(image_run, tmp_path, capsys):
         (["predict", str(image_run), "--data", str(FIXTURES / "reviews.csv")], "text data; the model takes image"),
         (["predict", str(image_run), "--data", "digits", "--split", "dev"], "--split 'dev'"),
     ]
+    lora = tmp_path / "lora-run"
+    lora.mkdir()
+    (lora / "summary.json").write_text(json.dumps({"method": "lora", "model": "vit-micro", "data": "digits",
+                                                   "task": "image-classification"}))
+    cases.append((["predict", str(lora), "--data", "digits"], "merge_and_unload"))
     for argv, needle in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
