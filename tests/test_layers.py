@@ -81,7 +81,7 @@ def test_the_checker_names_modules_missing_from_the_map(tmp_path):
     assert _run("--max-layer", "6", str(tmp_path)).returncode == 0
 
 
-UPPER = ("wasi.data", "wasi.models", "wasi.training", "wasi.bench", "wasi.cli", "wasi.export", "wasi.demo")
+UPPER = ("wasi.data", "wasi.models", "wasi.training", "wasi.bench", "wasi.cli", "wasi.export.predict")
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -33,10 +33,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # distributed: which WASI buffers each process keeps under DDP; convert marks them
     4: ("wasi.calibrate.fit", "wasi.calibrate.knapsack", "wasi.distributed"),
     5: ("wasi.convert", "wasi.checkpoint", "wasi.memory"),
-    6: ("wasi", "wasi.calibrate", "wasi.calibrate.*"),
+    # the ONNX export of a converted model is library (wasi.export_onnx); scoring runs is not
+    6: ("wasi", "wasi.calibrate", "wasi.calibrate.*", "wasi.export", "wasi.export.onnx", "wasi.export.quantize"),
     7: ("wasi.data", "wasi.data.*", "wasi.models", "wasi.models.*"),
     8: ("wasi.training", "wasi.training.*"),
-    9: ("wasi.bench", "wasi.bench.*", "wasi.export", "wasi.export.*"),
+    9: ("wasi.bench", "wasi.bench.*", "wasi.export.predict"),
     # the command fronts
     10: ("wasi.cli", "wasi.cli.*", "wasi.__main__"),
 }

@@ -27,6 +27,7 @@ _EXPORTS = {
     "unconvert": "wasi.convert",
     "wasi_layers": "wasi.convert",
     "data_parallel": "wasi.distributed",
+    "export_onnx": "wasi.export.onnx",
     "count_saved_tensors": "wasi.memory",
     "summary": "wasi.memory",
     "NonFiniteError": "wasi.guards",
@@ -48,6 +49,7 @@ __all__ = [
     "convert",
     "count_saved_tensors",
     "data_parallel",
+    "export_onnx",
     "load",
     "save",
     "set_nonfinite_policy",
@@ -91,5 +93,6 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.convert import convert, unconvert, wasi_layers
     from wasi.distributed import data_parallel
     from wasi.guards import NonFiniteError, set_nonfinite_policy
+    from wasi.export.onnx import export_onnx
     from wasi.memory import count_saved_tensors, summary
     from wasi.modules import WASILinear

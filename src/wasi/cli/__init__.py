@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from wasi.cli.demo import add_demo_parser
+from wasi.cli.export import add_export_parser, add_predict_parser
 from wasi.cli.pretrain import add_pretrain_parser
 from wasi.cli.train import add_train_parser
 from wasi.cli.usage import UsageError, parse_numbers
@@ -44,6 +45,8 @@ def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
     add_demo_parser(sub, **common)
     add_train_parser(sub, **common)
     add_pretrain_parser(sub, **common)
+    add_export_parser(sub, **common)
+    add_predict_parser(sub, **common)
     if lazy:
         for name, line in LAZY_COMMANDS.items():
             sub.add_parser(name, help=line, add_help=False)
