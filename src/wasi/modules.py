@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,7 @@ class WASILinear(nn.Module):
         self.grad_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
         self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
         self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
+        self._rotation_hooks: OrderedDict[int, object] = OrderedDict()  # called as hook(layer, T) after L R = (L T^-1)(T R)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -471,10 +473,23 @@ class WASILinear(nn.Module):
                 if good:
                     self.right.copy_(r @ self.right.to(r.dtype))  # (k, k) @ (k, I): L R unchanged
                     self.left.copy_(q)
+                    for hook in tuple(self._rotation_hooks.values()):  # e.g. optimizer moments (wasi.optim)
+                        hook(self, r)
                 else:  # L R stays as it is, only less well conditioned until the next try
                     self._warn_once("reorth-qr", "the QR re-orthonormalisation of L failed or gave NaN/inf; "
                                     "skipped (warned once per layer)")
                 self.backward_seen.fill_(False)
+
+    def register_rotation_hook(self, hook) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(layer, T)`` after each re-orthonormalisation ``L <- L T^-1``, ``R <- T R``.
+
+        ``T (k, k)`` is the upper-triangular QR factor (float32 or float64). Used by
+        :func:`wasi.optim.follow_rotations` to carry optimizer moments over. Returns a handle
+        whose ``remove()`` unregisters the hook.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._rotation_hooks)
+        self._rotation_hooks[handle.id] = hook
+        return handle
 
     # ------------------------------------------------------------------ activation subspace
     @torch.no_grad()
