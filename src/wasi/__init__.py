@@ -30,12 +30,19 @@ _EXPORTS = {
     "summary": "wasi.memory",
     "NonFiniteError": "wasi.modules",
     "WASILinear": "wasi.modules",
+    "causal_lm_loss": "wasi.lm",
+    "chunked_cross_entropy": "wasi.lm",
+    "OptimizerInBackward": "wasi.optim",
+    "follow_rotations": "wasi.optim",
+    "freeze_embeddings": "wasi.optim",
+    "make_optimizer": "wasi.optim",
     "set_nonfinite_policy": "wasi.modules",
 }
 
 __all__ = [
     "CheckpointError",
     "NonFiniteError",
+    "OptimizerInBackward",
     "Plan",
     "RankChoice",
     "WASIConfig",
@@ -43,10 +50,15 @@ __all__ = [
     "__version__",
     "apply_plan",
     "calibrate",
+    "causal_lm_loss",
     "choose_ranks",
+    "chunked_cross_entropy",
     "convert",
     "count_saved_tensors",
+    "follow_rotations",
+    "freeze_embeddings",
     "load",
+    "make_optimizer",
     "save",
     "set_nonfinite_policy",
     "summary",
@@ -87,5 +99,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
+    from wasi.lm import causal_lm_loss, chunked_cross_entropy
     from wasi.memory import count_saved_tensors, summary
     from wasi.modules import NonFiniteError, WASILinear, set_nonfinite_policy
+    from wasi.optim import OptimizerInBackward, follow_rotations, freeze_embeddings, make_optimizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
+
+
+def _without_autocast(backward: Callable) -> Callable:
+    """Run a backward with autocast off (a backward called inside an autocast region would
+    otherwise recast the float32 core and bases): its dtypes are those the forward chose."""
+
+    @functools.wraps(backward)
+    def run(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return backward(ctx, grad_out)
+
+    return run
 
 
 @dataclass
@@ -74,6 +87,7 @@ class WASILinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_without_autocast
     def backward(ctx, grad_out):
         x, weight, left, right, core, *bases = ctx.saved_tensors
         grads = _linear_backward(ctx, ctx.needs_input_grad[:5], grad_out, x, weight, left, right, core, bases)
@@ -118,6 +132,7 @@ class WASILinearActFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_without_autocast
     def backward(ctx, grad_out):
         x, _, left, right, bias, code, core, *bases = ctx.saved_tensors
         if ctx.notify is not None:
@@ -313,6 +328,7 @@ def wasi_linear(
     activation: Callable[[Tensor], Tensor] | None = None,
     precondition: bool = False,
     probe: Probe | None = None,
+    cast: torch.dtype | None = None,
 ) -> Tensor:
     """Functional entry point of :class:`WASILinearFunction` (keyword arguments only).
 
@@ -322,8 +338,12 @@ def wasi_linear(
     factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
     receives in backward the cosine between the compressed and the exact weight gradient
     (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
-    a core it makes the forward save the exact ``x`` as well.
+    a core it makes the forward save the exact ``x`` as well. ``cast`` (mixed precision, e.g.
+    ``torch.bfloat16``) runs the matmuls in that dtype: ``x``, ``weight``, ``left``, ``right`` and
+    ``bias`` are cast (differentiably, as autocast does), ``core`` and ``bases`` keep theirs.
     """
+    if cast is not None:
+        x, weight, left, right, bias = (t.to(cast) if t is not None else None for t in (x, weight, left, right, bias))
     if activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")

@@ -209,7 +209,6 @@ class WASILinear(nn.Module):
             TypeError: the input is not floating point, or its dtype differs from the layer's.
             NonFiniteError: (policy ``"raise"``) the training input holds NaN or inf; (any
                 policy but ``"off"``) the layer's parameters hold NaN or inf.
-            NotImplementedError: a training forward under ``torch.autocast``.
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -221,10 +220,16 @@ class WASILinear(nn.Module):
         self.last_input_shape = tuple(x.shape)
         if not training:
             return self._inference(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # mixed precision: the two matmuls (and the fused activation) run in the autocast dtype,
+            # as nn.Linear's would; the subspace maths stays in float32, outside autocast
+            cast = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._train_forward(x, cast)
         return self._train_forward(x)
 
     @torch.compiler.disable
-    def _train_forward(self, x: Tensor) -> Tensor:
+    def _train_forward(self, x: Tensor, cast: torch.dtype | None = None) -> Tensor:
         # Opaque to torch.compile: subspace tracking reads values on the host (ranks, finiteness,
         # QR signs) and keeps Python state (step counters, bases); traced, it splits into dozens of
         # small graphs that run slower than eager. A compiled model runs this eagerly and compiles
@@ -240,7 +245,7 @@ class WASILinear(nn.Module):
         if _in_backward():
             # a training forward inside a backward pass: activation checkpointing recomputing this
             # layer. Replay this step: same factors and bases, no tracking, no counter.
-            replay = self._replay(x, dense)
+            replay = self._replay(x, dense, cast)
             if replay is not None:
                 return replay
         scale = None
@@ -249,11 +254,11 @@ class WASILinear(nn.Module):
             if scale is None:
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
                 y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                                precondition=self._scaled())
+                                precondition=self._scaled(), cast=cast)
                 return y if self.activation is None else self.activation(y)
         self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
-        core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
+        core, bases = self._compress(x, scale, cast) if self.config.compress_activations else (None, ())
         probe = self._start_probe()
         self.step += 1
         y = wasi_linear(
@@ -268,17 +273,18 @@ class WASILinear(nn.Module):
             activation=self.activation,
             precondition=self._scaled(),
             probe=probe,
+            cast=cast,
         )
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(_GradientCheck(self._label()))  # runs on dY before this layer's backward
         return y
 
-    def _replay(self, x: Tensor, dense: Tensor | None) -> Tensor | None:
+    def _replay(self, x: Tensor, dense: Tensor | None, cast: torch.dtype | None = None) -> Tensor | None:
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
                                notify=self.backward_seen, activation=self.activation,
-                               precondition=self._scaled())
+                               precondition=self._scaled(), cast=cast)
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
             (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
@@ -286,13 +292,13 @@ class WASILinear(nn.Module):
             return None
         with torch.no_grad():
             core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
-        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        saved = _saved_dtype(cast or x.dtype)
         # the step's probe (if it is one) is measured here: the first forward's saved tensors are gone
         probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
             bases=tuple(b.to(saved) for b in bases), notify=self.backward_seen, activation=self.activation,
-            precondition=self._scaled(), probe=probe,
+            precondition=self._scaled(), probe=probe, cast=cast,
         )
 
     def _scaled(self) -> bool:
@@ -375,12 +381,7 @@ class WASILinear(nn.Module):
                 f"(cast the input, e.g. x.to({own}))"
             )
         if torch.is_autocast_enabled(x.device.type):
-            if training:
-                raise NotImplementedError(
-                    f"{self._label()}: training under torch.autocast is not supported; cast the model "
-                    "instead (e.g. model.to(torch.bfloat16)): the subspace maths runs in float32 anyway"
-                )
-            return  # autocast casts the operands of the inference matmuls
+            return  # autocast (or, training, the layer itself) casts the operands of the matmuls
         if x.dtype != own:
             raise TypeError(
                 f"{self._label()}: input dtype {x.dtype} does not match the layer's {own}; cast the "
@@ -493,7 +494,8 @@ class WASILinear(nn.Module):
 
     # ------------------------------------------------------------------ activation subspace
     @torch.no_grad()
-    def _compress(self, x: Tensor, scale: float | None = None) -> tuple[Tensor, list[Tensor]]:
+    def _compress(self, x: Tensor, scale: float | None = None,
+                  cast: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
         # subspace maths in float32 (float64 stays float64) whatever the input dtype
         xc = x.detach().to(WF.compute_dtype(x.dtype))  # (d_1, ..., d_m)
         scale = WF.unit_scale(xc) if scale is None else scale  # 2^-e ~ 1 / max|x|
@@ -516,8 +518,7 @@ class WASILinear(nn.Module):
             self._buffers[f"basis_{n}"] = basis  # kept in the compute dtype for the next warm start
         core = WF.tucker_core(xc, bases)  # (r_1, ..., r_m)
         self.last_activation_ranks = tuple(ranks)
-        # float16 cannot hold a core entry (up to ||X||_F) nor the backward's products: keep float32
-        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        saved = _saved_dtype(cast or x.dtype)  # under autocast: the dtype the matmuls run in
         return core.to(saved), [b.to(saved) for b in bases]
 
     def _fallback_basis(self, basis: Tensor | None, x: Tensor, mode: int, rank: int) -> Tensor:
@@ -639,6 +640,11 @@ def collect_grad_cosines(model: nn.Module) -> dict[str, float]:
             if value is not None:
                 found[module.name or name] = value
     return found
+
+
+def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 cannot hold a core entry (up to ||X||_F) nor the backward's products: keep float32
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _in_backward() -> bool:

@@ -240,6 +240,28 @@ def make_optimizer(params: Iterable[Tensor] | Iterable[dict], name: str = "adamw
     return OptimizerInBackward(params, lambda groups: cls(groups, **kwargs), max_norm=max_norm, names=names)
 
 
+def freeze_embeddings(model: nn.Module) -> list[str]:
+    """Stop training every ``nn.Embedding`` of ``model``: no gradient, no optimizer state.
+
+    A head tied to the token table (SmolLM2, GPT-2: ``lm_head.weight`` is the embedding's
+    Parameter) is frozen with it. Build the optimizer after this call, over the parameters that
+    still require grad. ``wasi train --freeze-embeddings`` calls this function.
+
+    Returns:
+        The paths of the frozen tables.
+
+    Raises:
+        ValueError: the model has no ``nn.Embedding`` (a ViT's patch and position embeddings
+            are not ones).
+    """
+    tables = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    if not tables:
+        raise ValueError(f"{type(model).__name__} has no nn.Embedding layer to freeze")
+    for _, table in tables:
+        table.requires_grad_(False)
+    return [name for name, _ in tables]
+
+
 # ---------------------------------------------------------------------------- moments that follow L R
 def rotate_factor_state(state: dict[str, Any], triangular: Tensor, *, side: str, scaled: bool) -> None:
     """Re-express one factor's optimizer state after ``L R = (L T^-1)(T R)`` (in place).
@@ -328,6 +350,7 @@ __all__ = [
     "GradientAccumulationError",
     "OptimizerInBackward",
     "follow_rotations",
+    "freeze_embeddings",
     "make_optimizer",
     "rotate_factor_state",
 ]
