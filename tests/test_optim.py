@@ -285,3 +285,17 @@ def test_follow_rotations_in_a_run_with_the_step_in_backward():
     for handle in handles:
         handle.remove()
     assert all(not m._rotation_hooks for m in model.modules() if isinstance(m, WASILinear))
+
+
+def test_quantized_moments_are_rotated_through_their_dequantized_values():
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    m = randn(64, 80, seed=6)
+    state = {"exp_avg": OptimState8bit.zeros((64, 80), signed=True)}
+    state["exp_avg"].copy_(m)
+    t = torch.eye(64) + 0.1 * torch.triu(randn(64, 64, seed=7))
+    rotate_factor_state(state, t, side="right", scaled=True)  # m_R' = T m_R
+    assert type(state["exp_avg"]).__name__ == "OptimState8bit"
+    expected = t @ m
+    assert float((state["exp_avg"].dequantize() - expected).norm() / expected.norm()) < 0.03  # 8-bit codes
