@@ -15,12 +15,14 @@ Configurations (each one lever on top of ``baseline``, then the levers together)
   per-parameter clipping at 2.0;
 - ``sgd``: the paper's SGD (no momentum: no state), ordinary step;
 - ``adamw8bit``: torchao's AdamW8bit inside backward (its step is compiled per parameter shape:
-  the first round pays that, reported separately);
+  the first round pays that; only with ``--only``, as a model with many factor shapes compiles for
+  long). Without it, the bytes of AdamW8bit's state are still counted from the zero states torchao
+  builds for each trainable parameter (no step needed);
 - ``autocast``: AdamW, the forward under ``torch.autocast("cpu", torch.bfloat16)``;
 - ``frozen-embeddings``: AdamW, :func:`wasi.freeze_embeddings`;
 - ``chunked-ce`` (causal LM only): the loss by :func:`wasi.causal_lm_loss`;
 - ``all``: in-backward AdamW + autocast + frozen embeddings (+ chunked CE for a causal LM);
-- ``all-8bit``: the same with AdamW8bit.
+- ``all-8bit``: the same with AdamW8bit (only with ``--only``).
 
     export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WASI_CACHE=...
     python benchmarks/memory_levers.py --model minilm --data bbc-news --batch-size 32 --max-length 128
@@ -108,6 +110,20 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.nbytes
 
 
+def _adamw8bit_state_mb(params: list[torch.Tensor]) -> tuple[float, int]:
+    """AdamW8bit's state bytes for ``params`` from the state tensors torchao creates (no step), and how
+    many parameters keep float32 moments (fewer than 4096 elements, or not a multiple of its block)."""
+    from torchao.optim import AdamW8bit
+
+    opt = AdamW8bit(params, lr=1e-4)
+    total, plain = 0, 0
+    for p in params:
+        moments = [opt._new_buffer(p, True), opt._new_buffer(p, False)]
+        plain += not hasattr(moments[0], "codes")
+        total += sum(_tensor_bytes(m) for m in moments) + 4  # and the step counter
+    return total / 2**20, plain
+
+
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(_tensor_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
@@ -175,7 +191,19 @@ def main() -> None:
     print(f"{args.model}: {len(layers)} {args.target} layers at eps {args.eps}: factors are {factors / dense:.0%} of "
           f"their dense weights; {sum(p.numel() for p in template.parameters()) / 1e6:.2f} M parameters; "
           f"batch {tuple(batches[0]['input_ids'].shape)}")
-    names = [n for n in (CAUSAL if causal else CLASSIFIER) if not args.only or n in args.only]
+    names = [n for n in (CAUSAL if causal else CLASSIFIER)
+             if (n in args.only if args.only else n not in ("adamw8bit", "all-8bit"))]
+    try:
+        trainable = [p for p in template.parameters() if p.requires_grad]
+        frozen = {id(m.weight) for m in template.modules() if isinstance(m, torch.nn.Embedding)}
+        for label, params in (("all trainable", trainable), ("embeddings frozen", [p for p in trainable
+                                                                                 if id(p) not in frozen])):
+            mb, plain = _adamw8bit_state_mb(params)
+            fp32 = 2 * sum(p.nbytes for p in params) / 2**20
+            print(f"optimizer state, {label}: AdamW {fp32:.1f} MB, AdamW8bit {mb:.1f} MB ({plain} of {len(params)} "
+                  "tensors keep float32 moments)")
+    except ImportError:
+        print("torchao is not installed: no AdamW8bit state count")
     results = {n: {"peak_mb": [], "step_s": [], "first_step_s": []} for n in names}
     meter = PeakMemory("cpu")
     for rnd in range(args.rounds):

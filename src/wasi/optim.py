@@ -54,9 +54,10 @@ class OptimizerInBackward(torch.optim.Optimizer):
     known and ``clip_grad_norm_`` over the model is impossible. ``max_norm`` clips each
     parameter's gradient to that norm on its own (per-parameter clipping). The global norm is
     then at most ``sqrt(P) * max_norm`` for ``P`` parameters; ``max_norm / sqrt(P)`` bounds it by
-    ``max_norm``, more strictly than global clipping would. A parameter whose gradient holds NaN
-    or inf is not stepped: it is freed and its name (or index) recorded in ``nonfinite`` for the
-    caller to act on.
+    ``max_norm``, more strictly than global clipping would. With ``max_norm``, a parameter whose
+    gradient holds NaN or inf is not stepped: the gradient is freed and the parameter's name
+    recorded in ``nonfinite`` (until the next :meth:`step`) for the caller to act on; the
+    parameters stepped before it in that backward keep their update.
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer; those that do not
