@@ -230,7 +230,7 @@ def main() -> None:
                   f"first {first:6.1f} s  state {r['state_mb']:7.1f} MB  grads left {r['grad_mb']:6.1f} MB",
                   flush=True)
             del run
-    base = results["baseline"] if "baseline" in results else None
+    base = results.get("baseline")
     print("\n| configuration | trainable (M) | optimizer state (MB) | peak (MB) | peak / baseline | step / baseline |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():

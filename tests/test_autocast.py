@@ -60,9 +60,8 @@ def test_gradients_under_bf16_autocast_match_float32(mode, fused, inside):
 
 def test_the_core_is_stored_in_bf16_and_the_subspace_maths_runs_in_float32():
     layer = _layer("factored", False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with wasi.count_saved_tensors(layer) as counter:
-            layer(randn(4, 16, 64, seed=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), wasi.count_saved_tensors(layer) as counter:
+        layer(randn(4, 16, 64, seed=2))
     assert {t.dtype for t in (layer.basis_0, layer.basis_1, layer.basis_2)} == {torch.float32}  # kept for warm starts
     fp32 = _layer("factored", False)
     with wasi.count_saved_tensors(fp32) as reference:

@@ -63,7 +63,7 @@ def test_a_frozen_head_gets_no_gradient_and_no_dense_temporary():
 
 
 def test_bad_input_is_named():
-    hidden, weight, bias, labels = _problem()
+    hidden, weight, _, labels = _problem()
     with pytest.raises(ValueError, match=r"labels must have the hidden states' shape"):
         chunked_cross_entropy(hidden, weight, labels[:, 1:])
     with pytest.raises(ValueError, match=r"weight \(11, 4\) must be \(vocab, 5\)"):

@@ -343,7 +343,8 @@ def wasi_linear(
     ``bias`` are cast (differentiably, as autocast does), ``core`` and ``bases`` keep theirs.
     """
     if cast is not None:
-        x, weight, left, right, bias = (t.to(cast) if t is not None else None for t in (x, weight, left, right, bias))
+        x, weight, left, right, bias = (t.to(cast) if t is not None else None
+                                        for t in (x, weight, left, right, bias))
     if activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")

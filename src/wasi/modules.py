@@ -120,7 +120,8 @@ class WASILinear(nn.Module):
         self.grad_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
         self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
         self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
-        self._rotation_hooks: OrderedDict[int, object] = OrderedDict()  # called as hook(layer, T) after L R = (L T^-1)(T R)
+        # called as hook(layer, T) after a re-orthonormalisation L R = (L T^-1)(T R)
+        self._rotation_hooks: OrderedDict[int, object] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
     @classmethod
