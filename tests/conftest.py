@@ -130,7 +130,7 @@ def gpt2():
 
 
 # ---------------------------------------------------------------------------- a tiny causal LM and its texts
-WORDS = "the cat sat on a mat while dogs ran far away and birds sang in trees".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "and", "birds", "sang", "in", "trees"]
 
 
 def word_tokenizer():

@@ -18,8 +18,8 @@ from conftest import dense_linear, randn
 from wasi import WASIConfig, WASILinear
 from wasi.calibrate import calibrate
 from wasi.convert import apply_plan, select_layers
-from wasi.models import build_vit
 from wasi.guards import NonFiniteError
+from wasi.models import build_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ from conftest import ShapeDetector, dense_linear, randn
 from wasi import WASIConfig, WASILinear, count_saved_tensors
 from wasi import functional as WF
 from wasi.config import MODES
-from wasi.memory import layer_cost
 from wasi.guards import NonFiniteError, set_nonfinite_policy
+from wasi.memory import layer_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -790,11 +790,11 @@ def test_wrong_dtypes_get_a_clear_type_error(training):
         copy.deepcopy(layer).bfloat16()(torch.ones(2, 3, 16))
 
 
-def test_autocast_is_refused_for_training_and_works_for_inference():
+def test_autocast_trains_and_infers_in_the_autocast_dtype():
     layer = _named_layer(activation_rank=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(NotImplementedError, match="training under torch.autocast is not supported"):
-            layer(randn(2, 3, 16))
+        y = layer(randn(2, 3, 16))  # training: tests/test_autocast.py checks the gradients
+        assert y.dtype == torch.bfloat16 and y.requires_grad
         layer.eval()
         assert layer(randn(2, 3, 16)).dtype == torch.bfloat16
 

@@ -33,11 +33,18 @@ _EXPORTS = {
     "NonFiniteError": "wasi.guards",
     "WASILinear": "wasi.modules",
     "set_nonfinite_policy": "wasi.guards",
+    "causal_lm_loss": "wasi.lm",
+    "chunked_cross_entropy": "wasi.lm",
+    "OptimizerInBackward": "wasi.optim",
+    "follow_rotations": "wasi.optim",
+    "freeze_embeddings": "wasi.optim",
+    "make_optimizer": "wasi.optim",
 }
 
 __all__ = [
     "CheckpointError",
     "NonFiniteError",
+    "OptimizerInBackward",
     "Plan",
     "RankChoice",
     "WASIConfig",
@@ -45,12 +52,17 @@ __all__ = [
     "__version__",
     "apply_plan",
     "calibrate",
+    "causal_lm_loss",
     "choose_ranks",
+    "chunked_cross_entropy",
     "convert",
     "count_saved_tensors",
     "data_parallel",
     "export_onnx",
+    "follow_rotations",
+    "freeze_embeddings",
     "load",
+    "make_optimizer",
     "save",
     "set_nonfinite_policy",
     "summary",
@@ -92,7 +104,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers
     from wasi.distributed import data_parallel
-    from wasi.guards import NonFiniteError, set_nonfinite_policy
     from wasi.export.onnx import export_onnx
+    from wasi.guards import NonFiniteError, set_nonfinite_policy
+    from wasi.lm import causal_lm_loss, chunked_cross_entropy
     from wasi.memory import count_saved_tensors, summary
     from wasi.modules import WASILinear
+    from wasi.optim import OptimizerInBackward, follow_rotations, freeze_embeddings, make_optimizer

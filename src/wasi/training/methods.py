@@ -14,6 +14,7 @@ from torch import nn
 
 from wasi.config import WASIConfig, has_weight_factors
 from wasi.convert import convert, select_layers
+from wasi.optim import freeze_embeddings
 
 WASI_MODES = {
     "asi": "activations-only",
@@ -57,19 +58,6 @@ def target_layers(model: nn.Module, target: str) -> list[str]:
 def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
     """The ``nn.Embedding`` modules of ``model`` (a ViT's patch and position embeddings are not ones)."""
     return [m for m in model.modules() if isinstance(m, nn.Embedding)]
-
-
-def freeze_embeddings(model: nn.Module) -> None:
-    """Stop training every ``nn.Embedding`` of ``model``: no gradient, no optimizer state.
-
-    Raises:
-        ValueError: the model has no ``nn.Embedding``.
-    """
-    tables = embedding_tables(model)
-    if not tables:
-        raise ValueError(f"{type(model).__name__} has no nn.Embedding layer to freeze")
-    for table in tables:
-        table.requires_grad_(False)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

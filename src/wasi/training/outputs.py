@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from wasi.checkpoint import safetensors_os_errors, save
-from wasi.files import fsync_dir, fsync_file, remove_quietly
 from wasi.convert import unconvert, wasi_layers
+from wasi.files import fsync_dir, fsync_file, remove_quietly
 from wasi.training.measure import median
 from wasi.training.models import save_pretrained_vit
 from wasi.training.settings import RunError
