@@ -178,7 +178,8 @@ def run_arm(arm: str, args, data: dict) -> dict:
             contents = [m.content for m in replies if not m.has_error()]
             updates = [c["arrays"].to_torch_state_dict() for c in contents]
             weights = [float(c["metrics"]["num-examples"]) for c in contents]
-            record.setdefault("errors", {})[server_round] = product_errors(updates, weights, factors=factors)
+            record.setdefault("errors", {})[server_round] = product_errors(
+                updates, weights, factors=factors, start=strategy.sent[server_round])
         return aggregate_train(server_round, replies)
 
     strategy.aggregate_train = recording
@@ -203,8 +204,7 @@ def run_arm(arm: str, args, data: dict) -> dict:
                        train_config=ConfigRecord({}), evaluate_fn=evaluate)
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": args.cpus, "num_gpus": 0, "include_dashboard": False,
-                             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}}}
+               "init_args": {"num_cpus": args.cpus, "num_gpus": 0, "include_dashboard": False}}
     run_simulation(server_app=server_app, client_app=client_app(arm, num_classes, ranks, data["shard_file"], args, pad_id),
                    num_supernodes=args.clients, backend_name="ray", backend_config=backend)
     record["total_s"] = time.perf_counter() - began
@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration over the labels")
     parser.add_argument("--train-samples", type=int, default=800, help="training articles dealt to the clients")
     parser.add_argument("--fit-samples", type=int, default=64, help="server-side articles the factors are fitted to")
+    parser.add_argument("--test-samples", type=int, default=None, help="score on this many test articles (default: all)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -249,6 +250,7 @@ def main() -> None:
     fit = make_split(val, bundle, args.max_length)
     fit = subset(fit, torch.arange(min(args.fit_samples, fit.size)))
     test = make_split(test, bundle, args.max_length)
+    test = subset(test, torch.arange(min(args.test_samples or test.size, test.size)))
     del bundle
     counts = [[int((s.labels == c).sum()) for c in range(len(dataset.classes))] for s in shards]
     for i, row in enumerate(counts):
@@ -275,6 +277,10 @@ def main() -> None:
             naive = [e["factors"] for e in layers.values()]
             svd = [e["products"] for e in layers.values()]
             print(f"{arm['arm']} round {server_round}: ||LR - M||/||M|| naive {min(naive):.3g}..{max(naive):.3g} "
+                  f"(mean {sum(naive) / len(naive):.3g}), products {min(svd):.3g}..{max(svd):.3g}")
+            naive = [e["factors_of_change"] for e in layers.values()]
+            svd = [e["products_of_change"] for e in layers.values()]
+            print(f"{arm['arm']} round {server_round}: ||LR - M||/||M - L0 R0|| naive {min(naive):.3g}..{max(naive):.3g} "
                   f"(mean {sum(naive) / len(naive):.3g}), products {min(svd):.3g}..{max(svd):.3g}")
     print(f"wrote {args.out}; ranks: {result['arms'][-1]['layers'] if result['arms'] else {}}; "
           f"nan check {math.isfinite(sum(r['accuracy'] for a in result['arms'] for r in a['rounds']))}")

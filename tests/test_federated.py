@@ -106,6 +106,11 @@ def test_product_errors_measure_both_rules():
     expected = torch.linalg.matrix_norm(_truncated(mean, 3) - mean) / torch.linalg.matrix_norm(mean)
     assert errors["fc"]["products"] == pytest.approx(expected.item(), rel=1e-8)
     assert errors["fc"]["factors"] > errors["fc"]["products"]  # Eckart-Young: no rank-3 matrix is closer
+    start = {"fc.left": lefts[0], "fc.right": 0.5 * rights[0]}
+    relative = product_errors(updates, [1, 2, 3], factors={"fc": 3}, start=start)["fc"]
+    change = torch.linalg.matrix_norm(mean - lefts[0] @ (0.5 * rights[0]))
+    assert relative["products_of_change"] == pytest.approx(
+        errors["fc"]["products"] * torch.linalg.matrix_norm(mean).item() / change.item(), rel=1e-8)
 
 
 def test_mismatched_factors_are_rejected_with_their_shapes():

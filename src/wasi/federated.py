@@ -312,14 +312,21 @@ def aggregate(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
 
 
 def product_errors(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float], *,
-                   factors: Mapping[str, int]) -> dict[str, dict[str, float]]:
+                   factors: Mapping[str, int],
+                   start: Mapping[str, Tensor] | None = None) -> dict[str, dict[str, float]]:
     """How far each rule's ``L R`` is from the exact weighted mean of the clients' products.
 
     Builds each layer's dense ``(O, I)`` mean: a measurement, for benchmarks and tests.
 
+    Args:
+        updates, weights, factors: as :func:`aggregate`.
+        start: the global state the clients started the round from; adds each error relative to
+            the round's change of the layer, ``||M - L_0 R_0||_F``.
+
     Returns:
         ``{path: {"factors": e_naive, "products": e_svd}}`` with
-        ``e = ||L R - sum_i w_i L_i R_i||_F / ||sum_i w_i L_i R_i||_F``.
+        ``e = ||L R - M||_F / ||M||_F``, ``M = sum_i w_i L_i R_i``; with ``start`` also
+        ``"factors_of_change"`` and ``"products_of_change"``, ``||L R - M||_F / ||M - L_0 R_0||_F``.
 
     Raises:
         ValueError: as :func:`aggregate`.
@@ -334,10 +341,13 @@ def product_errors(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[fl
         scale = torch.linalg.matrix_norm(exact).item() or 1.0
         naive_l, naive_r = naive_factor_mean(lefts, rights, w, name=path)
         svd_l, svd_r = mean_of_products(lefts, rights, w, rank=rank, name=path)
-        errors[path] = {
-            "factors": torch.linalg.matrix_norm(naive_l @ naive_r - exact).item() / scale,
-            "products": torch.linalg.matrix_norm(svd_l @ svd_r - exact).item() / scale,
-        }
+        naive = torch.linalg.matrix_norm(naive_l @ naive_r - exact).item()
+        svd = torch.linalg.matrix_norm(svd_l @ svd_r - exact).item()
+        errors[path] = {"factors": naive / scale, "products": svd / scale}
+        if start is not None:
+            before = start[f"{path}.left"].double() @ start[f"{path}.right"].double()  # (O, I)
+            change = torch.linalg.matrix_norm(exact - before).item() or 1.0
+            errors[path].update(factors_of_change=naive / change, products_of_change=svd / change)
     return errors
 
 
@@ -396,7 +406,7 @@ def factor_fedavg(factors: Mapping[str, int], *, rule: str = "products", **fedav
         The strategy; ``strategy.uploads[round]`` lists the bytes each client sent that round.
 
     Raises:
-        ImportError: ``flwr`` is not installed (``pip install "wasi[federated]"``).
+        ImportError: ``flwr`` (1.42 or later) is not installed (``pip install "wasi[federated]"``).
         ValueError: an unknown rule.
     """
     try:
