@@ -247,3 +247,15 @@ def test_flower_strategy_aggregates_factors_as_products_and_keeps_server_counter
     with pytest.raises(ValueError, match="rule must be one of"):
         factor_fedavg({}, rule="median")
     assert isinstance(ConfigRecord(), ConfigRecord) and isinstance(arrays, ArrayRecord)
+
+
+def test_strategy_without_flower_says_what_to_install(monkeypatch):
+    import sys
+
+    from wasi.federated import factor_fedavg
+
+    for name in [n for n in sys.modules if n == "flwr" or n.startswith("flwr.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flwr", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"wasi\[federated\]"):
+        factor_fedavg({})
