@@ -32,8 +32,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # convert honours) is solved by it; it imports nothing of wasi
     # distributed: which WASI buffers each process keeps under DDP; convert marks them
     4: ("wasi.calibrate.fit", "wasi.calibrate.knapsack", "wasi.distributed"),
-    # lm: chunked cross-entropy (plain torch); optim: optimizers that know WASI layers
-    5: ("wasi.convert", "wasi.checkpoint", "wasi.memory", "wasi.lm", "wasi.optim"),
+    # lm: chunked cross-entropy (plain torch); optim: optimizers that know WASI layers; federated:
+    # factor-correct averaging of converted models (Flower only inside its strategy)
+    5: ("wasi.convert", "wasi.checkpoint", "wasi.memory", "wasi.lm", "wasi.optim", "wasi.federated"),
     # the ONNX export of a converted model is library (wasi.export_onnx); scoring runs is not
     6: ("wasi", "wasi.calibrate", "wasi.calibrate.*", "wasi.export", "wasi.export.onnx", "wasi.export.quantize"),
     7: ("wasi.data", "wasi.data.*", "wasi.models", "wasi.models.*"),
