@@ -31,8 +31,8 @@ def test_no_test_imports_a_private_name_of_wasi():
 
 
 # test files that are not one module's: whole commands (test_e2e_*), the scripts in benchmarks/, these
-# rules, and topics that span several modules of the library
-NOT_A_MODULE = {"suite", "benchmarks", "data_corpora", "descent", "fidelity", "recompute"}
+# rules, the layer checker in tools/, and topics that span several modules of the library
+NOT_A_MODULE = {"suite", "benchmarks", "data_corpora", "descent", "fidelity", "recompute", "layers", "autocast"}
 
 
 def test_test_files_name_a_module_of_the_package_or_an_end_to_end_run():
