@@ -67,6 +67,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         help="wasi: samples the factors are fitted to (default: wasi train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="the JSON to write")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds the processes may take in all")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -199,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait(timeout=args.timeout) for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
     return max(codes, key=abs)
 
 
