@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from wasi.training.loop import TrainSettings, run_training
+from wasi.training.loop import Run, TrainSettings, run_training
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -150,4 +150,30 @@ def test_a_two_process_run_resumes_on_one_process(tmp_path):
     assert resumed["world_size"] == 1 and resumed["train_steps"] == 20 and at < 20
     one = tmp_path / "one"
     run_training(TrainSettings(out=str(one), **settings), print_fn=lambda _m: None)
+    _assert_same_training(one, out)
+
+
+def test_a_one_process_run_resumes_on_two_processes(tmp_path, monkeypatch):
+    """Interrupted at step 7 (Ctrl-C: a checkpoint there), the 1-process run continues on 2
+    processes, through epoch ends with uneven last batches, to the uninterrupted run's model."""
+    settings = dict(RUN, method="wsi", steps=12, checkpoint_every=100, max_eval_samples=16)
+    one = tmp_path / "one"
+    run_training(TrainSettings(out=str(one), **settings), print_fn=lambda _m: None)
+    original = Run._train_step
+
+    def interrupt(self, batch):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(Run, "_train_step", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(TrainSettings(out=str(out), **settings), print_fn=lambda _m: None)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["position"]["step"] == 7
+    logs = _run(2, [*_argv(dict(settings, out=out)), "--resume"])
+    assert "resumed from" in logs[0] and "at step 7" in logs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_steps"] == 12
     _assert_same_training(one, out)
