@@ -177,3 +177,12 @@ def test_a_one_process_run_resumes_on_two_processes(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_steps"] == 12
     _assert_same_training(one, out)
+
+
+def test_a_model_with_a_parameter_no_loss_reaches_trains_on_two_processes(tiny_dinov2, tmp_path):
+    """DINOv2's mask token takes part only in masked pretraining: DDP must not wait for its gradient."""
+    out = tmp_path / "run"
+    _run(2, _argv(dict(RUN, model=tiny_dinov2, method="vanilla", steps=3, out=out)))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_steps"] == 3
+    assert summary["allreduce_bytes_per_step"] == 4 * summary["trainable_params"]
