@@ -44,3 +44,29 @@ def test_grad_fidelity_script_takes_image_batches():
     table = module.markdown([{"variant": "after", "val_accuracy": 0.5, "val_loss": 1.0,
                               "layers": {"dinov2.encoder.layer.0.mlp.fc1": layer}}])
     assert "| layer.0.mlp.fc1 | 0.500 / 0.900 | 2x3x4 |" in table
+
+
+def test_allreduce_bytes_script_counts_every_trainable_gradient_once_per_step(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    spec = importlib.util.spec_from_file_location("allreduce_bytes", root / "benchmarks" / "allreduce_bytes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bytes.json"
+    code = module.main(["--model", "vit-micro", "--data", "digits", "--methods", "vanilla,wasi", "--batch-size", "8",
+                        "--steps", "1", "--warmup", "0", "--init-samples", "16", "--timeout", "300",
+                        "--out", str(out)])
+    assert code == 0
+    methods = {m["method"]: m for m in json.loads(out.read_text())["methods"]}
+    for record in methods.values():
+        assert record["allreduce_bytes_per_step"] == 4 * record["trainable_params"]  # float32 gradients
+        assert len(record["step_s_parallel"]) == len(record["step_s_alone"]) == 1
+    wasi = methods["wasi"]
+    assert 0 < wasi["factor_params"] < wasi["dense_params_of_factored"]
+    saved = 4 * (wasi["dense_params_of_factored"] - wasi["factor_params"])
+    assert methods["vanilla"]["allreduce_bytes_per_step"] - wasi["allreduce_bytes_per_step"] == saved

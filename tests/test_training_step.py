@@ -79,3 +79,26 @@ def test_the_causal_lm_loss_is_the_next_token_loss(tiny_llama):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     result = train_step(model, "causal-lm", batch, optimizer, list(model.parameters()))
     assert result.problem is None and math.isclose(result.loss, loss.item(), rel_tol=1e-5)
+
+
+def test_a_weighted_step_scales_the_gradient_and_reports_and_checks_the_mean_it_is_given():
+    """A process's share of a global batch: the backward runs on weight x loss; the loss reported
+    and checked is the one ``mean_loss`` gives (the global batch's, the same on every rank)."""
+    def gradients(weight: float) -> list[torch.Tensor]:
+        model, optimizer, trainable, batch = _setup(lr=0.0)
+        seen = []  # the gradients before clipping
+        result = train_step(model, "image-classification", batch, optimizer, trainable, weight=weight,
+                            mean_loss=lambda loss: 7.0,
+                            after_backward=lambda: seen.extend(p.grad.clone() for p in trainable))
+        assert result.loss == 7.0 and result.problem is None
+        return seen
+
+    grads = {weight: gradients(weight) for weight in (1.0, 0.5)}
+    for full, half in zip(grads[1.0], grads[0.5]):
+        torch.testing.assert_close(half, 0.5 * full)
+    model, optimizer, trainable, batch = _setup()
+    before = _copy(model)
+    result = train_step(model, "image-classification", batch, optimizer, trainable,
+                        mean_loss=lambda loss: float("nan"))  # another rank's shard was non-finite
+    assert result.problem == "the loss is nan"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

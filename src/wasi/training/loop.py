@@ -20,14 +20,17 @@ from tqdm import tqdm
 
 from wasi.calibrate import Plan
 from wasi.convert import wasi_layers
+from wasi.distributed import AllReduceCounter, data_parallel, shard
 from wasi.guards import NonFiniteError, set_nonfinite_policy
 from wasi.modules import WASILinear, collect_grad_cosines
+from wasi.training import parallel
 from wasi.training.batches import Split, epoch_order, make_batch
 from wasi.training.causal_lm import generation_sample, lm_evaluate
 from wasi.training.measure import PeakMemory, median
 from wasi.training.methods import WASI_MODES, MethodOptions, build_optimizer, embedding_tables, target_layers
 from wasi.training.models import model_logits
 from wasi.training.outputs import RunFiles, draw_curves, grad_cosine_summary
+from wasi.training.parallel import Processes, from_env
 from wasi.training.pipeline import (
     apply_run_method,
     build_run_model,
@@ -80,14 +83,26 @@ def _describe_ranks(model: torch.nn.Module, target: str) -> str:
 
 
 class Run:
-    """One training run; ``execute`` returns the summary dict."""
+    """One training run; ``execute`` returns the summary dict.
 
-    def __init__(self, settings: TrainSettings, print_fn: Callable[[str], None] = print) -> None:
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the run is data-parallel
+    (:mod:`wasi.training.parallel`): every process trains on its share of each global batch of
+    ``batch_size`` samples, evaluates its share of a split, and rank 0 alone prints and writes
+    the run's files.
+    """
+
+    def __init__(self, settings: TrainSettings, print_fn: Callable[[str], None] = print,
+                 procs: Processes | None = None) -> None:
         self.s = settings
-        self.print = print_fn
+        self.procs = procs if procs is not None else from_env()
+        self.print = print_fn if self.procs.main else _silent
         self.out = Path(settings.out)
         self.files = RunFiles(self.out, lambda: self.step)
-        self.device = torch.device(settings.device)
+        self.device = torch.device(parallel.process_device(settings.device, self.procs))
+        self.ddp: torch.nn.Module | None = None  # the model wrapped for data-parallel training
+        self.counter: AllReduceCounter | None = None
+        self.reduced_steps = 0  # steps whose gradients were all-reduced, in this process's lifetime
+        self.batch_weight = 1.0  # the weight of this process's share of the batch (parallel.share)
         self.step = self.epoch = self.batch_index = 0
         self.best_val: float | None = None
         self.val_history: list[dict] = []
@@ -102,7 +117,10 @@ class Run:
     # ---------------- setup
     def _setup(self) -> None:
         s = self.s
-        self.files.check_writable()
+        if self.procs.main:
+            self.files.check_writable()
+        else:
+            parallel.barrier(self.procs)  # rank 0 fills the data and model caches first
         seed_everything(s.seed)
         data = load_task_data(s.model, s.data, task=s.task, seed=s.seed, cache_dir=s.cache_dir,
                               image_size=s.image_size)
@@ -111,6 +129,8 @@ class Run:
         self.meter = PeakMemory(self.device)
         self.meter.reset()  # the baseline: data loaded, libraries imported, no model yet
         bundle = build_run_model(data, s.model, arch=s.arch, cache_dir=s.cache_dir)
+        if self.procs.main:
+            parallel.barrier(self.procs)
         self.bundle = bundle
         self.pad_id = pad_id(bundle)
         check_image_size(bundle, s.model, s.image_size)
@@ -139,6 +159,9 @@ class Run:
         model, self.fidelity = apply_run_method(bundle, s.method, options, calibration=calibration,
                                                 fidelity_flag=s.fidelity, plan_path=s.plan, print_fn=self.print)
         self.model = model.to(self.device)
+        # every process fitted the same factors to the same samples; DDP copies rank 0's values
+        # to the others when it wraps the model, which needs the same shapes everywhere
+        parallel.check_same_shapes(self.model, self.procs)
         if self.fidelity:
             self.print(_describe_ranks(self.model, s.target))
         # WASI layers raise on NaN/inf, naming themselves; or let it through untouched, for the
@@ -176,7 +199,11 @@ class Run:
         return plan
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model_logits(self.model, batch)
+        # a training forward goes through DDP (which all-reduces the gradients in backward); a
+        # no-grad one (evaluation, timing) through the model itself: DDP's forward would broadcast
+        # buffers, a collective, while each rank scores its own number of batches
+        training = self.ddp is not None and torch.is_grad_enabled()
+        return model_logits(self.ddp if training else self.model, batch)
 
     def _perplexity(self, model: torch.nn.Module, when: str) -> float:
         """Held-out (test split) perplexity of ``model``, printed with ``when``."""
@@ -191,6 +218,8 @@ class Run:
         Raises:
             RunError: the checkpoint could not be written; the previous one is unchanged.
         """
+        if not self.procs.main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "settings": self.s.fingerprint(),
@@ -227,12 +256,14 @@ class Run:
         self.skipped_steps = trainer.get("skipped_steps", 0)
         self.dense_perplexity = trainer.get("dense_perplexity")
         self.converted_perplexity = trainer.get("converted_perplexity")
-        self.files.truncate_metrics(self.step)
+        if self.procs.main:
+            self.files.truncate_metrics(self.step)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
 
     # ---------------- metrics
     def _metric(self, record: dict) -> None:
-        self.files.append_metric(record)
+        if self.procs.main:
+            self.files.append_metric(record)
 
     def _log_grad_cosines(self) -> None:
         """Record the gradient cosines the WASI layers measured in this backward, and what they did."""
@@ -259,20 +290,26 @@ class Run:
     # ---------------- evaluation
     @torch.no_grad()
     def evaluate(self, split: Split) -> tuple[float, float]:
-        """Accuracy and mean loss of ``split`` in eval mode (causal LM: perplexity and mean token loss)."""
+        """Accuracy and mean loss of ``split`` in eval mode (causal LM: perplexity and mean token loss).
+
+        On several processes each one scores its share of the split and the sums are added up:
+        every rank returns the same numbers (a causal LM's split is scored whole on every rank).
+        """
         if self.task == "causal-lm":
             loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device, self.s.batch_size)
             return perplexity, loss
         self.model.eval()
         correct, total_loss = 0, 0.0
         bs = self.s.eval_batch_size
-        for start in range(0, split.size, bs):
-            idx = torch.arange(start, min(start + bs, split.size))
+        mine = torch.tensor(list(shard(split.size, self.procs.rank, self.procs.world)), dtype=torch.int64)
+        for start in range(0, len(mine), bs):
+            idx = mine[start:start + bs]
             batch = make_batch(split, idx, self.pad_id, self.device)
             logits = self._logits(batch)
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         self.model.train()
+        correct, total_loss = parallel.sum_across([correct, total_loss], self.device, self.procs)
         return correct / max(split.size, 1), total_loss / max(split.size, 1)
 
     @torch.no_grad()
@@ -318,18 +355,27 @@ class Run:
         """One optimizer step (:func:`wasi.training.step.train_step`); returns the loss, or None for a
         step skipped as non-finite.
 
+        On several processes ``batch`` is this process's share of the global batch and
+        ``self.batch_weight`` the weight of its loss (:func:`wasi.training.parallel.share`); the
+        loss returned is the global batch's.
+
         A NaN/inf loss or gradient norm stops the run with a RunError (the last checkpoint stays
         good), or with ``skip_nonfinite`` the step is skipped (no parameter or optimizer-state
         change; the scheduler still advances, so the learning rate stays a function of the step)
         and counted.
         """
         t0 = time.perf_counter()
+        model, weight = self.ddp or self.model, self.batch_weight
+        sent = self.counter.bytes if self.counter else 0
         try:
-            result = train_step(self.model, self.task, batch, self.optimizer, self.trainable,
-                                count_saved=self.saved_activation_bytes is None, logits=self._logits,
-                                after_backward=self._log_grad_cosines)
+            result = train_step(model, self.task, batch, self.optimizer, self.trainable,
+                                count_saved=self.saved_activation_bytes is None,
+                                logits=self._logits, after_backward=self._log_grad_cosines,
+                                weight=weight, mean_loss=lambda loss: parallel.global_mean(loss, weight, self.procs))
         except NonFiniteError as err:
             raise RunError(f"step {self.step + 1}: {err}") from None
+        if self.counter and self.counter.bytes > sent:
+            self.reduced_steps += 1
         if result.saved_bytes is not None:
             self.saved_activation_bytes = result.saved_bytes
         if result.problem is not None:
@@ -348,7 +394,7 @@ class Run:
         return result.loss
 
     def _loop(self) -> None:
-        interactive = sys.stdout.isatty()
+        interactive = sys.stdout.isatty() and self.procs.main
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, unit="step",
                    dynamic_ncols=True)
         window: list[float] = []
@@ -359,6 +405,7 @@ class Run:
         while self.step < self.total_steps:
             bs = self.s.batch_size
             idx = order[self.batch_index * bs: (self.batch_index + 1) * bs]
+            idx, self.batch_weight = parallel.share(idx, self.procs)
             loss = self._train_step(make_batch(self.train, idx, self.pad_id, self.device))
             self.step += 1
             self.batch_index += 1
@@ -393,13 +440,41 @@ class Run:
             self._end_epoch()
 
     def execute(self) -> dict:
-        """Set up (or resume), train, evaluate, export; returns the summary."""
+        """Set up (or resume), train, evaluate, export; returns the summary.
+
+        On several processes rank 0 returns the summary it wrote; the other ranks return their
+        rank, the number of processes and the test score (the same as rank 0's).
+
+        Raises:
+            RunError: the run could not start or go on (on several processes: also a batch
+                size the processes cannot share).
+        """
+        parallel.check_batch_size(self.s.batch_size, self.procs)
+        started = parallel.start(self.procs, self.device)
+        try:
+            return self._execute()
+        finally:
+            if started:
+                parallel.stop()
+
+    def _wrap(self) -> None:
+        """On several processes: DDP around the model (:func:`wasi.data_parallel`), its all-reduces counted."""
+        if not self.procs.parallel:
+            return
+        ids = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        # static: every step uses the same parameters, so DDP finds those no loss reaches (DINOv2's
+        # mask token) in the first step, without searching the graph at every step
+        self.ddp = data_parallel(self.model, static_graph=True, **ids)
+        self.counter = AllReduceCounter().attach(self.ddp)
+
+    def _execute(self) -> dict:
         wall = time.perf_counter()
         self._setup()
         if self.s.resume:
             self._resume()
-        else:
+        elif self.procs.main:
             self.files.truncate_metrics(-1)
+        self._wrap()
         self.print(f"{self.s.method} on {self.bundle.description}, data {self.s.data}: "
                    f"{self.train.size} train / {self.val.size} val / {self.test.size} test samples, "
                    f"{self.total_steps} steps of batch {self.s.batch_size}")
@@ -412,8 +487,10 @@ class Run:
         self.save_checkpoint()
         peak = self.meter.peak_mb()
         test_score, test_loss = self.evaluate(self.test)
-        ms_batch, ms_sample = self.time_inference()
         metric = self._score_name
+        if not self.procs.main:  # rank 0 times inference and writes the rest alone
+            return {"rank": self.procs.rank, "world_size": self.procs.world, f"test_{metric}": test_score}
+        ms_batch, ms_sample = self.time_inference()
         summary = {
             "method": self.s.method,
             "model": self.s.model,
@@ -436,6 +513,9 @@ class Run:
             "trainable_params": sum(p.numel() for p in self.trainable),
             "model_params": sum(p.numel() for p in self.model.parameters()),
             "batch_size": self.s.batch_size,
+            "world_size": self.procs.world,
+            # the bytes of gradient DDP all-reduced per step (each process sends and receives its share)
+            "allreduce_bytes_per_step": self.counter.bytes / self.reduced_steps if self.reduced_steps else None,
             "optimizer": self.s.optimizer,
             "lr": self.s.learning_rate,
             "init_samples": self.s.fit_samples,
@@ -488,6 +568,10 @@ class Run:
     def _plot(self, cosines: list[dict]) -> None:
         self.files.write_curves(draw_curves(self.s.method, self.loss_history, self.val_history, self._score_name,
                                             cosines))
+
+
+def _silent(_message: str) -> None:
+    pass  # ranks other than 0 print nothing
 
 
 def _import_libraries(method: str) -> None:

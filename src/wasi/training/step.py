@@ -42,7 +42,8 @@ class StepResult:
 def train_step(model: nn.Module, task: str, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                trainable: list[torch.nn.Parameter], *, count_saved: bool = False, measure_grads: bool = False,
                logits: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
-               after_backward: Callable[[], None] | None = None) -> StepResult:
+               after_backward: Callable[[], None] | None = None, weight: float = 1.0,
+               mean_loss: Callable[[torch.Tensor], float] | None = None) -> StepResult:
     """One optimizer step on ``batch``, with gradients clipped to :data:`GRAD_CLIP`.
 
     A NaN/inf loss or gradient norm is caught before the optimizer step: nothing is updated,
@@ -55,6 +56,11 @@ def train_step(model: nn.Module, task: str, batch: dict[str, torch.Tensor], opti
         logits: how to get a classifier's logits (see :func:`task_loss`).
         after_backward: called once the gradients are there, before clipping (the loop reads the
             WASI layers' gradient probes there).
+        weight: the backward runs on ``weight`` times the loss (a process's share of a global
+            batch, see :func:`wasi.training.parallel.share`).
+        mean_loss: the loss value to report and check, from this batch's loss (default its
+            value; on several processes the global batch's, the same on every rank, so that
+            every rank skips the same steps).
     """
     optimizer.zero_grad(set_to_none=True)  # last step's gradients must not live through the forward
     saved = None
@@ -64,11 +70,11 @@ def train_step(model: nn.Module, task: str, batch: dict[str, torch.Tensor], opti
         saved = counter.bytes
     else:
         loss = task_loss(model, task, batch, logits)
-    value = loss.item()
+    value = loss.item() if mean_loss is None else mean_loss(loss)
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(value, f"the loss is {value}", saved)
-    loss.backward()
+    (loss if weight == 1.0 else loss * weight).backward()
     if after_backward is not None:
         after_backward()
     grads = None
