@@ -27,7 +27,8 @@ def test_each_check_names_the_flag_and_the_value(tmp_path):
     assert check_data_option("synthetic", extra=("synthetic",)) == []
     assert check_task_option("poetry") == ["--task 'poetry': choose one of "
                                            "['text-classification', 'image-classification', 'causal-lm']"]
-    assert check_optimizer_option("lion", galore=False, flag="--method") == ["--optimizer 'lion': choose sgd or adamw"]
+    assert check_optimizer_option("lion", galore=False, flag="--method") == [
+        "--optimizer 'lion': choose one of ['adamw', 'sgd', 'adamw8bit']"]
     assert check_optimizer_option("sgd", galore=True, flag="--methods") == [
         "--methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)"]
     assert check_seed_option(MAX_SEED) == [] and check_seed_option(-1) == [

@@ -15,6 +15,8 @@ from wasi.training.settings import RunError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
+# settings added after checkpoints were first written, with the value those checkpoints ran at
+IMPLICIT_SETTINGS = {"precision": "fp32", "optimizer_in_backward": False}
 
 
 def state_digest(state) -> str:
@@ -133,7 +135,7 @@ def read_checkpoint(path: Path, *, device: torch.device, weights_only: bool, fin
         if recorded != state_digest(state):
             raise RunError(f"--resume: {path} is corrupt: its contents do not match the SHA-256 "
                            "recorded when it was written")
-    saved = state["settings"]
+    saved = {**IMPLICIT_SETTINGS, **state["settings"]}
     diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
