@@ -113,7 +113,8 @@ def _final_model(out) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("run", [{"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50}])
+@pytest.mark.parametrize("run", [{"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50},
+                                 {"method": "wasi", "optimizer_in_backward": True}])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
@@ -138,6 +139,34 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r["type"] == "train"]
     assert train_steps == [4, 8, 12]  # logged once each: the interrupted run's extras were dropped
+
+
+def test_a_bf16_run_trains_evaluates_and_times_under_autocast_and_says_so(tmp_path, monkeypatch):
+    seen = set()
+    original = Run._logits
+
+    def logits(self, batch):
+        out = original(self, batch)
+        seen.add((self.model.training, torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(Run, "_logits", logits)
+    summary = run_training(_settings(tmp_path, precision="bf16"), print_fn=_quiet)
+    assert seen == {(True, True, torch.bfloat16), (False, True, torch.bfloat16)}  # training, evaluation, timing
+    assert json.loads((tmp_path / "summary.json").read_text())["precision"] == summary["precision"] == "bf16"
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(v.dtype != torch.bfloat16 for v in _final_model(tmp_path).values())  # the weights stay float32
+
+
+def test_a_nonfinite_gradient_inside_backward_stops_the_run_saying_what_was_updated(tmp_path, monkeypatch):
+    _poison(monkeypatch, 3, "gradient")
+    with pytest.raises(RunError, match=r"^step 3: the gradients of head\.bias, head\.weight, .* and \d+ more are "
+                                       r"NaN/inf; the parameters stepped earlier in that backward were updated"):
+        run_training(_faulty_settings(tmp_path, method="vanilla", optimizer_in_backward=True), print_fn=_quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["position"]["step"] == 2  # the last checkpoint, from before the bad step, is kept
 
 
 def test_run_writes_summary_model_and_plot(tmp_path):

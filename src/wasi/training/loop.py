@@ -349,9 +349,9 @@ class Run:
         if result.problem is not None:
             if self.s.optimizer_in_backward and not result.problem.startswith("the loss"):
                 # the step ran inside backward: the parameters stepped before the bad gradient keep their update
-                raise RunError(f"step {self.step + 1}: {result.problem}; parameters stepped before it inside backward "
-                               "were updated, so the run stops (its last checkpoint is intact). Lower --lr, or "
-                               "check the data")
+                raise RunError(f"step {self.step + 1}: {result.problem}; the parameters stepped earlier in that "
+                               "backward were updated, so the run stops (its last checkpoint is intact). Lower --lr, "
+                               "or check the data")
             if not self.s.skip_nonfinite:
                 raise RunError(f"step {self.step + 1}: {result.problem}; nothing was updated. Lower --lr, check the "
                                "data, or pass --skip-nonfinite to skip such steps")

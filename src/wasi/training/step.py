@@ -110,7 +110,9 @@ def train_step(model: nn.Module, task: str, batch: dict[str, torch.Tensor], opti
         optimizer.step()  # closes the step (and clears ``nonfinite``): backward has updated the parameters
         if dropped:
             shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
-            return StepResult(value, f"the gradient of {shown} is NaN/inf", saved, grads)
+            many = len(dropped) > 1
+            return StepResult(value, f"the gradient{'s' if many else ''} of {shown} {'are' if many else 'is'} NaN/inf",
+                              saved, grads)
         return StepResult(value, None, saved, grads)
     norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
     if not math.isfinite(norm):
