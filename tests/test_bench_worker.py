@@ -63,3 +63,24 @@ def test_an_accuracy_run_takes_the_run_s_fidelity_and_reports_perplexity_for_a_c
     assert record["test_perplexity"] == 12.5 and record["test_loss"] == 2.5 and "test_accuracy" not in record
     assert record["train_run"] == {"peak_memory_mb": 10.0, "train_step_s_median": 0.1,
                                    "inference_ms_per_sample": 1.0, "train_steps": 4}
+
+
+def test_the_memory_levers_reach_the_accuracy_runs(tmp_path, monkeypatch):
+    from wasi.bench import worker
+    from wasi.bench.runner import worker_spec
+
+    settings = _parse(["--model", "vit-micro", "--data", "digits", "--methods", "vanilla,wasi", "--eps", "0.8",
+                       "--train-epochs", "1", "--precision", "bf16", "--optimizer", "sgd", "--optimizer-in-backward",
+                       "--out", str(tmp_path)])
+    seen = {}
+
+    def fake_training(train_settings, print_fn):
+        assert train_settings.validate() == []
+        seen[train_settings.method] = (train_settings.precision, train_settings.optimizer,
+                                       train_settings.optimizer_in_backward)
+        return {"test_accuracy": 0.5, "best_val_accuracy": 0.5}
+
+    monkeypatch.setattr(worker, "run_training", fake_training)
+    for method, eps in settings.runs():
+        worker._train_for_accuracy(worker_spec(settings, method, eps, 1))
+    assert seen == {"vanilla": ("bf16", "sgd", True), "wasi": ("bf16", "sgd", True)}
