@@ -110,8 +110,8 @@ def test_the_memory_levers_reach_every_run_and_are_refused_as_wasi_train_refuses
     assert str(err.value).splitlines()[1:] == [
         "  --methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)",
         "  --precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)",
-        "  --optimizer-in-backward: --methods galore projects the gradients in its own step, which cannot run "
-        "inside backward",
+        ("  --optimizer-in-backward: --methods galore projects the gradients in its own step, which cannot run "
+         "inside backward"),
     ]
     monkeypatch.setattr(module, "lowbit_available", lambda: False)
     with pytest.raises(UsageError, match=r"--optimizer adamw8bit needs torchao, which is not installed: "

@@ -82,10 +82,10 @@ def test_the_memory_levers_are_checked_and_every_refusal_is_listed(tmp_path, mon
     assert errors == [
         "--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)",
         "--precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)",
-        "--optimizer-in-backward: --method galore projects the gradients in its own step, which cannot run "
-        "inside backward",
-        "--optimizer-in-backward and --skip-nonfinite are exclusive: a parameter updated inside backward cannot be "
-        "taken back when a later gradient turns out NaN/inf",
+        ("--optimizer-in-backward: --method galore projects the gradients in its own step, which cannot run "
+         "inside backward"),
+        ("--optimizer-in-backward and --skip-nonfinite are exclusive: a parameter updated inside backward cannot be "
+         "taken back when a later gradient turns out NaN/inf"),
     ]
     monkeypatch.setattr(module, "lowbit_available", lambda: False)
     assert TrainSettings(**base, optimizer="adamw8bit").validate() == [
