@@ -12,9 +12,11 @@ import torch
 
 from wasi.cli import main
 from wasi.data.lmtext import load_text_folder, split_documents
+from wasi.optim import state_classes
 from wasi.training.causal_lm import lm_evaluate, make_lm_split
 from wasi.training.loop import Run, RunError, TrainSettings, run_training
 from wasi.training.models import build_model
+from wasi.training.settings import lowbit_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only contend
 
@@ -109,12 +111,21 @@ def _settings(out, **kw) -> TrainSettings:
     return TrainSettings(**base)
 
 
-def _final_model(out) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+def _checkpoint(out, optimizer: str = "adamw") -> dict:
+    with torch.serialization.safe_globals(state_classes(optimizer)):  # adamw8bit: torchao's 8-bit moments
+        return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("run", [{"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50},
-                                 {"method": "wasi", "optimizer_in_backward": True}])
+def _final_model(out, optimizer: str = "adamw") -> dict[str, torch.Tensor]:
+    return _checkpoint(out, optimizer)["model"]
+
+
+@pytest.mark.parametrize("run", [
+    {"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50},
+    {"method": "wasi", "optimizer_in_backward": True},
+    pytest.param({"method": "wasi", "optimizer": "adamw8bit"},
+                 marks=pytest.mark.skipif(not lowbit_available(), reason="adamw8bit needs torchao")),
+], ids=["wasi", "vanilla", "wsi-fitted", "wasi-in-backward", "wasi-adamw8bit"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
@@ -128,11 +139,12 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     monkeypatch.setattr(Run, "_train_step", interrupt_at_seven)
     with pytest.raises(KeyboardInterrupt):
         run_training(_settings(tmp_path / "cut", **run), print_fn=lambda _m: None)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["position"]["step"] == 7
+    optimizer = run.get("optimizer", "adamw")
+    assert _checkpoint(tmp_path / "cut", optimizer)["position"]["step"] == 7
     monkeypatch.setattr(Run, "_train_step", original)
     run_training(_settings(tmp_path / "cut", resume=True, **run), print_fn=lambda _m: None)
 
-    straight, resumed = _final_model(tmp_path / "straight"), _final_model(tmp_path / "cut")
+    straight, resumed = _final_model(tmp_path / "straight", optimizer), _final_model(tmp_path / "cut", optimizer)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key

@@ -66,3 +66,15 @@ def test_the_generators_come_back_where_they_were():
     restore_rng(saved)
     again = (torch.rand(2), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_the_digest_reads_a_wrapper_tensor_through_its_inner_tensors():
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    moment = OptimState8bit.zeros((64, 80))
+    moment.copy_(torch.randn(64, 80, generator=torch.Generator().manual_seed(0)))
+    before = state_digest({"exp_avg": moment})
+    assert state_digest({"exp_avg": moment}) == before
+    moment.copy_(torch.randn(64, 80, generator=torch.Generator().manual_seed(1)))
+    assert state_digest({"exp_avg": moment}) != before  # the 8-bit codes and scales are what it hashes

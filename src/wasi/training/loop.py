@@ -22,6 +22,7 @@ from wasi.calibrate import Plan
 from wasi.convert import wasi_layers
 from wasi.guards import NonFiniteError, set_nonfinite_policy
 from wasi.modules import WASILinear, collect_grad_cosines
+from wasi.optim import state_classes
 from wasi.training.batches import Split, epoch_order, make_batch
 from wasi.training.causal_lm import generation_sample, lm_evaluate
 from wasi.training.measure import PeakMemory, median
@@ -163,7 +164,15 @@ class Run:
 
     def _checkpoint_ranks(self, model: torch.nn.Module) -> dict[str, int | None]:
         # ranks chosen by fidelity before the interruption: the shapes of the checkpoint's factors
-        return checkpoint_ranks(self.files.checkpoint, target_layers(model, self.s.target))
+        with self._checkpoint_classes():
+            return checkpoint_ranks(self.files.checkpoint, target_layers(model, self.s.target))
+
+    def _checkpoint_classes(self):
+        """The context in which a weights-only load accepts this run's optimizer state (adamw8bit: torchao's)."""
+        try:
+            return torch.serialization.safe_globals(state_classes(self.s.optimizer))
+        except ImportError as err:
+            raise RunError(f"--optimizer {self.s.optimizer}: {err}") from None
 
     def _load_plan(self) -> Plan | None:
         if self.s.plan is None:
@@ -218,8 +227,9 @@ class Run:
 
     def _resume(self) -> None:
         path = self.files.checkpoint
-        state = read_checkpoint(path, device=self.device, weights_only=self.s.method != "galore",
-                                fingerprint=self.s.fingerprint())
+        with self._checkpoint_classes():
+            state = read_checkpoint(path, device=self.device, weights_only=self.s.method != "galore",
+                                    fingerprint=self.s.fingerprint())
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -392,7 +402,8 @@ class Run:
                 if mean is not None:
                     self.loss_history.append((self.step, mean))
                 self._metric({"type": "train", "step": self.step, "epoch": self.epoch + 1, "loss": mean,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                              "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor under torchao's optimizers
+                              "samples_per_s": rate,
                               "skipped_steps": self.skipped_steps})
                 if not interactive:
                     per_step = (now - run_start) / max(self.step - start_step, 1)

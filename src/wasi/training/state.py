@@ -31,7 +31,13 @@ def state_digest(state) -> str:
 
 
 def _digest_into(digest, value) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        # a wrapper subclass (torchao's 8-bit optimizer state): its own bytes are its inner tensors'
+        names, context = value.__tensor_flatten__()
+        digest.update(f"S{type(value).__qualname__}{tuple(value.shape)}{context!r}".encode())
+        for name in names:
+            _digest_into(digest, getattr(value, name))
+    elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
