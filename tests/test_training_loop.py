@@ -362,9 +362,11 @@ def test_causal_lm_run_reports_perplexities_and_exports_a_transformers_folder(ti
     assert math.isclose(perplexity, summary["test_perplexity"], rel_tol=1e-4)
 
 
-def test_causal_lm_training_lowers_the_held_out_perplexity(tiny_llama, text_folder, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_causal_lm_training_lowers_the_held_out_perplexity(tiny_llama, text_folder, tmp_path, precision):
     summary = run_training(_task_settings(tiny_llama, text_folder, tmp_path / "v", method="vanilla", steps=30,
-                                     lr=1e-2), print_fn=lambda _m: None)
+                                     lr=1e-2, precision=precision), print_fn=lambda _m: None)
+    assert summary["precision"] == precision
     assert summary["converted_perplexity"] == summary["dense_perplexity"]  # vanilla converts nothing
     assert summary["test_perplexity"] < 0.5 * summary["dense_perplexity"]
 
