@@ -111,14 +111,14 @@ def test_adamw8bit_is_compiled_before_the_training_phase_for_every_trainable_sha
     import torch
     from torch._dynamo.utils import counters
 
-    from wasi.bench.worker import _compile_step
+    from wasi.bench.worker import compile_optimizer_step
     from wasi.optim import make_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 80), torch.nn.ReLU(), torch.nn.Linear(80, 3))
     model[2].requires_grad_(False)
-    _compile_step(model, {"optimizer": "adamw", "lr": 1e-3})  # nothing to compile for the other optimizers
-    _compile_step(model, {"optimizer": "adamw8bit", "lr": 1e-3})
+    compile_optimizer_step(model, {"optimizer": "adamw", "lr": 1e-3})  # nothing to compile for the other optimizers
+    compile_optimizer_step(model, {"optimizer": "adamw8bit", "lr": 1e-3})
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
     optimizer = make_optimizer(model.parameters(), "adamw8bit", lr=1e-3)

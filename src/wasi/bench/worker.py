@@ -108,12 +108,16 @@ def _optimizer(model: torch.nn.Module, method: str, options: MethodOptions, spec
                            max_norm=GRAD_CLIP if in_backward else None)
 
 
-def _compile_step(model: torch.nn.Module, spec: dict) -> None:
+def compile_optimizer_step(model: torch.nn.Module, spec: dict) -> None:
     """adamw8bit: compile torchao's step for every trainable shape, on throwaway zeros, before the training phase.
 
     Its step is compiled once per parameter shape, on first use: left to the measured steps, the
     compiler's transient memory would count as the training peak of the method. What compiling
     leaves resident (the compiled code) still counts, through the training phase's baseline.
+
+    Args:
+        model: the model about to be trained (its trainable parameters' shapes, dtypes, devices).
+        spec: the run's spec: ``optimizer`` (nothing is done but for ``"adamw8bit"``) and ``lr``.
     """
     if spec["optimizer"] != "adamw8bit":
         return
@@ -250,7 +254,7 @@ def measure(spec: dict) -> dict:
     precision = spec.get("precision", "fp32")
     trainable = [p for p in model.parameters() if p.requires_grad]
     setup_peak = meter.peak_mb()
-    _compile_step(model, spec)
+    compile_optimizer_step(model, spec)
 
     # ---- training steps: the peak from here on is the training phase's
     phase = PeakMemory(device)
