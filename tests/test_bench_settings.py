@@ -38,3 +38,21 @@ def test_fidelities_multiply_the_fitted_methods_only(tmp_path):
     errors = BenchSettings(model="vit-micro", data="synthetic", out=str(tmp_path), methods=("wasi",),
                            fidelity=(0.99,), init_samples=0).validate()
     assert any("--init-samples 0 leaves none" in e for e in errors)
+
+
+def test_the_memory_levers_are_checked_as_wasi_train_checks_them(tmp_path):
+    from wasi.training.settings import TrainSettings
+
+    base = {"model": "vit-micro", "data": "synthetic", "out": str(tmp_path)}
+    every = tuple(m for m in BenchSettings(**base).methods if m != "galore")
+    assert BenchSettings(**base, methods=every, precision="bf16", optimizer="adamw8bit",
+                         optimizer_in_backward=True).validate() == []
+    assert len(BenchSettings(**base, optimizer_in_backward=True).validate()) == 1  # galore is among the defaults
+    for levers in ({"methods": every, "precision": "fp16"}, {"methods": every, "optimizer": "adam"},
+                   {"methods": every, "optimizer_in_backward": "yes"},
+                   {"methods": ("vanilla", "galore"), "optimizer_in_backward": True},
+                   {"methods": ("galore",), "optimizer": "adamw8bit"}):
+        bench = BenchSettings(**base, **levers).validate()
+        train = TrainSettings(**{**base, "data": "digits"}, method=levers.get("methods", ("wasi",))[-1],
+                              **{k: v for k, v in levers.items() if k != "methods"}).validate()
+        assert len(bench) == 1 and bench == [e.replace("--method galore", "--methods galore") for e in train], levers

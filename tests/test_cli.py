@@ -67,6 +67,15 @@ def test_help_texts_name_every_model_and_document_every_option():
     for needle in ("--method", "--eps", "--recompute", "--init-samples", "--plan"):
         assert needle not in text, needle
     assert "minute" not in _help(commands["demo"]) and "min)" not in _help(build_parser(lazy=True))
+    # the memory levers: what each does, what it costs, and what it is not offered with
+    for parser in (train, pretrain):
+        helps = {a.dest: a.help for a in parser._actions}
+        assert "adamw8bit" in helps["optimizer"] and "pip install 'wasi[lowbit]'" in helps["optimizer"]
+        assert "bf16" in helps["precision"] and "fp16 is not offered" in helps["precision"]
+        assert "GradScaler" in helps["precision"] and "evaluation" in helps["precision"]
+        in_backward = helps["optimizer_in_backward"]
+        assert "clipped to norm 2.0 on its own" in in_backward and "global clip" in in_backward
+        assert "galore" in in_backward and "--skip-nonfinite" in in_backward
 
 
 def test_the_defaults_the_help_states_are_the_codes():
@@ -89,7 +98,8 @@ def test_the_defaults_the_help_states_are_the_codes():
     assert (float(adamw), float(sgd)) == (DEFAULT_LR["adamw"], DEFAULT_LR["sgd"])
     assert f"default {LORA_LR_FACTOR:g}x --lr" in helps["lora_lr"]
     settings = TrainSettings(model="vit-micro", data="digits", out="x")
-    for name in ("eps", "batch_size", "checkpoint_every", "log_every", "max_length", "method", "target", "optimizer"):
+    for name in ("eps", "batch_size", "checkpoint_every", "log_every", "max_length", "method", "target", "optimizer",
+                 "precision"):
         assert str(defaults[name]) == str(getattr(settings, name)), name
         assert f"{getattr(settings, name)} (default)" in helps[name] or \
             f"default {getattr(settings, name)}" in helps[name], name

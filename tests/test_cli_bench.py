@@ -91,3 +91,38 @@ def test_the_help_names_every_model_and_dataset_and_documents_every_option():
     assert all(name in helps["data"] for name in (*DATA_NAMES, "synthetic"))
     assert "causal-lm" in helps["task"] and "perplexity" in helps["task"]
     assert not [a.option_strings for a in bench._actions if a.option_strings and not a.help]
+
+
+def test_the_memory_levers_reach_every_run_and_are_refused_as_wasi_train_refuses_them(tmp_path, monkeypatch):
+    from wasi.bench.runner import worker_spec
+    from wasi.training import settings as module
+
+    settings = _parse(["--quick", "--methods", "vanilla,lora,wasi", "--precision", "bf16", "--optimizer", "sgd",
+                       "--optimizer-in-backward", "--out", str(tmp_path)])
+    specs = [worker_spec(settings, m, e, 1) for m, e in settings.runs()]
+    assert {(s["precision"], s["optimizer"], s["optimizer_in_backward"]) for s in specs} == {("bf16", "sgd", True)}
+    assert settings.to_dict()["precision"] == "bf16" and settings.to_dict()["optimizer_in_backward"] is True
+    plain = _parse(["--quick", "--out", str(tmp_path)])
+    assert (plain.precision, plain.optimizer_in_backward) == ("fp32", False)
+    with pytest.raises(UsageError) as err:
+        _parse(["--quick", "--methods", "vanilla,galore+checkpointing", "--precision", "fp16", "--optimizer",
+                "adamw8bit", "--optimizer-in-backward", "--out", "x"])
+    assert str(err.value).splitlines()[1:] == [
+        "  --methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)",
+        "  --precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)",
+        ("  --optimizer-in-backward: --methods galore projects the gradients in its own step, which cannot run "
+         "inside backward"),
+    ]
+    monkeypatch.setattr(module, "lowbit_available", lambda: False)
+    with pytest.raises(UsageError, match=r"--optimizer adamw8bit needs torchao, which is not installed: "
+                                         r"pip install 'wasi\[lowbit\]'"):
+        _parse(["--quick", "--methods", "vanilla,wasi", "--optimizer", "adamw8bit", "--out", "x"])
+
+
+def test_the_help_documents_the_memory_levers():
+    bench = add_bench_parser(argparse.ArgumentParser(prog="wasi").add_subparsers(dest="command"))
+    helps = {a.dest: a.help for a in bench._actions}
+    assert "adamw8bit" in helps["optimizer"] and "pip install 'wasi[lowbit]'" in helps["optimizer"]
+    assert "bf16" in helps["precision"] and "fp16" in helps["precision"] and "inference" in helps["precision"]
+    assert "clipped to norm 2.0 on its own" in helps["optimizer_in_backward"]
+    assert "galore" in helps["optimizer_in_backward"]

@@ -155,6 +155,12 @@ def test_an_empty_existing_folder_is_used(tmp_path, capsys):
     (["--task", "translation"], "--task 'translation': choose one of ['text-classification', "),
     (["--lora-lr", "1e-3"], "--lora-lr is the learning rate of --method lora, got --method wasi"),
     (["--lora-lr", "0", "--method", "lora"], "--lora-lr 0.0: must be a positive finite number"),
+    (["--precision", "fp16"], "--precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling"),
+    (["--optimizer", "adam"], "--optimizer 'adam': choose one of ['adamw', 'sgd', 'adamw8bit']"),
+    (["--optimizer", "adamw8bit", "--method", "galore"], "--method galore needs --optimizer adamw"),
+    (["--optimizer-in-backward", "--method", "galore"],
+     "--optimizer-in-backward: --method galore projects the gradients in its own step"),
+    (["--optimizer-in-backward", "--skip-nonfinite"], "--optimizer-in-backward and --skip-nonfinite are exclusive"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -325,6 +331,31 @@ def test_cli_reports_every_configuration_error_at_once(tmp_path, capsys):
     for needle in ("no-such-model", "no-such-data", "magic", "--eps 1.5", "--batch-size 'abc'", "--lr -1"):
         assert needle in err, needle
     assert "Traceback" not in err
+
+
+def test_the_memory_levers_reach_the_settings_and_their_refusals_are_listed_together(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from wasi.cli.train import train_settings
+    from wasi.training import settings as module
+
+    args = build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path), "--precision", "bf16", "--optimizer", "sgd",
+                                      "--optimizer-in-backward"])
+    chosen = train_settings(args)
+    assert (chosen.precision, chosen.optimizer, chosen.optimizer_in_backward) == ("bf16", "sgd", True)
+    chosen = train_settings(build_parser().parse_args([*CLI_RUN, "--out", str(tmp_path)]))
+    assert (chosen.precision, chosen.optimizer_in_backward) == ("fp32", False)
+    out = tmp_path / "run"
+    code = main([*CLI_RUN, "--out", str(out), "--method", "galore", "--optimizer-in-backward", "--skip-nonfinite",
+                 "--precision", "fp16"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines[0] == "wasi train: error: invalid arguments:" and len(lines) == 4, lines
+    assert [line.strip().split(":")[0].split(" ")[0] for line in lines[1:]] == [
+        "--precision", "--optimizer-in-backward", "--optimizer-in-backward"]
+    monkeypatch.setattr(module, "lowbit_available", lambda: False)
+    line = _error_line(capsys, *CLI_RUN, "--out", str(out), "--optimizer", "adamw8bit")
+    assert line == ("wasi train: error: --optimizer adamw8bit needs torchao, which is not installed: "
+                    "pip install 'wasi[lowbit]'")
+    assert not out.exists()
 
 
 def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):

@@ -67,6 +67,23 @@ def test_quick_bench_writes_every_method_and_the_report(tmp_path, capsys):
     assert "weight rank per layer" in capsys.readouterr().out
 
 
+def test_a_bf16_bench_stepping_inside_backward_records_both_and_keeps_no_gradients(tmp_path):
+    out = tmp_path / "levers"
+    assert _bench(["--quick", "--methods", "vanilla,wasi", "--eps", "0.8", "--steps", "3", "--precision", "bf16",
+                   "--optimizer-in-backward", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["precision"] == "bf16" and results["settings"]["optimizer_in_backward"] is True
+    assert {r["method"] for r in results["records"]} == {"vanilla", "wasi"}
+    for record in results["records"]:
+        assert record["error"] is None, record["error"]
+        assert record["precision"] == "bf16" and record["optimizer_in_backward"] is True
+        assert record["gradients_mb"] == 0.0  # each gradient freed inside backward, once its parameter stepped
+        assert record["optimizer_state_mb"] > 0  # AdamW's moments, kept by the optimizers inside backward
+        assert math.isfinite(record["loss_first"]) and math.isfinite(record["loss_last"])
+    table = (out / "results.md").read_text()
+    assert "`--precision bf16`" in table and "`--optimizer-in-backward`" in table
+
+
 def _finite(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 

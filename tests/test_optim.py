@@ -305,3 +305,36 @@ def test_quantized_moments_are_rotated_through_their_dequantized_values():
     assert type(state["exp_avg"]).__name__ == "OptimState8bit"
     expected = t @ m
     assert float((state["exp_avg"].dequantize() - expected).norm() / expected.norm()) < 0.03  # 8-bit codes
+
+
+def test_state_classes_let_a_weights_only_load_read_the_8bit_moments(tmp_path):
+    import subprocess
+    import sys
+
+    from wasi.optim import state_classes
+
+    assert state_classes("adamw") == [] and state_classes("sgd") == []
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    moment = OptimState8bit.zeros((64, 80))
+    moment.copy_(randn(64, 80, seed=7))
+    path = tmp_path / "opt.pt"
+    torch.save({"state": {0: {"exp_avg": moment}}, "expected": moment.dequantize()}, path)
+    # a fresh process, as `wasi train --resume` is: torchao not imported yet, so its class is not yet allowed
+    script = (
+        "import sys, torch\n"
+        "from wasi.optim import state_classes\n"
+        "try:\n"
+        "    torch.load(sys.argv[1], weights_only=True)\n"
+        "    print('loaded without')\n"
+        "except Exception as err:\n"
+        "    print('refused without' if 'OptimState8bit' in str(err) else repr(err))\n"
+        "with torch.serialization.safe_globals(state_classes('adamw8bit')):\n"
+        "    state = torch.load(sys.argv[1], weights_only=True)\n"
+        "print(type(state['state'][0]['exp_avg']).__name__,\n"
+        "      torch.equal(state['state'][0]['exp_avg'].dequantize(), state['expected']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.stdout.split() == ["refused", "without", "OptimState8bit", "True"], done.stdout + done.stderr

@@ -12,9 +12,11 @@ import torch
 
 from wasi.cli import main
 from wasi.data.lmtext import load_text_folder, split_documents
+from wasi.optim import state_classes
 from wasi.training.causal_lm import lm_evaluate, make_lm_split
 from wasi.training.loop import Run, RunError, TrainSettings, run_training
 from wasi.training.models import build_model
+from wasi.training.settings import lowbit_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only contend
 
@@ -109,11 +111,21 @@ def _settings(out, **kw) -> TrainSettings:
     return TrainSettings(**base)
 
 
-def _final_model(out) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+def _checkpoint(out, optimizer: str = "adamw") -> dict:
+    with torch.serialization.safe_globals(state_classes(optimizer)):  # adamw8bit: torchao's 8-bit moments
+        return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("run", [{"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50}])
+def _final_model(out, optimizer: str = "adamw") -> dict[str, torch.Tensor]:
+    return _checkpoint(out, optimizer)["model"]
+
+
+@pytest.mark.parametrize("run", [
+    {"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50},
+    {"method": "wasi", "optimizer_in_backward": True},
+    pytest.param({"method": "wasi", "optimizer": "adamw8bit"},
+                 marks=pytest.mark.skipif(not lowbit_available(), reason="adamw8bit needs torchao")),
+], ids=["wasi", "vanilla", "wsi-fitted", "wasi-in-backward", "wasi-adamw8bit"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 
@@ -127,17 +139,46 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     monkeypatch.setattr(Run, "_train_step", interrupt_at_seven)
     with pytest.raises(KeyboardInterrupt):
         run_training(_settings(tmp_path / "cut", **run), print_fn=lambda _m: None)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["position"]["step"] == 7
+    optimizer = run.get("optimizer", "adamw")
+    assert _checkpoint(tmp_path / "cut", optimizer)["position"]["step"] == 7
     monkeypatch.setattr(Run, "_train_step", original)
     run_training(_settings(tmp_path / "cut", resume=True, **run), print_fn=lambda _m: None)
 
-    straight, resumed = _final_model(tmp_path / "straight"), _final_model(tmp_path / "cut")
+    straight, resumed = _final_model(tmp_path / "straight", optimizer), _final_model(tmp_path / "cut", optimizer)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r["type"] == "train"]
     assert train_steps == [4, 8, 12]  # logged once each: the interrupted run's extras were dropped
+
+
+def test_a_bf16_run_trains_evaluates_and_times_under_autocast_and_says_so(tmp_path, monkeypatch):
+    seen = set()
+    original = Run._logits
+
+    def logits(self, batch):
+        out = original(self, batch)
+        seen.add((self.model.training, torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(Run, "_logits", logits)
+    summary = run_training(_settings(tmp_path, precision="bf16"), print_fn=_quiet)
+    assert seen == {(True, True, torch.bfloat16), (False, True, torch.bfloat16)}  # training, evaluation, timing
+    assert json.loads((tmp_path / "summary.json").read_text())["precision"] == summary["precision"] == "bf16"
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(v.dtype != torch.bfloat16 for v in _final_model(tmp_path).values())  # the weights stay float32
+
+
+def test_a_nonfinite_gradient_inside_backward_stops_the_run_saying_what_was_updated(tmp_path, monkeypatch):
+    _poison(monkeypatch, 3, "gradient")
+    with pytest.raises(RunError, match=r"^step 3: the gradients of head\.bias, head\.weight, .* and \d+ more are "
+                                       r"NaN/inf; the parameters stepped earlier in that backward were updated"):
+        run_training(_faulty_settings(tmp_path, method="vanilla", optimizer_in_backward=True), print_fn=_quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["position"]["step"] == 2  # the last checkpoint, from before the bad step, is kept
 
 
 def test_run_writes_summary_model_and_plot(tmp_path):
@@ -321,9 +362,11 @@ def test_causal_lm_run_reports_perplexities_and_exports_a_transformers_folder(ti
     assert math.isclose(perplexity, summary["test_perplexity"], rel_tol=1e-4)
 
 
-def test_causal_lm_training_lowers_the_held_out_perplexity(tiny_llama, text_folder, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_causal_lm_training_lowers_the_held_out_perplexity(tiny_llama, text_folder, tmp_path, precision):
     summary = run_training(_task_settings(tiny_llama, text_folder, tmp_path / "v", method="vanilla", steps=30,
-                                     lr=1e-2), print_fn=lambda _m: None)
+                                     lr=1e-2, precision=precision), print_fn=lambda _m: None)
+    assert summary["precision"] == precision
     assert summary["converted_perplexity"] == summary["dense_perplexity"]  # vanilla converts nothing
     assert summary["test_perplexity"] < 0.5 * summary["dense_perplexity"]
 

@@ -9,6 +9,7 @@ from wasi.training.loop import TrainSettings, run_training
 from wasi.training.parallel import (
     Processes,
     check_batch_size,
+    check_in_backward,
     from_env,
     global_mean,
     process_device,
@@ -76,6 +77,20 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_anything_starts(cl
     clean_env.setenv("RANK", "0")
     settings = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path / "run"), batch_size=15, steps=1)
     with pytest.raises(RunError, match="--batch-size 15 is the global batch, split over 2 processes"):
+        run_training(settings)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_step_inside_backward_is_refused_on_several_processes(clean_env, tmp_path):
+    check_in_backward(True, Processes(0, 1))
+    check_in_backward(False, Processes(0, 2))
+    with pytest.raises(RunError, match="--optimizer-in-backward steps each parameter before DDP averages"):
+        check_in_backward(True, Processes(1, 2))
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("RANK", "0")
+    settings = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path / "run"), batch_size=16, steps=1,
+                             optimizer_in_backward=True)
+    with pytest.raises(RunError, match="--optimizer-in-backward steps each parameter"):
         run_training(settings)
     assert not (tmp_path / "run").exists()
 

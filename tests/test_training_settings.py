@@ -11,9 +11,11 @@ from wasi.training.settings import (
     TrainSettings,
     check_data_option,
     check_device,
+    check_in_backward_option,
     check_model_option,
     check_optimizer_option,
     check_out,
+    check_precision_option,
     check_seed_option,
     check_target_option,
     check_task_option,
@@ -27,7 +29,8 @@ def test_each_check_names_the_flag_and_the_value(tmp_path):
     assert check_data_option("synthetic", extra=("synthetic",)) == []
     assert check_task_option("poetry") == ["--task 'poetry': choose one of "
                                            "['text-classification', 'image-classification', 'causal-lm']"]
-    assert check_optimizer_option("lion", galore=False, flag="--method") == ["--optimizer 'lion': choose sgd or adamw"]
+    assert check_optimizer_option("lion", galore=False, flag="--method") == [
+        "--optimizer 'lion': choose one of ['adamw', 'sgd', 'adamw8bit']"]
     assert check_optimizer_option("sgd", galore=True, flag="--methods") == [
         "--methods galore needs --optimizer adamw (GaLore ships Adam-type optimizers)"]
     assert check_seed_option(MAX_SEED) == [] and check_seed_option(-1) == [
@@ -62,3 +65,32 @@ def test_the_learning_rate_defaults_by_optimizer_and_method(tmp_path):
 def test_positive_options_are_positive(tmp_path, value):
     errors = TrainSettings(model="vit-micro", data="digits", out=str(tmp_path), batch_size=value).validate()
     assert f"--batch-size {value}: must be a positive integer" in errors
+
+
+def test_the_memory_levers_are_checked_and_every_refusal_is_listed(tmp_path, monkeypatch):
+    from wasi.training import settings as module
+
+    assert check_precision_option("bf16") == [] and check_precision_option("fp32") == []
+    assert check_precision_option("fp16") == [
+        "--precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)"]
+    assert check_in_backward_option(True, galore=False, skip_nonfinite=False, flag="--method") == []
+    assert check_in_backward_option(False, galore=True, skip_nonfinite=True, flag="--method") == []
+    base = {"model": "vit-micro", "data": "digits", "out": str(tmp_path)}
+    assert TrainSettings(**base, optimizer="sgd", optimizer_in_backward=True, precision="bf16").validate() == []
+    errors = TrainSettings(**base, method="galore", optimizer="adamw8bit", optimizer_in_backward=True,
+                           skip_nonfinite=True, precision="fp16").validate()
+    assert errors == [
+        "--method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)",
+        "--precision 'fp16': choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)",
+        ("--optimizer-in-backward: --method galore projects the gradients in its own step, which cannot run "
+         "inside backward"),
+        ("--optimizer-in-backward and --skip-nonfinite are exclusive: a parameter updated inside backward cannot be "
+         "taken back when a later gradient turns out NaN/inf"),
+    ]
+    monkeypatch.setattr(module, "lowbit_available", lambda: False)
+    assert TrainSettings(**base, optimizer="adamw8bit").validate() == [
+        "--optimizer adamw8bit needs torchao, which is not installed: pip install 'wasi[lowbit]'"]
+    assert TrainSettings(**base, optimizer="adamw8bit").learning_rate == DEFAULT_LR["adamw"]
+    # both are part of what a resumed run must share with the interrupted one
+    fingerprint = TrainSettings(**base, precision="bf16", optimizer_in_backward=True).fingerprint()
+    assert fingerprint["precision"] == "bf16" and fingerprint["optimizer_in_backward"] is True

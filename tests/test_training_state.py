@@ -42,6 +42,15 @@ def test_a_written_checkpoint_reads_back_and_a_changed_one_is_refused(tmp_path):
         read_checkpoint(tmp_path / "none.pt", device=torch.device("cpu"), weights_only=True, fingerprint={})
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_that_settings_old_value(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    write_checkpoint(path, _state(), step=3)  # its settings hold neither precision nor optimizer_in_backward
+    old = {"seed": 1, "precision": "fp32", "optimizer_in_backward": False}
+    assert read_checkpoint(path, device=torch.device("cpu"), weights_only=True, fingerprint=old)["position"]
+    with pytest.raises(RunError, match=r"\(precision: checkpoint 'fp32' vs now 'bf16'\)"):
+        read_checkpoint(path, device=torch.device("cpu"), weights_only=True, fingerprint={**old, "precision": "bf16"})
+
+
 def test_the_digest_follows_values_dtypes_and_shapes():
     a = state_digest({"x": torch.zeros(2, 3)})
     assert a == state_digest({"x": torch.zeros(2, 3)})
@@ -57,3 +66,15 @@ def test_the_generators_come_back_where_they_were():
     restore_rng(saved)
     again = (torch.rand(2), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_the_digest_reads_a_wrapper_tensor_through_its_inner_tensors():
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    moment = OptimState8bit.zeros((64, 80))
+    moment.copy_(torch.randn(64, 80, generator=torch.Generator().manual_seed(0)))
+    before = state_digest({"exp_avg": moment})
+    assert state_digest({"exp_avg": moment}) == before
+    moment.copy_(torch.randn(64, 80, generator=torch.Generator().manual_seed(1)))
+    assert state_digest({"exp_avg": moment}) != before  # the 8-bit codes and scales are what it hashes

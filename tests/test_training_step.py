@@ -102,3 +102,60 @@ def test_a_weighted_step_scales_the_gradient_and_reports_and_checks_the_mean_it_
                         mean_loss=lambda loss: float("nan"))  # another rank's shard was non-finite
     assert result.problem == "the loss is nan"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_step_inside_backward_reaches_the_ordinary_steps_weights_when_no_clip_triggers():
+    from wasi.optim import make_optimizer
+
+    ordinary, _, trainable, batch = _setup()
+    inside = build_vit("vit-micro", num_classes=3)
+    inside.load_state_dict(ordinary.state_dict())
+    before = _copy(ordinary)
+    opt_a = make_optimizer(trainable, "sgd", lr=0.05)
+    opt_b = make_optimizer(inside.parameters(), "sgd", lr=0.05, in_backward=True, max_norm=GRAD_CLIP)
+    for _ in range(4):  # logits scaled down: gradients small enough for neither clip to act
+        a = train_step(ordinary, "image-classification", batch, opt_a, trainable,
+                       logits=lambda x: 0.2 * ordinary(x["images"]))
+        b = train_step(inside, "image-classification", batch, opt_b, list(inside.parameters()), measure_grads=True,
+                       logits=lambda x: 0.2 * inside(x["images"]))
+        assert a.problem is None and b.problem is None
+        assert a.grad_norm < GRAD_CLIP  # no clip in either: the per-parameter norms are below the global one
+        assert b.grad_norm is None and b.grad_bytes == 0  # every gradient was freed inside backward
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    for key, value in ordinary.state_dict().items():
+        torch.testing.assert_close(inside.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any((before[k] - v).abs().max() > 1e-3 for k, v in ordinary.state_dict().items())
+
+
+def test_a_nonfinite_gradient_inside_backward_names_the_parameter_and_closes_the_step():
+    from wasi.optim import make_optimizer
+
+    model, _, trainable, batch = _setup()
+    names = {p: n for n, p in model.named_parameters()}
+    optimizer = make_optimizer(trainable, "sgd", lr=0.05, in_backward=True, max_norm=GRAD_CLIP, names=names)
+    before = _copy(model)
+    model.head.weight.register_hook(lambda g: g * float("nan"))
+    result = train_step(model, "image-classification", batch, optimizer, trainable)
+    assert result.problem == "the gradient of head.weight is NaN/inf" and math.isfinite(result.loss)
+    assert torch.equal(model.head.weight, before["head.weight"])  # the bad one was not stepped
+    assert not torch.equal(model.head.bias, before["head.bias"])  # the others were, inside backward
+    assert optimizer.nonfinite == []  # the step was closed: the next backward may update again
+
+
+def test_bf16_runs_the_forward_under_autocast_and_keeps_the_weights_in_float32():
+    model, optimizer, trainable, batch = _setup(lr=0.01)
+    seen = []
+
+    def logits(b):
+        out = model(b["images"])
+        seen.append(out.dtype)
+        return out
+
+    fp32 = train_step(model, "image-classification", batch, optimizer, trainable, logits=logits)
+    bf16 = train_step(model, "image-classification", batch, optimizer, trainable, logits=logits, precision="bf16")
+    assert seen == [torch.float32, torch.bfloat16]
+    assert fp32.problem is None and bf16.problem is None and math.isfinite(bf16.loss)
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainable)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        train_step(model, "image-classification", batch, optimizer, trainable, precision="fp16")

@@ -203,6 +203,23 @@ def _optimizer_class(name: str) -> tuple[type, dict[str, Any]]:
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
 
+def state_classes(name: str) -> list[type]:
+    """The tensor classes an optimizer ``name`` keeps in its state beyond ``torch.Tensor``.
+
+    ``torch.load(..., weights_only=True)`` refuses unknown classes; a checkpoint holding this
+    optimizer's ``state_dict`` loads inside ``torch.serialization.safe_globals(state_classes(name))``.
+
+    Raises:
+        ImportError: ``adamw8bit`` without torchao installed.
+    """
+    if name == "adamw8bit":
+        _optimizer_class(name)  # the clear ImportError when torchao is missing
+        from torchao.optim.subclass_8bit import OptimState8bit
+
+        return [OptimState8bit]
+    return []
+
+
 def make_optimizer(params: Iterable[Tensor] | Iterable[dict], name: str = "adamw", *, lr: float,
                    weight_decay: float | None = None, in_backward: bool = False, max_norm: float | None = None,
                    names: dict[Tensor, str] | None = None, **options: Any) -> torch.optim.Optimizer:
@@ -354,4 +371,5 @@ __all__ = [
     "freeze_embeddings",
     "make_optimizer",
     "rotate_factor_state",
+    "state_classes",
 ]

@@ -110,6 +110,13 @@ def markdown(results: dict) -> str:
     ]
     if s.get("checkpointing"):
         lines.append("- `--checkpointing`: every method runs with activation checkpointing on top")
+    if s.get("precision", "fp32") != "fp32":
+        lines.append(f"- `--precision {s['precision']}`: every method's forward and loss (training and timed "
+                     "inference) run under torch.autocast; weights, gradients and optimizer state stay float32")
+    if s.get("optimizer_in_backward"):
+        lines.append("- `--optimizer-in-backward`: every method updates each parameter inside backward and frees "
+                     "its gradient (each clipped to norm 2.0 on its own, not globally), so `gradients` is what is "
+                     "left after backward: none")
     if s.get("freeze_embeddings"):
         lines.append("- `--freeze-embeddings`: every method keeps the model's nn.Embedding tables frozen (no "
                      "gradient, no optimizer state)")

@@ -40,6 +40,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
         "init_samples": settings.fit_samples(method), "freeze_embeddings": settings.freeze_embeddings,
         "fidelity": fidelity, "task": settings.task, "image_size": settings.image_size,
         "max_train_samples": settings.max_train_samples, "max_eval_samples": settings.max_eval_samples,
+        "precision": settings.precision, "optimizer_in_backward": settings.optimizer_in_backward,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,
         "spectrum_decay": settings.spectrum_decay, "inference_batches": settings.inference_batches,
         "threads": settings.threads, "device": settings.device, "arch": settings.arch,

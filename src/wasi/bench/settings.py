@@ -18,8 +18,10 @@ from wasi.training.settings import (
     LORA_LR_FACTOR,
     check_data_option,
     check_device,
+    check_in_backward_option,
     check_model_option,
     check_optimizer_option,
+    check_precision_option,
     check_seed_option,
     check_target_option,
     check_task_option,
@@ -90,6 +92,8 @@ class BenchSettings:
     image_size: int | None = None  # as wasi train --image-size
     max_train_samples: int | None = None  # as wasi train --max-train-samples (the batches and the accuracy runs)
     max_eval_samples: int | None = None  # as wasi train --max-eval-samples (the accuracy runs)
+    precision: str = "fp32"  # as wasi train --precision, for every method
+    optimizer_in_backward: bool = False  # as wasi train --optimizer-in-backward, for every method
     lora_rank: int = 8
     galore_rank: int = 64
     max_length: int = 128
@@ -159,7 +163,11 @@ class BenchSettings:
         if self.freeze_embeddings and self.model in VIT_PRESETS:
             errors.append(f"--freeze-embeddings: model {self.model!r} has no nn.Embedding layer (a ViT's patch "
                           "and position embeddings are not token tables)")
-        errors += check_optimizer_option(self.optimizer, galore="galore" in self.methods, flag="--methods")
+        galore = any(split_method(m)[0] == "galore" for m in self.methods)
+        errors += check_optimizer_option(self.optimizer, galore=galore, flag="--methods")
+        errors += check_precision_option(self.precision)
+        errors += check_in_backward_option(self.optimizer_in_backward, galore=galore, skip_nonfinite=False,
+                                           flag="--methods")
         if self.lr is not None and (math.isnan(self.lr) or self.lr <= 0):
             errors.append(f"--lr {self.lr}: must be positive")
         if self.lora_lr is not None and (math.isnan(self.lora_lr) or self.lora_lr <= 0):

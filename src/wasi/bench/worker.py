@@ -28,6 +28,7 @@ from wasi.config import has_weight_factors
 from wasi.convert import wasi_layers
 from wasi.memory import summary
 from wasi.models import VIT_PRESETS, build_vit
+from wasi.optim import make_optimizer
 from wasi.training.loop import run_training
 from wasi.training.measure import PeakMemory, median, set_cpu_allocator
 from wasi.training.methods import WASI_MODES, MethodOptions, apply_method, build_optimizer, target_layers
@@ -43,13 +44,17 @@ from wasi.training.pipeline import (
 )
 from wasi.training.settings import FITTED_METHODS, TrainSettings
 from wasi.training.state import seed_everything
-from wasi.training.step import train_step
+from wasi.training.step import GRAD_CLIP, precision_context, train_step
 
 MB = 2**20
 
 
 def _tensor_bytes(objects: Any, seen: set[int]) -> int:
     # walk optimizer state: tensors, containers, and objects holding tensors (GaLore's projector)
+    if isinstance(objects, torch.Tensor) and type(objects) is not torch.Tensor and hasattr(objects, "__tensor_flatten__"):
+        # a wrapper tensor (torchao's 8-bit moments): its storage is its inner tensors' (codes, scales)
+        names, _ = objects.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(objects, name), seen) for name in names)
     if isinstance(objects, torch.Tensor):
         storage = objects.untyped_storage()
         key = storage.data_ptr()
@@ -84,15 +89,43 @@ def warm_up(spec: dict) -> None:
     options = MethodOptions(eps=0.8, target=spec["target"], lora_rank=2, galore_rank=2, seed=0,
                             checkpointing=checkpointing or spec.get("checkpointing", False))
     model = apply_method(model, method, options, head="head")
-    optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=1e-4)
+    optimizer = _optimizer(model, method, options, spec, lr=1e-4)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batch = {"images": torch.randn(4, 3, 8, 8), "labels": torch.tensor([0, 1, 2, 3])}
+    precision = spec.get("precision", "fp32")
     for _ in range(2):
-        train_step(model, "image-classification", batch, optimizer, trainable)
+        train_step(model, "image-classification", batch, optimizer, trainable, precision=precision)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), precision_context(precision, "cpu"):
         model(batch["images"])
     torch.set_rng_state(state)
+
+
+def _optimizer(model: torch.nn.Module, method: str, options: MethodOptions, spec: dict, *, lr: float):
+    # as `wasi train` builds it: inside backward, each gradient clipped on its own, with --optimizer-in-backward
+    in_backward = bool(spec.get("optimizer_in_backward"))
+    return build_optimizer(model, method, options, name=spec["optimizer"], lr=lr, in_backward=in_backward,
+                           max_norm=GRAD_CLIP if in_backward else None)
+
+
+def compile_optimizer_step(model: torch.nn.Module, spec: dict) -> None:
+    """adamw8bit: compile torchao's step for every trainable shape, on throwaway zeros, before the training phase.
+
+    Its step is compiled once per parameter shape, on first use: left to the measured steps, the
+    compiler's transient memory would count as the training peak of the method. What compiling
+    leaves resident (the compiled code) still counts, through the training phase's baseline.
+
+    Args:
+        model: the model about to be trained (its trainable parameters' shapes, dtypes, devices).
+        spec: the run's spec: ``optimizer`` (nothing is done but for ``"adamw8bit"``) and ``lr``.
+    """
+    if spec["optimizer"] != "adamw8bit":
+        return
+    shapes = {(tuple(p.shape), p.dtype, p.device) for p in model.parameters() if p.requires_grad}
+    zeros = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) for shape, dtype, device in shapes]
+    for p in zeros:
+        p.grad = torch.zeros_like(p)
+    make_optimizer(zeros, "adamw8bit", lr=spec["lr"]).step()  # build_optimizer's: same constants, same kernels
 
 
 def _layer_ranks(model: torch.nn.Module) -> list[dict]:
@@ -217,9 +250,11 @@ def measure(spec: dict) -> dict:
                                 print_fn=lambda m: print(m, flush=True))
     model = model.to(device)
     bundle.model = model
-    optimizer = build_optimizer(model, method, options, name=spec["optimizer"], lr=spec["lr"])
+    optimizer = _optimizer(model, method, options, spec, lr=spec["lr"])
+    precision = spec.get("precision", "fp32")
     trainable = [p for p in model.parameters() if p.requires_grad]
     setup_peak = meter.peak_mb()
+    compile_optimizer_step(model, spec)
 
     # ---- training steps: the peak from here on is the training phase's
     phase = PeakMemory(device)
@@ -241,7 +276,7 @@ def measure(spec: dict) -> dict:
         t0 = time.perf_counter()
         # saved tensors counted on the warm-up step, which the median skips; gradients on the last
         result = train_step(model, task, batch, optimizer, trainable, count_saved=step == 0,
-                            measure_grads=step == steps - 1)
+                            measure_grads=step == steps - 1, precision=precision)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -266,7 +301,7 @@ def measure(spec: dict) -> dict:
     model.eval()
     runs = spec["inference_batches"]
     inf_times = []
-    with torch.no_grad():
+    with torch.no_grad(), precision_context(precision, device):
         bundle.logits(batches[0])  # warm-up
         for i in range(runs):
             batch = batches[i % len(batches)]
@@ -310,6 +345,8 @@ def measure(spec: dict) -> dict:
         "checkpointing": method == "checkpointing" or checkpointing,
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and has_weight_factors(WASI_MODES[method]),
         "freeze_embeddings": bool(spec.get("freeze_embeddings")),
+        "precision": precision,
+        "optimizer_in_backward": bool(spec.get("optimizer_in_backward")),
     }
     if not all(math.isfinite(v) for v in losses):
         record["warning"] = f"non-finite loss {losses}"
@@ -344,6 +381,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         freeze_embeddings=spec.get("freeze_embeddings", False),
         task=spec.get("task"), image_size=spec.get("image_size"),
         max_train_samples=spec.get("max_train_samples"), max_eval_samples=spec.get("max_eval_samples"),
+        precision=spec.get("precision", "fp32"), optimizer_in_backward=bool(spec.get("optimizer_in_backward")),
     )
     summary = run_training(settings, print_fn=lambda m: print(m, flush=True))
     result = {"train_summary": str(out / "summary.json"),

@@ -70,7 +70,17 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="explicit Tucker rank per mode (instead of eps)")
     parser.add_argument("--lora-rank", default=None, help="default 8")
     parser.add_argument("--galore-rank", default=None, help="default 64")
-    parser.add_argument("--optimizer", default=None, help="adamw (default) or sgd")
+    parser.add_argument("--optimizer", default=None,
+                        help="adamw (default), sgd or adamw8bit (8-bit moments, torchao: pip install "
+                             "'wasi[lowbit]'), as for `wasi train`; galore takes adamw only")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="every method updates each parameter inside backward and frees its gradient, each "
+                             "gradient clipped to norm 2.0 on its own instead of the global clip (as `wasi train "
+                             "--optimizer-in-backward`); not with galore")
+    parser.add_argument("--precision", default=None,
+                        help="fp32 (default) or bf16: every method's training forward and loss, and the timed "
+                             "inference, under torch.autocast to bfloat16 (as `wasi train --precision`; fp16, "
+                             "which needs loss scaling, is not offered)")
     parser.add_argument("--lr", default=None, help="learning rate (default 1e-4 adamw, 0.05 sgd)")
     parser.add_argument("--lora-lr", default=None,
                         help="learning rate of the lora runs (default 10x --lr, as in `wasi train`: LoRA trains "
@@ -148,9 +158,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         values["checkpointing"] = True
     if args.freeze_embeddings:
         values["freeze_embeddings"] = True
+    if args.optimizer_in_backward:
+        values["optimizer_in_backward"] = True
     if args.methods is not None:
         values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir", "task"):
+    for name in ("model", "data", "target", "optimizer", "device", "arch", "cache_dir", "task", "precision"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for name in ("model", "data"):

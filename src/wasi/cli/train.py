@@ -40,6 +40,7 @@ def train_settings(args: argparse.Namespace, **fixed):
         "skip_nonfinite": args.skip_nonfinite, "recompute": getattr(args, "recompute", False),
         "checkpointing": getattr(args, "checkpointing", False),
         "freeze_embeddings": getattr(args, "freeze_embeddings", False), "task": getattr(args, "task", None),
+        "precision": args.precision, "optimizer_in_backward": args.optimizer_in_backward,
         **values,
     }
     fields.update(fixed)
@@ -122,7 +123,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> 
     if with_method:
         parser.add_argument("--lora-lr", default=None,
                             help="learning rate of --method lora (default 10x --lr: LoRA trains its adapters from zero)")
-    parser.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
+    parser.add_argument("--optimizer", default="adamw",
+                        help="adamw (default), sgd (no momentum: no optimizer state) or adamw8bit (AdamW with "
+                             "8-bit moments, from torchao: pip install 'wasi[lowbit]'; not with galore)")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="update each parameter inside backward as soon as its gradient is complete, and free "
+                             "that gradient: the gradients of the whole model never exist together. Each "
+                             "parameter's gradient is clipped to norm 2.0 on its own (the global norm of all of "
+                             "them is never known, so the usual global clip at 2.0 cannot apply). Not with galore "
+                             "nor --skip-nonfinite (an update made inside backward cannot be skipped afterwards)")
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32 (default) or bf16: the forward and loss of training, evaluation and the timed "
+                             "inference run under torch.autocast to bfloat16 (weights, gradients and optimizer "
+                             "state stay float32). fp16 is not offered: it needs loss scaling (a GradScaler)")
     parser.add_argument("--seed", default=0,
                         help="seed of the split, the batch order and the new weights, 0 to 2**32-1 (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -23,6 +23,7 @@ from wasi.convert import wasi_layers
 from wasi.distributed import AllReduceCounter, data_parallel, shard
 from wasi.guards import NonFiniteError, set_nonfinite_policy
 from wasi.modules import WASILinear, collect_grad_cosines
+from wasi.optim import state_classes
 from wasi.training import parallel
 from wasi.training.batches import Split, epoch_order, make_batch
 from wasi.training.causal_lm import generation_sample, lm_evaluate
@@ -59,7 +60,7 @@ from wasi.training.state import (
     seed_everything,
     write_checkpoint,
 )
-from wasi.training.step import GRAD_CLIP, train_step
+from wasi.training.step import GRAD_CLIP, precision_context, train_step
 
 __all__ = [
     "DATA_NAMES", "DEFAULT_FIDELITY", "DEFAULT_INIT_SAMPLES", "DEFAULT_LR", "FITTED_METHODS", "GRAD_CLIP",
@@ -171,7 +172,12 @@ class Run:
             self.converted_perplexity = (self._perplexity(self.model, f"after {s.method}'s conversion")
                                          if s.method in WASI_MODES else self.dense_perplexity)
         self.model.train()  # transformers' from_pretrained hands the model over in eval mode
-        self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate)
+        try:
+            self.optimizer = build_optimizer(self.model, s.method, options, name=s.optimizer, lr=s.learning_rate,
+                                             in_backward=s.optimizer_in_backward,
+                                             max_norm=GRAD_CLIP if s.optimizer_in_backward else None)
+        except ImportError as err:  # adamw8bit without torchao: the message names the install command
+            raise RunError(f"--optimizer {s.optimizer}: {err}") from None
         self.batches_per_epoch = math.ceil(self.train.size / s.batch_size)
         self.total_steps = s.steps or (s.epochs or 1) * self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -181,7 +187,15 @@ class Run:
 
     def _checkpoint_ranks(self, model: torch.nn.Module) -> dict[str, int | None]:
         # ranks chosen by fidelity before the interruption: the shapes of the checkpoint's factors
-        return checkpoint_ranks(self.files.checkpoint, target_layers(model, self.s.target))
+        with self._checkpoint_classes():
+            return checkpoint_ranks(self.files.checkpoint, target_layers(model, self.s.target))
+
+    def _checkpoint_classes(self):
+        """The context in which a weights-only load accepts this run's optimizer state (adamw8bit: torchao's)."""
+        try:
+            return torch.serialization.safe_globals(state_classes(self.s.optimizer))
+        except ImportError as err:
+            raise RunError(f"--optimizer {self.s.optimizer}: {err}") from None
 
     def _load_plan(self) -> Plan | None:
         if self.s.plan is None:
@@ -205,9 +219,14 @@ class Run:
         training = self.ddp is not None and torch.is_grad_enabled()
         return model_logits(self.ddp if training else self.model, batch)
 
+    def _precision(self):
+        """The context every forward of the run goes through: bf16 autocast under ``--precision bf16``."""
+        return precision_context(self.s.precision, self.device)
+
     def _perplexity(self, model: torch.nn.Module, when: str) -> float:
         """Held-out (test split) perplexity of ``model``, printed with ``when``."""
-        loss, perplexity = lm_evaluate(model, self.test, self.pad_id, self.device, self.s.batch_size)
+        with self._precision():
+            loss, perplexity = lm_evaluate(model, self.test, self.pad_id, self.device, self.s.batch_size)
         self.print(f"test perplexity {when}: {perplexity:.2f} (loss {loss:.4f}, {self.test.size} windows)")
         return perplexity
 
@@ -237,8 +256,9 @@ class Run:
 
     def _resume(self) -> None:
         path = self.files.checkpoint
-        state = read_checkpoint(path, device=self.device, weights_only=self.s.method != "galore",
-                                fingerprint=self.s.fingerprint())
+        with self._checkpoint_classes():
+            state = read_checkpoint(path, device=self.device, weights_only=self.s.method != "galore",
+                                    fingerprint=self.s.fingerprint())
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -296,7 +316,8 @@ class Run:
         every rank returns the same numbers (a causal LM's split is scored whole on every rank).
         """
         if self.task == "causal-lm":
-            loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device, self.s.batch_size)
+            with self._precision():
+                loss, perplexity = lm_evaluate(self.model, split, self.pad_id, self.device, self.s.batch_size)
             return perplexity, loss
         self.model.eval()
         correct, total_loss = 0, 0.0
@@ -305,7 +326,8 @@ class Run:
         for start in range(0, len(mine), bs):
             idx = mine[start:start + bs]
             batch = make_batch(split, idx, self.pad_id, self.device)
-            logits = self._logits(batch)
+            with self._precision():
+                logits = self._logits(batch).float()
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         self.model.train()
@@ -322,14 +344,15 @@ class Run:
         starts = list(range(0, self.test.size, bs))
         batches = [make_batch(self.test, torch.arange(s, min(s + bs, self.test.size)), self.pad_id, self.device)
                    for s in starts]
-        self._logits(batches[0])  # warm-up
         times = []
-        for batch in batches:
-            t0 = time.perf_counter()
-            self._logits(batch)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            times.append(time.perf_counter() - t0)
+        with self._precision():
+            self._logits(batches[0])  # warm-up
+            for batch in batches:
+                t0 = time.perf_counter()
+                self._logits(batch)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - t0)
         self.model.train()
         return 1000 * median(times), 1000 * sum(times) / self.test.size
 
@@ -362,7 +385,8 @@ class Run:
         A NaN/inf loss or gradient norm stops the run with a RunError (the last checkpoint stays
         good), or with ``skip_nonfinite`` the step is skipped (no parameter or optimizer-state
         change; the scheduler still advances, so the learning rate stays a function of the step)
-        and counted.
+        and counted. With ``optimizer_in_backward`` a NaN/inf gradient always stops the run: the
+        parameters stepped before it inside backward cannot be taken back.
         """
         t0 = time.perf_counter()
         model, weight = self.ddp or self.model, self.batch_weight
@@ -371,7 +395,8 @@ class Run:
             result = train_step(model, self.task, batch, self.optimizer, self.trainable,
                                 count_saved=self.saved_activation_bytes is None,
                                 logits=self._logits, after_backward=self._log_grad_cosines,
-                                weight=weight, mean_loss=lambda loss: parallel.global_mean(loss, weight, self.procs))
+                                weight=weight, mean_loss=lambda loss: parallel.global_mean(loss, weight, self.procs),
+                                precision=self.s.precision)
         except NonFiniteError as err:
             raise RunError(f"step {self.step + 1}: {err}") from None
         if self.counter and self.counter.bytes > sent:
@@ -379,6 +404,11 @@ class Run:
         if result.saved_bytes is not None:
             self.saved_activation_bytes = result.saved_bytes
         if result.problem is not None:
+            if self.s.optimizer_in_backward and not result.problem.startswith("the loss"):
+                # the step ran inside backward: the parameters stepped before the bad gradient keep their update
+                raise RunError(f"step {self.step + 1}: {result.problem}; the parameters stepped earlier in that "
+                               "backward were updated, so the run stops (its last checkpoint is intact). Lower --lr, "
+                               "or check the data")
             if not self.s.skip_nonfinite:
                 raise RunError(f"step {self.step + 1}: {result.problem}; nothing was updated. Lower --lr, check the "
                                "data, or pass --skip-nonfinite to skip such steps")
@@ -420,7 +450,8 @@ class Run:
                 if mean is not None:
                     self.loss_history.append((self.step, mean))
                 self._metric({"type": "train", "step": self.step, "epoch": self.epoch + 1, "loss": mean,
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                              "lr": float(self.scheduler.get_last_lr()[0]),  # a tensor under torchao's optimizers
+                              "samples_per_s": rate,
                               "skipped_steps": self.skipped_steps})
                 if not interactive:
                     per_step = (now - run_start) / max(self.step - start_step, 1)
@@ -450,6 +481,7 @@ class Run:
                 size the processes cannot share).
         """
         parallel.check_batch_size(self.s.batch_size, self.procs)
+        parallel.check_in_backward(self.s.optimizer_in_backward, self.procs)
         started = parallel.start(self.procs, self.device)
         try:
             return self._execute()
@@ -500,6 +532,8 @@ class Run:
             "target": self.s.target,
             "recompute": self.s.recompute,
             "checkpointing": self.s.checkpointing,
+            "precision": self.s.precision,
+            "optimizer_in_backward": self.s.optimizer_in_backward,
             f"test_{metric}": test_score,
             f"best_val_{metric}": self.best_val,
             "train_steps": self.step,
@@ -533,7 +567,8 @@ class Run:
         if self.task == "causal-lm":
             summary.update({"test_loss": test_loss, "dense_perplexity": self.dense_perplexity,
                             "converted_perplexity": self.converted_perplexity})
-            prompt, continuation = generation_sample(self.model, self.bundle.tokenizer, self.test, self.device)
+            with self._precision():
+                prompt, continuation = generation_sample(self.model, self.bundle.tokenizer, self.test, self.device)
             summary["generation_sample"] = {"prompt": prompt, "continuation": continuation}
             self.print(f"sample: {prompt!r} -> {continuation!r}")
         cosines = [r for r in self.files.read_metrics() if r.get("type") == "grad_cosine"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from wasi.config import WASIConfig, has_weight_factors
 from wasi.convert import convert, select_layers
-from wasi.optim import freeze_embeddings
+from wasi.optim import freeze_embeddings, make_optimizer
 
 WASI_MODES = {
     "asi": "activations-only",
@@ -111,17 +111,29 @@ def apply_method(
 
 
 def build_optimizer(
-    model: nn.Module, method: str, options: MethodOptions, *, name: str, lr: float
+    model: nn.Module, method: str, options: MethodOptions, *, name: str, lr: float, in_backward: bool = False,
+    max_norm: float | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD (the paper's: no momentum, weight decay 1e-4) or AdamW; GaLore uses GaLoreAdamW.
+    """The optimizer of a run: ``wasi.optim.make_optimizer``'s by ``name``; GaLore uses GaLoreAdamW.
+
+    ``sgd`` is the paper's (no momentum, weight decay 1e-4), ``adamw`` has no weight decay,
+    ``adamw8bit`` keeps 8-bit moments (torchao). The moments are not rotated at a
+    re-orthonormalisation of ``L`` (:func:`wasi.optim.follow_rotations` does it in the library).
+
+    Args:
+        in_backward: step each parameter inside backward (:class:`wasi.optim.OptimizerInBackward`),
+            its gradient clipped to ``max_norm`` on its own.
+        max_norm: the per-parameter clip of ``in_backward`` (None: none).
 
     Raises:
-        ValueError: GaLore with SGD, or an unknown optimizer name.
+        ValueError: GaLore with another optimizer than adamw or inside backward, or an unknown name.
+        ImportError: ``adamw8bit`` without torchao (the message names the install command).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "galore":
-        if name != "adamw":
-            raise ValueError("method galore needs --optimizer adamw (GaLore ships Adam-type optimizers)")
+        if name != "adamw" or in_backward:
+            raise ValueError("method galore needs --optimizer adamw, stepped after backward (GaLore ships "
+                             "Adam-type optimizers that project the whole gradient)")
         from galore_torch import GaLoreAdamW
 
         layers = set(target_layers(model, options.target))
@@ -133,8 +145,6 @@ def build_optimizer(
              "scale": 0.25, "proj_type": "std"},
         ]
         return GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=1e-4)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
+    names = {p: n for n, p in model.named_parameters()} if in_backward else None
+    optimizer = make_optimizer(params, name, lr=lr, in_backward=in_backward, max_norm=max_norm, names=names)
+    return optimizer

@@ -78,6 +78,20 @@ def check_batch_size(batch_size: int, procs: Processes) -> None:
                        f"give a multiple of {procs.world}")
 
 
+def check_in_backward(in_backward: bool, procs: Processes) -> None:
+    """Refuse the optimizer step inside backward on several processes.
+
+    Each parameter would be stepped from its own process's gradient as soon as backward
+    accumulates it, before DDP's all-reduce has averaged it: the processes' factors would part.
+
+    Raises:
+        RunError: ``in_backward`` on more than one process.
+    """
+    if in_backward and procs.world > 1:
+        raise RunError(f"--optimizer-in-backward steps each parameter before DDP averages its gradient over the "
+                       f"{procs.world} processes; train on several processes with the ordinary step")
+
+
 def process_device(device: str, procs: Processes) -> str:
     """The device this process trains on: ``cuda`` becomes ``cuda:LOCAL_RANK`` on several processes.
 

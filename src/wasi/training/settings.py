@@ -7,6 +7,7 @@ runs the same models and data, reports a bad value in the same words.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from wasi.training.models import MODEL_NAMES, TASKS, ModelError, check_model, te
 DATA_NAMES = ("spam", "fashion-mnist", "digits", "brown", "bbc-news")
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
-DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
+DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05, "adamw8bit": 1e-4}
+PRECISIONS = ("fp32", "bf16")  # fp16 would need a GradScaler (loss scaling): not offered
 # LoRA trains a few adapter weights from zero: its default lr is this many times the full fine-tuning one
 LORA_LR_FACTOR = 10.0
 GRAD_CLIP = 2.0  # the paper's setting (docs WASI.md section 10)
@@ -66,13 +68,41 @@ def check_task_option(task: str | None) -> list[str]:
     return []
 
 
+def lowbit_available() -> bool:
+    """Whether ``torchao`` (the ``lowbit`` extra, for ``adamw8bit``) can be imported; does not import it."""
+    return importlib.util.find_spec("torchao") is not None
+
+
 def check_optimizer_option(optimizer: str, *, galore: bool, flag: str) -> list[str]:
-    """``--optimizer``: sgd or adamw; GaLore (named by ``flag``) takes adamw only."""
+    """``--optimizer``: sgd, adamw or adamw8bit (torchao installed); GaLore (named by ``flag``) takes adamw only."""
     if optimizer not in DEFAULT_LR:
-        return [f"--optimizer {optimizer!r}: choose sgd or adamw"]
+        return [f"--optimizer {optimizer!r}: choose one of {list(DEFAULT_LR)}"]
     if galore and optimizer != "adamw":
         return [f"{flag} galore needs --optimizer adamw (GaLore ships Adam-type optimizers)"]
+    if optimizer == "adamw8bit" and not lowbit_available():
+        return ["--optimizer adamw8bit needs torchao, which is not installed: pip install 'wasi[lowbit]'"]
     return []
+
+
+def check_precision_option(precision: str) -> list[str]:
+    """``--precision``: fp32 or bf16 (fp16 would need loss scaling, which the step does not do)."""
+    if precision not in PRECISIONS:
+        return [f"--precision {precision!r}: choose fp32 or bf16 (fp16 needs loss scaling, which is not offered)"]
+    return []
+
+
+def check_in_backward_option(in_backward, *, galore: bool, skip_nonfinite: bool, flag: str) -> list[str]:
+    """``--optimizer-in-backward``: not with GaLore (named by ``flag``), nor with ``--skip-nonfinite``."""
+    if not isinstance(in_backward, bool):
+        return [f"--optimizer-in-backward {in_backward!r}: must be true or false"]
+    errors = []
+    if in_backward and galore:
+        errors.append(f"--optimizer-in-backward: {flag} galore projects the gradients in its own step, which "
+                      "cannot run inside backward")
+    if in_backward and skip_nonfinite:
+        errors.append("--optimizer-in-backward and --skip-nonfinite are exclusive: a parameter updated inside "
+                      "backward cannot be taken back when a later gradient turns out NaN/inf")
+    return errors
 
 
 def check_seed_option(seed: int) -> list[str]:
@@ -127,6 +157,8 @@ class TrainSettings:
     lora_lr: float | None = None  # LoRA's learning rate (None: LORA_LR_FACTOR x the full fine-tuning lr)
     image_size: int | None = None  # image side the model is fed, and image folders are resized to when loaded
     max_eval_samples: int | None = None  # use only this many validation and test samples (windows)
+    precision: str = "fp32"  # bf16: the forward and loss (training, evaluation, inference) under bf16 autocast
+    optimizer_in_backward: bool = False  # each parameter stepped inside backward, its gradient clipped on its own
 
     def validate(self) -> list[str]:
         errors = check_model_option(self.model, self.arch, self.max_length)
@@ -168,6 +200,9 @@ class TrainSettings:
             errors.append(f"--lora-lr is the learning rate of --method lora, got --method {self.method}")
         errors += check_task_option(self.task)
         errors += check_optimizer_option(self.optimizer, galore=self.method == "galore", flag="--method")
+        errors += check_precision_option(self.precision)
+        errors += check_in_backward_option(self.optimizer_in_backward, galore=self.method == "galore",
+                                           skip_nonfinite=self.skip_nonfinite is True, flag="--method")
         errors += check_seed_option(self.seed)
         errors += check_target_option(self.target)
         if not isinstance(self.checkpointing, bool):

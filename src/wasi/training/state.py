@@ -15,6 +15,8 @@ from wasi.training.settings import RunError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
+# settings added after checkpoints were first written, with the value those checkpoints ran at
+IMPLICIT_SETTINGS = {"precision": "fp32", "optimizer_in_backward": False}
 
 
 def state_digest(state) -> str:
@@ -29,7 +31,13 @@ def state_digest(state) -> str:
 
 
 def _digest_into(digest, value) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        # a wrapper subclass (torchao's 8-bit optimizer state): its own bytes are its inner tensors'
+        names, context = value.__tensor_flatten__()
+        digest.update(f"S{type(value).__qualname__}{tuple(value.shape)}{context!r}".encode())
+        for name in names:
+            _digest_into(digest, getattr(value, name))
+    elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
@@ -133,7 +141,7 @@ def read_checkpoint(path: Path, *, device: torch.device, weights_only: bool, fin
         if recorded != state_digest(state):
             raise RunError(f"--resume: {path} is corrupt: its contents do not match the SHA-256 "
                            "recorded when it was written")
-    saved = state["settings"]
+    saved = {**IMPLICIT_SETTINGS, **state["settings"]}
     diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
