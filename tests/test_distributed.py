@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -23,6 +24,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is needed")
 
 
+@pytest.fixture(autouse=True)
+def loopback(monkeypatch):
+    """gloo on the loopback interface: no lookup of the machine's name, whatever the machine."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -37,6 +44,7 @@ def _launch(nproc: int, mode: str, out: Path) -> tuple[list[list[float]], list[d
     for rank in range(nproc):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   GLOO_SOCKET_IFNAME="lo",
                    MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--mode", mode, "--out", str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -114,7 +122,8 @@ def test_any_ddp_wrap_of_a_converted_model_leaves_out_the_local_buffers(tmp_path
     """wasi.convert marks the buffers, so a DDP built by other code (accelerate, Trainer) honours it."""
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     wasi.convert(model, wasi.WASIConfig(eps=0.9), filter_fn=lambda m, fqn: True)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         if wrap == "data_parallel":
             ddp = data_parallel(model)
@@ -185,7 +194,8 @@ def test_allreduce_counter_counts_the_trainable_gradients_once_per_step(tmp_path
     dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
     converted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
     wasi.convert(converted, wasi.WASIConfig(rank=4, mode="weights-only"), filter_fn=lambda m, fqn: fqn == "0")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         sent = {}
         for name, model in (("dense", dense), ("wasi", converted)):

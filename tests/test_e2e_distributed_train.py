@@ -53,6 +53,7 @@ def _start(nproc: int, argv: list[str]) -> list[subprocess.Popen]:
     for rank in range(nproc):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   GLOO_SOCKET_IFNAME="lo",
                    MASTER_PORT=str(port), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, "-m", "wasi", *argv], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
