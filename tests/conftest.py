@@ -77,6 +77,34 @@ def dense_linear(in_features: int, out_features: int, *, bias: bool = True, dtyp
 def randn(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
+def train_once(layer: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One forward and a backward of a fixed random projection of the output."""
+    y = layer(x)
+    (y * randn(*y.shape, seed=seed, dtype=y.dtype)).sum().backward()
+    return y
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value.shape == b[key].shape and torch.equal(value, b[key]), key
+
+
+def all_finite(module: nn.Module) -> bool:
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def orthonormal(basis: torch.Tensor, atol: float = 1e-5) -> bool:
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype)
+    return torch.allclose(basis.T @ basis, eye, atol=atol)
+
+
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:

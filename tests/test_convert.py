@@ -14,8 +14,9 @@ from torch import nn
 
 import wasi
 from calibration_models import MLP_NAMES, full_budget_plan, id_batches, tiny
-from conftest import dense_linear, randn
+from conftest import all_finite, assert_same_state, dense_linear, orthonormal, randn, state_copy, train_once
 from wasi import WASIConfig, WASILinear
+from wasi.config import MODES
 from wasi.calibrate import calibrate
 from wasi.convert import apply_plan, select_layers
 from wasi.guards import NonFiniteError
@@ -452,34 +453,16 @@ def test_convert_with_a_plan_wraps_its_layers_with_its_ranks():
 
 
 
-MODES = ["factored", "reference", "activations-only", "weights-only"]
 
 
-def _step(layer: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    y = layer(x)
-    (y * randn(*y.shape, seed=seed, dtype=y.dtype)).sum().backward()
-    return y
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert value.shape == b[key].shape and torch.equal(value, b[key]), key
 
 
-def _all_finite(module: nn.Module) -> bool:
-    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-    tensors += [p.grad for p in module.parameters() if p.grad is not None]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _orthonormal(basis: torch.Tensor, atol: float = 1e-5) -> bool:
-    eye = torch.eye(basis.shape[1], dtype=basis.dtype)
-    return torch.allclose(basis.T @ basis, eye, atol=atol)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
@@ -492,11 +475,11 @@ def test_huge_and_tiny_weights_convert_and_train(mode, scale):
     torch.testing.assert_close(layer.effective_weight().detach() / scale, reference.effective_weight().detach(),
                                atol=1e-5, rtol=1e-4)
     for step in range(3):
-        y = _step(layer, randn(3, 5, 16, seed=step), seed=step)
+        y = train_once(layer, randn(3, 5, 16, seed=step), seed=step)
         assert bool(torch.isfinite(y).all())
-    assert _all_finite(layer)
+    assert all_finite(layer)
     if layer.left is not None:
-        assert _orthonormal(layer.left.detach())
+        assert orthonormal(layer.left.detach())
 
 
 def _scaled_linear(scale: float) -> nn.Linear:
@@ -518,12 +501,12 @@ def test_degenerate_weights_convert_to_a_valid_factorisation(kind):
             module.weight.copy_(randn(12, 2, seed=18) @ randn(2, 16, seed=19))
     for config in (WASIConfig(eps=0.9), WASIConfig(rank=5), WASIConfig(eps=0.9, mode="reference")):
         layer = WASILinear.from_module(copy.deepcopy(module), config, name="fc")
-        assert _orthonormal(layer.left.detach())
+        assert orthonormal(layer.left.detach())
         torch.testing.assert_close(layer.left @ layer.right, module.weight, atol=1e-5, rtol=0)
         if kind != "rank-deficient" and config.rank is None:
             assert layer.rank == 1
-        _step(layer, randn(3, 5, 16, seed=20))
-        assert _all_finite(layer)
+        train_once(layer, randn(3, 5, 16, seed=20))
+        assert all_finite(layer)
 
 
 def test_a_non_finite_weight_cannot_be_converted_and_says_which_layer():
@@ -538,10 +521,10 @@ def test_a_non_finite_weight_cannot_be_converted_and_says_which_layer():
 
 def test_converting_twice_is_refused_and_leaves_the_model_as_it_was():
     model = wasi.convert(_vit(), WASIConfig(rank=4))
-    before = _state(model)
+    before = state_copy(model)
     with pytest.raises(ValueError, match="model is already converted .* call wasi.unconvert first"):
         wasi.convert(model, WASIConfig(rank=2))
-    _assert_same_state(before, _state(model))
+    assert_same_state(before, state_copy(model))
 
 
 def test_a_model_with_nothing_to_convert_lists_what_is_supported():

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import wasi
-from conftest import ShapeDetector, dense_linear, randn
+from conftest import (
+    ShapeDetector,
+    all_finite,
+    assert_same_state,
+    dense_linear,
+    orthonormal,
+    randn,
+    state_copy,
+    train_once,
+)
 from wasi import WASIConfig, WASILinear, count_saved_tensors
 from wasi import functional as WF
 from wasi.config import MODES
@@ -530,31 +539,14 @@ def _named_layer(in_features=16, out_features=12, *, dtype=torch.float32, seed=0
                                   WASIConfig(**config), name=name)
 
 
-def _step(layer: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    y = layer(x)
-    (y * randn(*y.shape, seed=seed, dtype=y.dtype)).sum().backward()
-    return y
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert value.shape == b[key].shape and torch.equal(value, b[key]), key
 
 
-def _all_finite(module: nn.Module) -> bool:
-    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-    tensors += [p.grad for p in module.parameters() if p.grad is not None]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _orthonormal(basis: torch.Tensor, atol: float = 1e-5) -> bool:
-    eye = torch.eye(basis.shape[1], dtype=basis.dtype)
-    return torch.allclose(basis.T @ basis, eye, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -570,11 +562,11 @@ def test_subspace_iteration_and_qr_run_in_float32_for_low_precision(monkeypatch,
     monkeypatch.setattr(torch.linalg, "qr", spy)
     layer = _named_layer(mode=mode, activation_rank=(2, 3, 4), reorth_every=1).to(dtype)
     for step in range(3):  # cold start, then warm power steps (and re-orthonormalisation)
-        _step(layer, randn(3, 5, 16, seed=step).to(dtype), seed=step)
+        train_once(layer, randn(3, 5, 16, seed=step).to(dtype), seed=step)
     assert seen and set(seen) == {torch.float32}
     for n in range(3):
         assert getattr(layer, f"basis_{n}").dtype == torch.float32
-    assert _all_finite(layer)
+    assert all_finite(layer)
 
 
 def test_float16_keeps_the_core_in_float32_so_large_activations_do_not_overflow():
@@ -586,7 +578,7 @@ def test_float16_keeps_the_core_in_float32_so_large_activations_do_not_overflow(
     assert float(torch.linalg.vector_norm(x)) > torch.finfo(torch.float16).max
     g = randn(8, 64, 32, seed=1)
     (layer(x.half()) * g.half()).sum().backward()
-    assert _all_finite(layer)
+    assert all_finite(layer)
     (reference(x) * g).sum().backward()
     for p16, p32 in zip(layer.parameters(), reference.parameters()):
         torch.testing.assert_close(p16.grad.float(), p32.grad, rtol=2e-2, atol=2e-2 * float(p32.grad.abs().max()))
@@ -631,10 +623,10 @@ def test_degenerate_activations_give_orthonormal_bases_and_finite_gradients(mode
         x = randn(3, 1, 1, seed=9) * randn(1, 5, 1, seed=10) * randn(1, 1, 16, seed=11)
     for step in range(3):
         layer.zero_grad()
-        y = _step(layer, x, seed=step)
-        assert bool(torch.isfinite(y).all()) and _all_finite(layer)
+        y = train_once(layer, x, seed=step)
+        assert bool(torch.isfinite(y).all()) and all_finite(layer)
         for n in range(3):
-            assert _orthonormal(getattr(layer, f"basis_{n}"))
+            assert orthonormal(getattr(layer, f"basis_{n}"))
 
 
 def test_rank_one_activation_is_compressed_exactly():
@@ -671,7 +663,7 @@ def test_qr_returning_nan_falls_back_to_a_valid_basis_and_warns_once_per_layer(m
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step, batch in enumerate([3, 3, 2, 3]):  # cold, warm, cold again (batch change), warm
-            _step(model, randn(batch, 5, 16, seed=step), seed=step)
+            train_once(model, randn(batch, 5, 16, seed=step), seed=step)
             opt.step()
             opt.zero_grad()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
@@ -680,35 +672,35 @@ def test_qr_returning_nan_falls_back_to_a_valid_basis_and_warns_once_per_layer(m
     if mode == "reference":
         assert sum(m.startswith("a: QR of the weight subspace failed") for m in messages) == 1
     for layer in model:
-        assert _all_finite(layer)
+        assert all_finite(layer)
         for n in range(3):
-            assert _orthonormal(getattr(layer, f"basis_{n}"))
+            assert orthonormal(getattr(layer, f"basis_{n}"))
 
 
 def test_factored_reorthonormalisation_is_skipped_when_qr_fails(monkeypatch):
     layer = _named_layer(mode="weights-only")
-    _step(layer, randn(3, 5, 16, seed=1))
+    train_once(layer, randn(3, 5, 16, seed=1))
     before = (layer.left @ layer.right).detach().clone()
     _nan_qr(monkeypatch)
     with pytest.warns(RuntimeWarning, match="re-orthonormalisation of L failed"):
-        _step(layer, randn(3, 5, 16, seed=2))
+        train_once(layer, randn(3, 5, 16, seed=2))
     torch.testing.assert_close(layer.left @ layer.right, before, atol=0, rtol=0)
-    assert _all_finite(layer)
+    assert all_finite(layer)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("mode", MODES)
 def test_non_finite_training_input_raises_naming_the_layer_and_changes_nothing(mode, bad):
     layer = _named_layer(mode=mode, activation_rank=(2, 3, 4))
-    _step(layer, randn(3, 5, 16, seed=1))
-    before = _state(layer)
+    train_once(layer, randn(3, 5, 16, seed=1))
+    before = state_copy(layer)
     x = randn(3, 5, 16, seed=2)
     x[1, 2, 3] = bad
     with pytest.raises(NonFiniteError, match=r"^blocks\.0\.mlp\.fc1: the training input \(shape \(3, 5, 16\)\) "
                                              r"holds NaN or inf; the layer's state is unchanged"):
         layer(x)
     assert issubclass(NonFiniteError, FloatingPointError)
-    _assert_same_state(before, _state(layer))
+    assert_same_state(before, state_copy(layer))
     layer.eval()
     assert not bool(torch.isfinite(layer(x)).all())  # inference is not checked: NaN in, NaN out
 
@@ -732,10 +724,10 @@ def test_skip_policy_lets_a_bad_step_through_without_touching_the_layer(mode):
     good = [randn(3, 5, 16, seed=s) for s in range(3)]
     for x in good[:2]:
         for module, optimizer in ((layer, opt), (twin, twin_opt)):
-            _step(module, x)
+            train_once(module, x)
             optimizer.step()
             optimizer.zero_grad()
-    before = _state(layer)
+    before = state_copy(layer)
     bad = good[2].clone()
     bad[0, 0, 0] = float("nan")
     y = layer(bad)  # no exception: the caller sees a NaN loss and skips the optimizer step
@@ -743,13 +735,13 @@ def test_skip_policy_lets_a_bad_step_through_without_touching_the_layer(mode):
     (y * randn(*y.shape)).sum().backward()  # a user loop may run backward before checking: no raise
     assert any(not bool(torch.isfinite(p.grad).all()) for p in layer.parameters())
     opt.zero_grad()
-    _assert_same_state(before, _state(layer))  # bases, ranks, step counter, flags untouched
+    assert_same_state(before, state_copy(layer))  # bases, ranks, step counter, flags untouched
     # the next good step continues exactly as if the bad batch had never been seen
-    _step(layer, good[2])
-    _step(twin, good[2])
+    train_once(layer, good[2])
+    train_once(twin, good[2])
     opt.step()
     twin_opt.step()
-    _assert_same_state(_state(twin), _state(layer))
+    assert_same_state(state_copy(twin), state_copy(layer))
 
 
 def test_non_finite_parameters_raise_under_every_checking_policy():
@@ -834,14 +826,14 @@ def test_activation_ranks_larger_than_the_tensor_are_clipped(batch, tokens, rank
     wanted = (rank, rank + 1, rank + 2) if per_mode else rank
     layer = _named_layer(activation_rank=wanted)
     x = randn(batch, tokens, 16, seed=rank)
-    _step(layer, x)
+    train_once(layer, x)
     wanted = wanted if per_mode else (rank,) * 3
     total = x.numel()
     expected = tuple(max(1, min(r, d, total // d)) for r, d in zip(wanted, x.shape))
     assert layer.last_activation_ranks == expected
     for n, (d, r) in enumerate(zip(x.shape, expected)):
         assert getattr(layer, f"basis_{n}").shape == (d, r)
-    assert _all_finite(layer)
+    assert all_finite(layer)
 
 
 def test_a_weight_rank_larger_than_the_layer_is_refused():
@@ -870,10 +862,10 @@ def test_same_seed_same_results_including_the_bases_whatever_the_global_rng(mode
             nn.functional.cross_entropy(model(images), torch.arange(batch) % 5).backward()
             opt.step()
             opt.zero_grad()
-        return _state(model)
+        return state_copy(model)
 
     first, second = run(1), run(2)
-    _assert_same_state(first, second)
+    assert_same_state(first, second)
     assert any(k.endswith("basis_0") for k in first) == (mode != "weights-only")
 
 
