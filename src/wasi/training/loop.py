@@ -483,11 +483,14 @@ class Run:
         parallel.check_batch_size(self.s.batch_size, self.procs)
         parallel.check_in_backward(self.s.optimizer_in_backward, self.procs)
         started = parallel.start(self.procs, self.device)
+        finished = False
         try:
-            return self._execute()
+            summary = self._execute()
+            finished = True
+            return summary
         finally:
             if started:
-                parallel.stop()
+                parallel.stop(finished=finished)
 
     def _wrap(self) -> None:
         """On several processes: DDP around the model (:func:`wasi.data_parallel`), its all-reduces counted."""

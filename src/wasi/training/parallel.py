@@ -126,8 +126,12 @@ def start(procs: Processes, device: torch.device) -> bool:
     return True
 
 
-def stop() -> None:
+def stop(*, finished: bool = False) -> None:
+    """Leave the process group; ``finished``: every process got here, so they leave together (a gloo
+    group whose peer has already exited can hang in its teardown)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
