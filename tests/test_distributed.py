@@ -117,24 +117,35 @@ def test_local_buffer_names_lists_the_activation_side_only():
     assert local_buffer_names(weights_only) == []
 
 
+def _isolated(script: str, tmp_path: Path) -> None:
+    """Run ``script`` in a fresh process on a 1-process gloo group, with a time limit: the group
+    is left without a teardown (``os._exit``), which can wait forever in some environments."""
+    prelude = (
+        "import datetime, os, torch, torch.distributed as dist\n"
+        "from torch import nn\n"
+        "import wasi\n"
+        "from wasi.distributed import AllReduceCounter, data_parallel, local_buffer_names\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', rank=0, world_size=1,"
+        " timeout=datetime.timedelta(seconds=60))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", prelude + script + "\nos._exit(0)\n"], capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("wrap", ["data_parallel", "plain DDP"])
 def test_any_ddp_wrap_of_a_converted_model_leaves_out_the_local_buffers(tmp_path, wrap):
     """wasi.convert marks the buffers, so a DDP built by other code (accelerate, Trainer) honours it."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    wasi.convert(model, wasi.WASIConfig(eps=0.9), filter_fn=lambda m, fqn: True)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        if wrap == "data_parallel":
-            ddp = data_parallel(model)
-        else:
-            ddp = nn.parallel.DistributedDataParallel(model)
-        broadcast = set(ddp.named_module_buffers)
-        assert "0.step" in broadcast
-        assert set(local_buffer_names(model)) and not broadcast & set(local_buffer_names(model))
-        ddp(torch.randn(4, 3, 8)).sum().backward()
-    finally:
-        dist.destroy_process_group()
+    make = "data_parallel(model)" if wrap == "data_parallel" else "nn.parallel.DistributedDataParallel(model)"
+    _isolated(f"""
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+wasi.convert(model, wasi.WASIConfig(eps=0.9), filter_fn=lambda m, fqn: True)
+ddp = {make}
+broadcast = set(ddp.named_module_buffers)
+assert "0.step" in broadcast, broadcast
+assert set(local_buffer_names(model)) and not broadcast & set(local_buffer_names(model)), broadcast
+ddp(torch.randn(4, 3, 8)).sum().backward()
+""", tmp_path)
 
 
 class _Pairs(torch.utils.data.Dataset):
@@ -191,22 +202,19 @@ def test_shard_covers_every_item_once():
 
 def test_allreduce_counter_counts_the_trainable_gradients_once_per_step(tmp_path):
     """A WASI model all-reduces its factors, k (I + O) per layer, not the dense I O."""
-    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
-    converted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
-    wasi.convert(converted, wasi.WASIConfig(rank=4, mode="weights-only"), filter_fn=lambda m, fqn: fqn == "0")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        sent = {}
-        for name, model in (("dense", dense), ("wasi", converted)):
-            ddp = nn.parallel.DistributedDataParallel(model)
-            counter = AllReduceCounter().attach(ddp)
-            for _ in range(2):
-                ddp(torch.randn(8, 64)).sum().backward()
-            trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-            assert counter.bytes == 2 * trainable and counter.calls >= 2
-            sent[name] = counter.bytes / 2
-    finally:
-        dist.destroy_process_group()
-    assert sent["wasi"] == 4 * (4 * (64 + 64) + 64 + 64 * 2 + 2)
-    assert sent["dense"] == 4 * (64 * 64 + 64 + 64 * 2 + 2)
+    _isolated("""
+dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+converted = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+wasi.convert(converted, wasi.WASIConfig(rank=4, mode="weights-only"), filter_fn=lambda m, fqn: fqn == "0")
+sent = {}
+for name, model in (("dense", dense), ("wasi", converted)):
+    ddp = nn.parallel.DistributedDataParallel(model)
+    counter = AllReduceCounter().attach(ddp)
+    for _ in range(2):
+        ddp(torch.randn(8, 64)).sum().backward()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert counter.bytes == 2 * trainable and counter.calls >= 2, (counter.bytes, trainable)
+    sent[name] = counter.bytes / 2
+assert sent["wasi"] == 4 * (4 * (64 + 64) + 64 + 64 * 2 + 2), sent
+assert sent["dense"] == 4 * (64 * 64 + 64 + 64 * 2 + 2), sent
+""", tmp_path)
