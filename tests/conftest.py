@@ -104,6 +104,23 @@ def orthonormal(basis: torch.Tensor, atol: float = 1e-5) -> bool:
     eye = torch.eye(basis.shape[1], dtype=basis.dtype)
     return torch.allclose(basis.T @ basis, eye, atol=atol)
 
+def one_line_error(err: str) -> str:
+    """The one non-blank line of ``err``, which must hold no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def error_line(capsys, *argv: str) -> str:
+    """Run ``wasi ARGV``; it must fail with status 2 and exactly one line on stderr."""
+    from wasi.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return one_line_error(err)
+
+
 
 
 @pytest.fixture(scope="session")

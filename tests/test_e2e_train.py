@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import wasi
-from conftest import SmallDisk
+from conftest import SmallDisk, one_line_error
 from wasi.cli import main
 from wasi.models import build_vit
 from wasi.training.loop import Run, RunError, TrainSettings, run_training
@@ -51,11 +51,6 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     err = capsys.readouterr().err
     return code, err
 
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def test_cli_resume_with_another_config_or_architecture_is_refused(run_copy, cap
     before = _hashes(run_copy)
     code, err = _cli(capsys, *CLI_RUN, "--out", str(run_copy), "--resume", *change)
     assert code == 2
-    assert _one_line_error(err).startswith("wasi train: error: --resume:")
+    assert one_line_error(err).startswith("wasi train: error: --resume:")
     assert re.search(message, err), err
     assert _hashes(run_copy) == before
 
@@ -118,7 +113,7 @@ def test_cli_resume_from_a_damaged_checkpoint_is_refused_and_keeps_the_file(run_
     before = _hashes(run_copy)
     code, err = _cli(capsys, *CLI_RUN, "--out", str(run_copy), "--resume")
     assert code == 2
-    assert re.search(message, _one_line_error(err)), err
+    assert re.search(message, one_line_error(err)), err
     assert _hashes(run_copy) == before
 
 
@@ -176,7 +171,7 @@ def test_cli_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_pat
     snapshots: list[bytes] = []
     _fail_the_nth_save(monkeypatch, 2, snapshots, out)
     code, err = _cli(capsys, *CLI_RUN, "--out", str(out))
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2
     assert "could not write the checkpoint" in line and "at step 4: No space left on device; the previous " \
                                                          "checkpoint is unchanged" in line
@@ -239,7 +234,7 @@ def test_cli_a_full_disk_anywhere_is_one_line_leaves_nothing_half_written_and_re
         code, err = _cli(capsys, *argv)
     finally:
         small_disk.free()
-    line = _one_line_error(err)
+    line = one_line_error(err)
     assert code == 2
     where = "the previous checkpoint is unchanged" if phase == "checkpoint" else \
         f"{out}/checkpoint.pt is intact: free some space and continue with --resume"
