@@ -13,6 +13,7 @@ import wasi
 from wasi.calibrate.fidelity import choose_ranks
 from wasi.calibrate.fit import LayerSpectrum, allocate, measure_sensitivities
 from wasi.config import WASIConfig
+from wasi.convert import AllDenseError
 from wasi.modules import WASILinear
 
 SIZE = 32  # 32 x 32 layers: factors pay up to rank (1024 - 1) // 64 = 15
@@ -228,3 +229,77 @@ def test_every_layer_dense_is_an_error_naming_the_knob(model, one_thread):
     with pytest.raises(ValueError, match="all 2 selected layers stay dense at fidelity 1: nothing to convert"):
         wasi.convert(model, WASIConfig(target="all-linear", fidelity=1.0), calibration=lambda: model(x))
     assert isinstance(model.tolerant, nn.Linear) and isinstance(model.sensitive, nn.Linear)
+
+
+# ---------------------------------------------------------------- checked on the model's loss
+def _output_error(x: torch.Tensor, dense_out: torch.Tensor):
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float((model(x) - dense_out).square().sum() / dense_out.square().sum())
+
+    return loss
+
+
+def test_convert_within_tightens_the_fidelity_until_the_loss_is_within_the_tolerance(model, one_thread):
+    x, held_out = _white_inputs(), _white_inputs(64) * 0.5
+    original = {"tolerant": model.tolerant, "sensitive": model.sensitive}
+    loss = _output_error(held_out, model(held_out).detach())
+    first = choose_ranks(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x))
+    result = wasi.convert_within(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x),
+                                 loss=loss, tolerance=1e-3)
+    assert result.met and result.dense_loss == 0.0
+    assert result.loss <= 1e-3 and result.loss == pytest.approx(loss(model))
+    assert len(result.attempts) >= 2
+    assert result.attempts[0].fidelity == 0.9 and result.attempts[0].loss > 1e-3  # the first try missed
+    fidelities = [a.fidelity for a in result.attempts]
+    assert fidelities == sorted(fidelities) and len(set(fidelities)) == len(fidelities)
+    assert result.fidelity == fidelities[-1]
+    # the kept conversion: the tolerant layer at a higher rank than the first try's, the flat one dense
+    assert isinstance(model.tolerant, WASILinear) and model.sensitive is original["sensitive"]
+    assert model.tolerant.rank == result.choice.ranks["tolerant"] > first.ranks["tolerant"]
+    assert model.tolerant.config.fidelity == 0.9  # the config asked for, as after wasi.convert
+    assert [n for n, _ in wasi.wasi_layers(model)] == ["tolerant"]
+
+
+def test_convert_within_keeps_the_last_try_with_a_warning_when_out_of_tries(model, one_thread):
+    x = _white_inputs()
+    loss = _output_error(x, model(x).detach())
+    with pytest.warns(UserWarning, match="above the tolerance"):
+        result = wasi.convert_within(model, WASIConfig(target="all-linear", fidelity=0.9),
+                                     calibration=lambda: model(x), loss=loss, tolerance=1e-6, max_tries=1)
+    assert not result.met and len(result.attempts) == 1
+    assert isinstance(model.tolerant, WASILinear)
+    assert result.loss == pytest.approx(loss(model)) and result.loss > 1e-6
+
+
+def test_convert_within_puts_every_layer_back_when_the_tolerance_leaves_all_dense(model, one_thread):
+    x = _white_inputs()
+    layers = (model.tolerant, model.sensitive)
+    loss = _output_error(x, model(x).detach())
+    with pytest.raises(AllDenseError, match="within a loss increase"):
+        wasi.convert_within(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x),
+                            loss=loss, tolerance=1e-30, max_tries=50)
+    assert (model.tolerant, model.sensitive) == layers and not wasi.wasi_layers(model)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"config": WASIConfig(target="all-linear")}, "set WASIConfig.fidelity"),
+    ({"tolerance": 0.0}, "tolerance must be a positive number"),
+    ({"tolerance": float("nan")}, "tolerance must be a positive number"),
+    ({"max_tries": 0}, "max_tries must be a positive integer"),
+])
+def test_convert_within_refuses_bad_arguments_naming_them(model, kwargs, match):
+    args = {"config": WASIConfig(target="all-linear", fidelity=0.9), "calibration": lambda: None,
+            "loss": lambda m: 0.0, "tolerance": 0.01, **kwargs}
+    config = args.pop("config")
+    with pytest.raises(ValueError, match=match):
+        wasi.convert_within(model, config, **args)
+    assert not wasi.wasi_layers(model)
+
+
+def test_convert_within_refuses_a_non_finite_loss(model, one_thread):
+    x = _white_inputs()
+    with pytest.raises(ValueError, match="before conversion is nan"):
+        wasi.convert_within(model, WASIConfig(target="all-linear", fidelity=0.9), calibration=lambda: model(x),
+                            loss=lambda m: float("nan"), tolerance=0.01)
+    assert not wasi.wasi_layers(model)

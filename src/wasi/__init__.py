@@ -17,6 +17,7 @@ _EXPORTS = {
     "Plan": "wasi.calibrate",
     "RankChoice": "wasi.calibrate",
     "choose_ranks": "wasi.calibrate",
+    "convert_within": "wasi.calibrate",
     "apply_plan": "wasi.calibrate",
     "calibrate": "wasi.calibrate",
     "CheckpointError": "wasi.checkpoint",
@@ -56,6 +57,7 @@ __all__ = [
     "choose_ranks",
     "chunked_cross_entropy",
     "convert",
+    "convert_within",
     "count_saved_tensors",
     "data_parallel",
     "export_onnx",
@@ -99,7 +101,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from wasi.calibrate import Plan, RankChoice, apply_plan, calibrate, choose_ranks
+    from wasi.calibrate import Plan, RankChoice, apply_plan, calibrate, choose_ranks, convert_within
     from wasi.checkpoint import CheckpointError, load, save
     from wasi.config import WASIConfig
     from wasi.convert import convert, unconvert, wasi_layers

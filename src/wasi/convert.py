@@ -106,6 +106,18 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def put_back(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    """Set each module of ``{path: module}`` at its path in ``model``, in place: undoes a
+    conversion exactly when given the layers it replaced (kept before converting).
+
+    Returns:
+        The same model.
+    """
+    for fqn, module in modules.items():
+        _set_submodule(model, fqn, module)
+    return model
+
+
 # (linear, activation) attribute pairs of MLP layouts whose forward applies the activation to
 # the linear's output and nothing else: our ViT and timm (fc1, act), transformers' DINOv2
 # (fc1, activation_fn), BERT-style encoders (intermediate: dense, intermediate_act_fn), GPT-2
@@ -499,6 +511,7 @@ __all__ = [
     "convert",
     "fuse_activations",
     "is_fusable_activation",
+    "put_back",
     "select_layers",
     "swap_layers",
     "target_matches",

@@ -30,6 +30,8 @@ _EXPORTS = {
     "target_modules": "wasi.calibrate.choose",
     "RankChoice": "wasi.calibrate.fit",
     "choose_ranks": "wasi.calibrate.fidelity",
+    "convert_within": "wasi.calibrate.fidelity",
+    "Conversion": "wasi.calibrate.fidelity",
     "default_loss": "wasi.calibrate.measure",
     "MB": "wasi.calibrate.plan",
     "ActivationCandidate": "wasi.calibrate.plan",
@@ -46,6 +48,7 @@ __all__ = [
     "MB",
     "RANK_GRID",
     "ActivationCandidate",
+    "Conversion",
     "LayerPlan",
     "Plan",
     "RankChoice",
@@ -54,6 +57,7 @@ __all__ = [
     "build_plan",
     "calibrate",
     "choose_ranks",
+    "convert_within",
     "default_loss",
     "target_modules",
 ]
@@ -73,7 +77,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from wasi.calibrate.choose import DEFAULT_CONFIG, EPS_GRID, RANK_GRID, calibrate, target_modules
-    from wasi.calibrate.fidelity import choose_ranks
+    from wasi.calibrate.fidelity import Conversion, choose_ranks, convert_within
     from wasi.calibrate.fit import RankChoice
     from wasi.calibrate.measure import default_loss
     from wasi.calibrate.plan import MB, ActivationCandidate, LayerPlan, Plan, WeightCandidate, build_plan

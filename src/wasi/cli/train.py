@@ -12,7 +12,7 @@ from wasi.cli.usage import UsageError, default_device, parse_numbers
 TRAIN_HELP = "fine-tune a model on a dataset with one method"
 INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
         "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
-FLOATS = ("eps", "lr", "lora_lr", "fidelity")
+FLOATS = ("eps", "lr", "lora_lr", "fidelity", "max_perplexity_increase")
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction, **parser_kw) -> argparse.ArgumentParser:
@@ -111,6 +111,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> 
                                  "the fewest parameters; layers whose factors would not pay stay dense "
                                  "(default 0.9998; where it keeps every layer dense, ranks from --eps); "
                                  "0 = ranks from --eps")
+        parser.add_argument("--max-perplexity-increase", default=None,
+                            help="causal LM, wsi and wasi: convert, measure the validation perplexity, and raise "
+                                 "--fidelity until it is at most this many percent above the dense model's "
+                                 "(default 2; 0 = no check)")
         parser.add_argument("--activation-rank", default=None,
                             help="fixed Tucker rank per mode (default: ranks from --eps)")
         parser.add_argument("--target", default="mlp",

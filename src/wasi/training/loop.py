@@ -28,7 +28,14 @@ from wasi.training import parallel
 from wasi.training.batches import Split, epoch_order, make_batch
 from wasi.training.causal_lm import generation_sample, lm_evaluate
 from wasi.training.measure import PeakMemory, median
-from wasi.training.methods import WASI_MODES, MethodOptions, build_optimizer, embedding_tables, target_layers
+from wasi.training.methods import (
+    WASI_MODES,
+    LossCheck,
+    MethodOptions,
+    build_optimizer,
+    embedding_tables,
+    target_layers,
+)
 from wasi.training.models import model_logits
 from wasi.training.outputs import RunFiles, draw_curves, grad_cosine_summary
 from wasi.training.parallel import Processes, from_env
@@ -114,6 +121,7 @@ class Run:
         self.task = "text-classification"
         self.dense_perplexity: float | None = None  # causal LM: held-out perplexity before conversion
         self.converted_perplexity: float | None = None  # ... and right after it, before the first step
+        self.conversion_check: dict | None = None  # causal LM: the fidelities tried on the validation perplexity
 
     # ---------------- setup
     def _setup(self) -> None:
@@ -157,8 +165,13 @@ class Run:
                                            device=self.device)
             self.print(f"fitting the weight factors to the outputs of {count} training samples"
                        + (f", ranks by fidelity {s.weight_fidelity:g}" if s.weight_fidelity else ""))
+        check = self._loss_check(calibration is not None and options.fidelity is not None)
         model, self.fidelity = apply_run_method(bundle, s.method, options, calibration=calibration,
-                                                fidelity_flag=s.fidelity, plan_path=s.plan, print_fn=self.print)
+                                                fidelity_flag=s.fidelity, plan_path=s.plan, check=check,
+                                                print_fn=self.print)
+        if check is not None and check.result is not None:
+            self.fidelity = check.result.fidelity
+            self.conversion_check = self._report_check(check)
         self.model = model.to(self.device)
         # every process fitted the same factors to the same samples; DDP copies rank 0's values
         # to the others when it wraps the model, which needs the same shapes everywhere
@@ -223,6 +236,41 @@ class Run:
         """The context every forward of the run goes through: bf16 autocast under ``--precision bf16``."""
         return precision_context(self.s.precision, self.device)
 
+    def _loss_check(self, by_fidelity: bool) -> LossCheck | None:
+        """The validation-loss check of a causal-LM conversion by fidelity (None: no check)."""
+        s = self.s
+        if self.task != "causal-lm":
+            if s.max_perplexity_increase:
+                raise RunError(f"--max-perplexity-increase checks a causal LM's conversion on its validation "
+                               f"perplexity; model {s.model!r} is a {self.task} model")
+            return None
+        increase = s.perplexity_increase
+        if not increase or not by_fidelity or s.resume:
+            return None
+
+        def validation_loss(model: torch.nn.Module) -> float:
+            with torch.no_grad(), self._precision():
+                return lm_evaluate(model, self.val, self.pad_id, self.device, self.s.batch_size)[0]
+
+        self.print(f"checking the conversion on {self.val.size} validation windows: perplexity at most "
+                   f"{increase:g}% above the dense model's")
+        return LossCheck(validation_loss, math.log1p(increase / 100))
+
+    def _report_check(self, check: LossCheck) -> dict:
+        result = check.result
+        dense = math.exp(result.dense_loss)
+        tries = [{"fidelity": a.fidelity, "val_perplexity": math.exp(a.loss), "layers_factored": a.factored,
+                  "weight_params": a.params} for a in result.attempts]
+        for t in tries:
+            self.print(f"  fidelity {t['fidelity']:.6g}: validation perplexity {t['val_perplexity']:.2f} "
+                       f"({t['val_perplexity'] / dense - 1:+.1%} against {dense:.2f} dense), "
+                       f"{t['layers_factored']} layers factored")
+        if not result.met:
+            self.print(f"warning: after {len(tries)} conversions the validation perplexity is still more than "
+                       f"{self.s.perplexity_increase:g}% above the dense model's; the last is kept")
+        return {"max_perplexity_increase": self.s.perplexity_increase, "dense_val_perplexity": dense,
+                "met": result.met, "tries": tries}
+
     def _perplexity(self, model: torch.nn.Module, when: str) -> float:
         """Held-out (test split) perplexity of ``model``, printed with ``when``."""
         with self._precision():
@@ -250,7 +298,8 @@ class Run:
             "trainer": {"best_val": self.best_val, "val_history": self.val_history,
                         "loss_history": self.loss_history, "skipped_steps": self.skipped_steps,
                         "dense_perplexity": self.dense_perplexity,
-                        "converted_perplexity": self.converted_perplexity},
+                        "converted_perplexity": self.converted_perplexity,
+                        "conversion_check": self.conversion_check, "fidelity": self.fidelity},
         }
         write_checkpoint(self.files.checkpoint, state, self.step)
 
@@ -276,6 +325,8 @@ class Run:
         self.skipped_steps = trainer.get("skipped_steps", 0)
         self.dense_perplexity = trainer.get("dense_perplexity")
         self.converted_perplexity = trainer.get("converted_perplexity")
+        self.conversion_check = trainer.get("conversion_check")
+        self.fidelity = trainer.get("fidelity", self.fidelity)
         if self.procs.main:
             self.files.truncate_metrics(self.step)
         self.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
@@ -569,7 +620,8 @@ class Run:
         }
         if self.task == "causal-lm":
             summary.update({"test_loss": test_loss, "dense_perplexity": self.dense_perplexity,
-                            "converted_perplexity": self.converted_perplexity})
+                            "converted_perplexity": self.converted_perplexity,
+                            "conversion_check": self.conversion_check})
             with self._precision():
                 prompt, continuation = generation_sample(self.model, self.bundle.tokenizer, self.test, self.device)
             summary["generation_sample"] = {"prompt": prompt, "continuation": continuation}

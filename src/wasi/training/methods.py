@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wasi.calibrate.fidelity import Conversion, convert_within
 from wasi.config import WASIConfig, has_weight_factors
 from wasi.convert import convert, select_layers
 from wasi.optim import freeze_embeddings, make_optimizer
@@ -50,6 +51,19 @@ class MethodOptions:
     fidelity: float | None = None  # wsi/wasi: weight ranks by output fidelity on the calibration (WASIConfig.fidelity)
 
 
+@dataclass
+class LossCheck:
+    """A conversion by fidelity checked on the model's loss (:func:`wasi.calibrate.convert_within`).
+
+    ``loss(model)`` on held-out data, ``tolerance`` its increase allowed; ``result`` is filled by
+    :func:`apply_method`.
+    """
+
+    loss: Callable[[nn.Module], float]
+    tolerance: float
+    result: Conversion | None = None
+
+
 def target_layers(model: nn.Module, target: str) -> list[str]:
     """Paths of the linears a method touches (what WASI would convert)."""
     return select_layers(model, WASIConfig(target=target))
@@ -72,14 +86,17 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 def apply_method(
-    model: nn.Module, method: str, options: MethodOptions, *, head: str | None, calibration: Callable[[], object] | None = None
+    model: nn.Module, method: str, options: MethodOptions, *, head: str | None, calibration: Callable[[], object] | None = None,
+    check: LossCheck | None = None,
 ) -> nn.Module:
     """Prepare ``model`` for ``method``; returns the model to train (LoRA wraps it).
 
     ``calibration`` (methods wsi and wasi) runs the model on training samples so that
     :func:`wasi.convert` fits each layer's factors to its outputs (whitened SVD), and with
     ``options.fidelity`` chooses their ranks from the same outputs (a ``None`` rank in
-    ``options.ranks`` keeps that layer dense).
+    ``options.ranks`` keeps that layer dense). With ``check`` too (and no plan or explicit
+    ranks), the fidelity is tightened until ``check.loss`` is within ``check.tolerance`` of the
+    dense model's (:func:`wasi.calibrate.convert_within`; the outcome in ``check.result``).
 
     Raises:
         ValueError: unknown method, or ``freeze_embeddings`` on a model without ``nn.Embedding``.
@@ -106,7 +123,12 @@ def apply_method(
             fuse_activation=options.recompute and has_weight_factors(WASI_MODES[method]),
             fidelity=options.fidelity,
         )
-        convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
+        if check is not None and options.fidelity and calibration is not None and options.plan is None \
+                and options.ranks is None:
+            check.result = convert_within(model, config, calibration=calibration, loss=check.loss,
+                                          tolerance=check.tolerance)
+        else:
+            convert(model, config, ranks=options.ranks, plan=options.plan, calibration=calibration)
     return model
 
 

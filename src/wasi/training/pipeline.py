@@ -28,7 +28,7 @@ from wasi.data import check_classifiable, load_dataset, split_stratified
 from wasi.data.lmtext import load_lm_documents, split_documents
 from wasi.training.batches import Split, epoch_order, make_batch, make_split
 from wasi.training.causal_lm import make_lm_split
-from wasi.training.methods import MethodOptions, apply_method
+from wasi.training.methods import LossCheck, MethodOptions, apply_method
 from wasi.training.models import ModelBundle, build_model, resolve_task
 from wasi.training.settings import DATA_NAMES, RunError
 
@@ -210,13 +210,14 @@ def calibration_pass(bundle: ModelBundle, split: Split, *, count: int, batch_siz
 
 def apply_run_method(bundle: ModelBundle, method: str, options: MethodOptions, *,
                      calibration: Callable[[], None] | None = None, fidelity_flag: float | None = None,
-                     plan_path: str | None = None,
+                     plan_path: str | None = None, check: LossCheck | None = None,
                      print_fn: Callable[[str], None] = print) -> tuple[nn.Module, float | None]:
     """Apply ``method`` to ``bundle.model`` as a run does; returns the model to train and the fidelity used.
 
     At the default fidelity (``fidelity_flag`` None) a model none of whose target layers would
     pay for factors falls back to the ranks of ``options.eps`` (printed); a fidelity the user
-    gave is an error instead.
+    gave is an error instead, and so is a ``check`` whose tolerance leaves every layer dense
+    (ranks by eps would break it).
 
     Raises:
         RunError: a plan, fidelity or method that does not fit the model, in the words of the flags.
@@ -224,8 +225,13 @@ def apply_run_method(bundle: ModelBundle, method: str, options: MethodOptions, *
     asked = fidelity = options.fidelity
     try:
         try:
-            model = apply_method(bundle.model, method, options, head=bundle.head, calibration=calibration)
+            model = apply_method(bundle.model, method, options, head=bundle.head, calibration=calibration,
+                                 check=check)
         except AllDenseError as err:
+            if getattr(err, "attempts", ()):
+                raise RunError(f"{err}: no conversion at any fidelity tried keeps the held-out loss within "
+                               f"{check.tolerance:g} of the dense model's; give a larger tolerance, or --fidelity 0 "
+                               "for ranks by --eps") from None
             if fidelity_flag is not None:  # the library's advice names WASIConfig fields: say it in flags
                 what = str(err).partition("; ")[0]
                 raise RunError(f"--fidelity {fidelity_flag:g}: {what}; give a lower --fidelity, or --fidelity 0 "

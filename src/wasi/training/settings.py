@@ -34,6 +34,9 @@ MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 # by each layer's effect on the output), which chooses the weight ranks (docs WASI.md section 11)
 # unless --fidelity 0 leaves them to --eps
 DEFAULT_FIDELITY = 0.9998
+# causal LM, wsi/wasi with ranks by fidelity: the validation perplexity the conversion may add, in percent;
+# the fidelity is tightened until it holds (errors of many layers compound through a decoder)
+DEFAULT_MAX_PERPLEXITY_INCREASE = 2.0
 
 
 class RunError(RuntimeError):
@@ -159,6 +162,7 @@ class TrainSettings:
     max_eval_samples: int | None = None  # use only this many validation and test samples (windows)
     precision: str = "fp32"  # bf16: the forward and loss (training, evaluation, inference) under bf16 autocast
     optimizer_in_backward: bool = False  # each parameter stepped inside backward, its gradient clipped on its own
+    max_perplexity_increase: float | None = None  # causal LM: % the conversion may add (None: the default; 0: no check)
 
     def validate(self) -> list[str]:
         errors = check_model_option(self.model, self.arch, self.max_length)
@@ -186,6 +190,13 @@ class TrainSettings:
             elif self.fidelity and self.init_samples == 0:
                 errors.append("--fidelity measures each layer's output error on the fit samples: --init-samples 0 "
                               "leaves none (give --fidelity 0 for ranks by --eps)")
+        if self.max_perplexity_increase is not None:
+            if not math.isfinite(self.max_perplexity_increase) or self.max_perplexity_increase < 0:
+                errors.append(f"--max-perplexity-increase {self.max_perplexity_increase}: must be a percentage >= 0 "
+                              "(0: no check)")
+            elif self.max_perplexity_increase and not self.weight_fidelity:
+                errors.append("--max-perplexity-increase tightens the ranks chosen by --fidelity: it needs --method "
+                              "wsi or wasi with --fidelity above 0 and --init-samples above 0")
         for name in ("epochs", "steps", "activation_rank", "max_train_samples", "image_size", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -250,6 +261,15 @@ class TrainSettings:
         if self.fidelity is None:
             return DEFAULT_FIDELITY
         return self.fidelity or None
+
+    @property
+    def perplexity_increase(self) -> float | None:
+        """The % of validation perplexity a causal LM's conversion may add (None: not checked)."""
+        if not self.weight_fidelity:
+            return None
+        if self.max_perplexity_increase is None:
+            return DEFAULT_MAX_PERPLEXITY_INCREASE
+        return self.max_perplexity_increase or None
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
