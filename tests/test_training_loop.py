@@ -397,3 +397,29 @@ def test_classification_summary_records_the_settings_that_tell_runs_apart(tmp_pa
     assert "dense_perplexity" not in written and 0 <= written["test_accuracy"] <= 1
     with pytest.raises(RunError, match="--image-size 16: model 'vit-micro' takes 8 px images only"):
         run_training(_task_settings("vit-micro", "digits", tmp_path / "d", steps=1, image_size=16), print_fn=print)
+
+
+def test_a_causal_lm_conversion_is_tightened_until_its_validation_perplexity_holds(tiny_llama, text_folder, tmp_path):
+    out = tmp_path / "c"
+    lines: list[str] = []
+    summary = run_training(_task_settings(tiny_llama, text_folder, out, fidelity=0.9, target="all-linear",
+                                          max_perplexity_increase=0.01, steps=1), print_fn=lines.append)
+    check = summary["conversion_check"]
+    assert check["max_perplexity_increase"] == 0.01 and check["met"]
+    tries = check["tries"]
+    assert len(tries) >= 2 and tries[0]["fidelity"] == 0.9
+    assert tries[0]["val_perplexity"] > check["dense_val_perplexity"] * 1.0001  # the first conversion missed
+    assert [t["fidelity"] for t in tries] == sorted({t["fidelity"] for t in tries})
+    assert tries[-1]["val_perplexity"] <= check["dense_val_perplexity"] * 1.0001
+    assert summary["fidelity"] == tries[-1]["fidelity"]  # the fidelity kept, not the one asked for
+    saved = json.loads((out / "model" / "wasi_config.json").read_text())["layers"]
+    assert len(saved) == tries[-1]["layers_factored"]  # the kept conversion is the one trained and saved
+    assert sum(line.startswith("  fidelity ") for line in lines) == len(tries)
+    assert json.loads((out / "summary.json").read_text())["conversion_check"] == check
+
+
+def test_the_perplexity_check_is_refused_for_a_classifier(tmp_path):
+    with pytest.raises(RunError, match="--max-perplexity-increase checks a causal LM's conversion"):
+        run_training(_task_settings("vit-micro", "digits", tmp_path / "d", steps=1, batch_size=16,
+                                    max_train_samples=40, max_eval_samples=30, max_perplexity_increase=1.0),
+                     print_fn=lambda _m: None)

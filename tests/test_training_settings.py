@@ -6,6 +6,7 @@ import pytest
 
 from wasi.training.settings import (
     DEFAULT_LR,
+    DEFAULT_MAX_PERPLEXITY_INCREASE,
     LORA_LR_FACTOR,
     MAX_SEED,
     TrainSettings,
@@ -94,3 +95,22 @@ def test_the_memory_levers_are_checked_and_every_refusal_is_listed(tmp_path, mon
     # both are part of what a resumed run must share with the interrupted one
     fingerprint = TrainSettings(**base, precision="bf16", optimizer_in_backward=True).fingerprint()
     assert fingerprint["precision"] == "bf16" and fingerprint["optimizer_in_backward"] is True
+
+
+def test_the_perplexity_check_of_a_conversion_is_checked_and_defaults_to_two_percent(tmp_path):
+    def settings(**kw):
+        return TrainSettings(**{"model": "vit-micro", "data": "digits", "out": str(tmp_path / "r"), **kw})
+
+    assert settings().perplexity_increase == DEFAULT_MAX_PERPLEXITY_INCREASE == 2.0
+    assert settings(max_perplexity_increase=0.5).perplexity_increase == 0.5
+    assert settings(max_perplexity_increase=0.0).perplexity_increase is None  # 0: no check
+    assert settings(method="vanilla").perplexity_increase is None  # nothing converted
+    assert settings(fidelity=0.0).perplexity_increase is None  # ranks by --eps: nothing to tighten
+    for value in (-1.0, float("nan"), float("inf")):
+        assert settings(max_perplexity_increase=value).validate() == [
+            f"--max-perplexity-increase {value}: must be a percentage >= 0 (0: no check)"]
+    needs = ("--max-perplexity-increase tightens the ranks chosen by --fidelity: it needs --method wsi or wasi "
+             "with --fidelity above 0 and --init-samples above 0")
+    assert settings(method="lora", max_perplexity_increase=1.0).validate() == [needs]
+    assert settings(init_samples=0, fidelity=0.0, max_perplexity_increase=1.0).validate() == [needs]
+    assert settings(method="lora", max_perplexity_increase=0.0).validate() == []
