@@ -53,6 +53,7 @@ def test_an_accuracy_run_takes_the_run_s_fidelity_and_reports_perplexity_for_a_c
 
     def fake_training(train_settings, print_fn):
         seen[(train_settings.method, train_settings.weight_fidelity)] = train_settings.fit_samples
+        assert train_settings.perplexity_increase is None  # each fidelity is run as given, not tightened
         return {"task": "causal-lm", "test_perplexity": 12.5, "test_loss": 2.5, "best_val_perplexity": 13.0,
                 "peak_memory_mb": 10.0, "train_step_s_median": 0.1, "inference_ms_per_sample": 1.0, "train_steps": 4}
 

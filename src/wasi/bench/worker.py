@@ -378,6 +378,9 @@ def _train_for_accuracy(spec: dict) -> dict:
         init_samples=spec.get("init_samples") if fitted else None,
         # the ranks the step measurement used: by the run's fidelity, else by --eps
         fidelity=(fidelity or 0.0) if fitted else None,
+        # ... unchecked: a causal LM's conversion is not tightened (wasi train's --max-perplexity-increase), so
+        # each +fidelityF is one point of the frontier
+        max_perplexity_increase=0.0 if fitted else None,
         freeze_embeddings=spec.get("freeze_embeddings", False),
         task=spec.get("task"), image_size=spec.get("image_size"),
         max_train_samples=spec.get("max_train_samples"), max_eval_samples=spec.get("max_eval_samples"),
