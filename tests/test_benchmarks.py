@@ -70,3 +70,21 @@ def test_allreduce_bytes_script_counts_every_trainable_gradient_once_per_step(tm
     assert 0 < wasi["factor_params"] < wasi["dense_params_of_factored"]
     saved = 4 * (wasi["dense_params_of_factored"] - wasi["factor_params"])
     assert methods["vanilla"]["allreduce_bytes_per_step"] - wasi["allreduce_bytes_per_step"] == saved
+
+
+def test_decomposition_threads_script_times_both_rules_and_restores_the_threshold(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from wasi import functional as WF
+
+    path = Path(__file__).parent.parent / "benchmarks" / "decomposition_threads.py"
+    spec = importlib.util.spec_from_file_location("decomposition_threads", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rule = WF.SERIAL_SIDE
+    assert module.main(["--shapes", "minilm", "--threads", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| one thread for small matrices |" in out and "| every thread |" in out
+    assert "whole model (36 layers, s)" in out and "every thread / one thread for small:" in out
+    assert WF.SERIAL_SIDE == rule

@@ -509,3 +509,30 @@ def test_random_orthonormal_is_orthonormal_reproducible_and_leaves_the_global_rn
     b = WF.random_orthonormal(50, 20, torch.Generator().manual_seed(1), dtype=torch.float32)
     assert torch.equal(a, b) and _is_orthonormal(a, atol=1e-6)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_small_decompositions_run_on_one_thread_and_restore_the_count(monkeypatch):
+    seen = []
+    real_svd = torch.linalg.svd
+
+    def svd(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        WF.svd_factors(torch.randn(64, 32), rank=4)
+        WF.whitened_svd(torch.randn(64, 32), torch.eye(32))
+        with WF.decomposition_threads(torch.zeros(WF.SERIAL_SIDE + 1, WF.SERIAL_SIDE + 1)):
+            assert torch.get_num_threads() == 2  # a large matrix keeps every thread
+        with WF.decomposition_threads(torch.zeros(8, 8), torch.zeros(4096, 4096)):
+            assert torch.get_num_threads() == 2  # ... and so does a block with any large one
+        with pytest.raises(RuntimeError, match="inside"), WF.decomposition_threads(torch.zeros(8, 8)):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1] and after == 2  # restored, an exception too

@@ -11,8 +11,10 @@ overflows float32) or 1e-30 (whose square underflows) give the same bases as act
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -162,6 +164,28 @@ def singular_value_rank(singular_values: Tensor, eps: float) -> int:
     return energy_rank((s * unit_scale(s)).square(), eps)
 
 
+# one-off decompositions (conversion, calibration) of CPU matrices whose smaller side is at most this
+# run on one thread: LAPACK gains little from a second thread at these sizes, and when other work
+# competes for the cores the threads wait on each other (docs/RESULTS.md, section 19)
+SERIAL_SIDE = 1024
+
+
+@contextlib.contextmanager
+def decomposition_threads(*matrices: Tensor) -> Iterator[None]:
+    """Run the block on one torch thread when every matrix is a small CPU one (smaller side at
+    most :data:`SERIAL_SIDE`); the thread count is restored after. Larger or GPU matrices keep it.
+    """
+    before = torch.get_num_threads()
+    serial = before > 1 and all(m.device.type == "cpu" and min(m.shape[-2:]) <= SERIAL_SIDE for m in matrices)
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(before)
+
+
 def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = None,
                 name: str = "weight") -> tuple[Tensor, Tensor]:
     """Truncated SVD init of the weight factors (section 3).
@@ -188,15 +212,16 @@ def svd_factors(weight: Tensor, *, eps: float | None = None, rank: int | None = 
     w = weight.to(dtype)  # (O, I)
     if not is_finite(w):
         raise NonFiniteError(f"{name}: the weight contains NaN or inf; it cannot be factorised")
-    try:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (O, m), (m,), (m, I)
-        good = is_finite(u, s, vh)
-    except torch.linalg.LinAlgError:
-        good = False
-    if not good:
-        warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
-                      stacklevel=2)
-        u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
+    with decomposition_threads(w):
+        try:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (O, m), (m,), (m, I)
+            good = is_finite(u, s, vh)
+        except torch.linalg.LinAlgError:
+            good = False
+        if not good:
+            warnings.warn(f"{name}: the {dtype} SVD of the weight failed; retrying in float64", RuntimeWarning,
+                          stacklevel=2)
+            u, s, vh = (t.to(dtype) for t in torch.linalg.svd(w.double(), full_matrices=False))
     k = rank if rank is not None else singular_value_rank(s, eps)
     return u[:, :k].contiguous(), (s[:k, None] * vh[:k]).contiguous()  # (O, k), (k, I)
 
@@ -241,8 +266,9 @@ def whitened_svd(weight: Tensor, gram: Tensor, *, damping: float = 1e-2,
     if not mean_diag > 0:
         raise ValueError(f"{name}: the calibration inputs are all zero; they cannot weight the factors")
     c = (c + c.T) / (2 * mean_diag) + damping * torch.eye(in_features, dtype=c.dtype, device=c.device)
-    chol = torch.linalg.cholesky(c)  # (I, I) lower, C = Lc Lc^T
-    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)  # (O, m), (m,), (m, I)
+    with decomposition_threads(w, c):
+        chol = torch.linalg.cholesky(c)  # (I, I) lower, C = Lc Lc^T
+        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)  # (O, m), (m,), (m, I)
     return u, s, vh, chol
 
 
@@ -296,7 +322,8 @@ def whitened_factors(weight: Tensor, gram: Tensor, *, eps: float | None = None, 
     dtype = compute_dtype(weight.dtype)
     u, s, vh, chol = whitened_svd(weight, gram, damping=damping, name=name)
     if rank is None:
-        rank = singular_value_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
+        with decomposition_threads(weight):
+            rank = singular_value_rank(torch.linalg.svdvals(weight.detach().double()), eps)  # as svd_factors
     right = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)  # (k, I)
     return u[:, :rank].to(dtype).contiguous(), right.to(dtype).contiguous()  # (O, k), (k, I)
 

@@ -247,7 +247,8 @@ def mode_eigh(x: Tensor, mode: int) -> tuple[Tensor, Tensor]:
     """
     others = [i for i in range(x.dim()) if i != mode]
     gram = torch.tensordot(x, x, dims=(others, others))  # (d_n, d_n)
-    values, vectors = torch.linalg.eigh(gram)  # increasing
+    with WF.decomposition_threads(gram):
+        values, vectors = torch.linalg.eigh(gram)  # increasing
     return values.flip(0).clamp_min(0), vectors.flip(1)
 
 
@@ -273,7 +274,8 @@ def gradient_error(x: Tensor, g: Tensor, bases: list[Tensor], dense: Tensor, nor
 def weight_candidates(weight: Tensor, eps_grid: Sequence[float], element_size: int) -> list[WeightCandidate]:
     """Rank, memory and spectral-tail error per energy of a dense ``(O, I)`` weight (section 3)."""
     o, i = weight.shape
-    s2 = torch.linalg.svdvals(weight.detach().to(STAT_DTYPE)).square()  # (min(O, I),)
+    with WF.decomposition_threads(weight):
+        s2 = torch.linalg.svdvals(weight.detach().to(STAT_DTYPE)).square()  # (min(O, I),)
     total = float(s2.sum())
     tails = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tails[j] = sum_{i >= j} s_i^2
     out: dict[int, WeightCandidate] = {}
