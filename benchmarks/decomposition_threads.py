@@ -1,13 +1,16 @@
-"""Seconds of a conversion's decompositions with and without the one-thread rule for small matrices.
+"""Seconds of a calibrated conversion's work with and without the one-thread rule for small decompositions.
 
 ``wasi.functional.decomposition_threads`` runs the one-off decompositions of a conversion (the
 whitened SVD of the fitted init and of ranks by fidelity, the truncated SVD, the rank's
-``svdvals``) on one torch thread when the matrix's smaller side is at most ``SERIAL_SIDE``. This
-script fits one layer of each linear shape of a model (random weights and inputs of those
-shapes; the time of an SVD does not depend on the values) at the process's thread count, with the
-rule and without it (``SERIAL_SIDE = 0``), interleaved over ``--repeats``, and prints the median
-seconds of each and their ratio, with the load average: the rule matters when other work
-competes for the cores.
+``svdvals``) on one torch thread when every matrix's smaller side is at most ``SERIAL_SIDE``,
+and restores the thread count after. A conversion interleaves them with the calibration's
+forward passes, which keep every thread, and a change of thread count slows the parallel
+operation after it; so this script times, per layer of a model's linear shapes, a calibration's
+worth of matmuls at the process's thread count followed by the layer's fit (random weights and
+inputs of those shapes: the time of an SVD does not depend on the values), with the rule and
+without it (``SERIAL_SIDE = 0``), interleaved over ``--repeats``. It prints the median seconds of
+each and their ratio, with the load average: the rule matters when other work competes for the
+cores.
 
     python benchmarks/decomposition_threads.py --shapes smollm2 --threads 2 --repeats 5
 """
@@ -28,17 +31,21 @@ SHAPES = {
     "smollm2": {(1536, 576): 60, (576, 1536): 30, (576, 576): 60, (192, 576): 60},  # SmolLM2-135M, 30 blocks
     "minilm": {(1536, 384): 6, (384, 1536): 6, (384, 384): 24},  # all-MiniLM-L6-v2 (DINOv2-S: the same, x2)
 }
+MATMULS = 20  # per layer: (2048, I) @ (I, O) products standing in for the calibration's forward
 
 
-def _fit_each(inputs: dict, serial_side: int) -> dict:
-    # seconds of one fit per shape
+def _convert_once(layers: dict, inputs: dict, serial_side: int) -> float:
+    # one layer of each shape, scaled by the model's count of it: forward-like matmuls, then the fit
     WF.SERIAL_SIDE = serial_side
-    seconds = {}
-    for (o, i), (weight, gram) in inputs.items():
+    total = 0.0
+    for (o, i), count in layers.items():
+        weight, gram, activations = inputs[(o, i)]
         start = time.perf_counter()
+        for _ in range(MATMULS):
+            activations @ weight.T  # (2048, O)
         WF.whitened_factors(weight, gram, rank=min(o, i) // 4)
-        seconds[(o, i)] = time.perf_counter() - start
-    return seconds
+        total += count * (time.perf_counter() - start)
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,27 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    inputs = {}
-    for o, i in SHAPES[args.shapes]:
-        x = torch.randn(4 * i, i, generator=g)  # (rows, I)
-        inputs[(o, i)] = (torch.randn(o, i, generator=g), x.T @ x)
-    rule = WF.SERIAL_SIDE
-    runs: dict[str, list[dict]] = {"one thread for small matrices": [], "every thread": []}
-    for _ in range(args.repeats):
-        runs["one thread for small matrices"].append(_fit_each(inputs, rule))
-        runs["every thread"].append(_fit_each(inputs, 0))
-    WF.SERIAL_SIDE = rule
     layers = SHAPES[args.shapes]
-    print(f"{args.shapes}: torch threads {args.threads}, load average {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores, {args.repeats} interleaved repeats, medians")
-    print("| decompositions | " + " | ".join(f"{o}x{i} (s)" for o, i in layers) + f" | whole model ({sum(layers.values())} layers, s) |")
-    print("|---" * (len(layers) + 2) + "|")
-    totals = {}
-    for name, seconds in runs.items():
-        medians = {shape: statistics.median(r[shape] for r in seconds) for shape in layers}
-        totals[name] = sum(n * medians[shape] for shape, n in layers.items())
-        print(f"| {name} | " + " | ".join(f"{medians[shape]:.3f}" for shape in layers) + f" | {totals[name]:.1f} |")
-    print(f"every thread / one thread for small: {totals['every thread'] / totals['one thread for small matrices']:.2f}x")
+    inputs = {}
+    for o, i in layers:
+        x = torch.randn(4 * i, i, generator=g)  # (rows, I)
+        inputs[(o, i)] = (torch.randn(o, i, generator=g), x.T @ x, torch.randn(2048, i, generator=g))
+    rule = WF.SERIAL_SIDE
+    runs: dict[str, list[float]] = {f"one thread for sides <= {rule}": [], "every thread": []}
+    try:
+        for _ in range(args.repeats):
+            for name, side in zip(runs, (rule, 0)):
+                runs[name].append(_convert_once(layers, inputs, side))
+    finally:
+        WF.SERIAL_SIDE = rule
+    print(f"{args.shapes}: {sum(layers.values())} layers of shapes {sorted(layers)}, torch threads {args.threads}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, {args.repeats} interleaved repeats")
+    print("| decompositions | median s (whole model) | min s | max s |")
+    print("|---|---|---|---|")
+    medians = {}
+    for name, values in runs.items():
+        medians[name] = statistics.median(values)
+        print(f"| {name} | {medians[name]:.1f} | {min(values):.1f} | {max(values):.1f} |")
+    first, second = medians.values()
+    print(f"every thread / rule: {second / first:.2f}x")
     return 0
 
 

@@ -85,6 +85,6 @@ def test_decomposition_threads_script_times_both_rules_and_restores_the_threshol
     rule = WF.SERIAL_SIDE
     assert module.main(["--shapes", "minilm", "--threads", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| one thread for small matrices |" in out and "| every thread |" in out
-    assert "whole model (36 layers, s)" in out and "every thread / one thread for small:" in out
+    assert f"| one thread for sides <= {rule} |" in out and "| every thread |" in out
+    assert "minilm: 36 layers" in out and "every thread / rule:" in out
     assert WF.SERIAL_SIDE == rule

@@ -165,9 +165,10 @@ def singular_value_rank(singular_values: Tensor, eps: float) -> int:
 
 
 # one-off decompositions (conversion, calibration) of CPU matrices whose smaller side is at most this
-# run on one thread: LAPACK gains little from a second thread at these sizes, and when other work
-# competes for the cores the threads wait on each other (docs/RESULTS.md, section 19)
-SERIAL_SIDE = 1024
+# run on one thread: LAPACK gains little from more threads at these sizes, and when other work
+# competes for the cores the threads wait on each other, even counting what the switch of thread
+# count costs the next parallel operation (docs/RESULTS.md, section 19)
+SERIAL_SIDE = 2048
 
 
 @contextlib.contextmanager
