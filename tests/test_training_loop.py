@@ -225,9 +225,9 @@ def test_init_samples_fit_the_factors_and_are_checked(tmp_path, capsys, monkeypa
     seen = []
     original = pipeline.apply_method
 
-    def spy(model, method, options, *, head, calibration=None):
+    def spy(model, method, options, *, head, calibration=None, check=None):
         seen.append(calibration)
-        return original(model, method, options, head=head, calibration=calibration)
+        return original(model, method, options, head=head, calibration=calibration, check=check)
 
     monkeypatch.setattr(pipeline, "apply_method", spy)
     run_training(_settings(tmp_path / "fit", init_samples=40, steps=2, fidelity=0.0), print_fn=lambda _m: None)
