@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi.data.core import DataError
+from wasi.lm import IGNORE_INDEX, causal_lm_loss
 from wasi.training.batches import Split, make_batch
 
-IGNORE_INDEX = -100  # label of a position the loss skips (padding)
 EVAL_WINDOWS = 8  # windows per evaluation forward: bounds the (B, T, vocab) logits
 SAMPLE_PROMPT_TOKENS = 24
 SAMPLE_NEW_TOKENS = 32
@@ -54,8 +54,39 @@ def lm_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
 
 
+# config fields of transformers models whose head does more than a linear map (scaled or capped
+# logits): their loss goes through the model's own forward
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _chunkable(model: nn.Module) -> nn.Module | None:
+    # the transformers causal LM whose loss wasi.causal_lm_loss computes exactly, or None: a LoRA
+    # wrapper's base model (adapters inside), not a data-parallel wrapper (its forward must run)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    if not isinstance(head, nn.Linear) or getattr(inner, "base_model", inner) is inner or config is None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return inner
+
+
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch (``labels = input_ids``; the model shifts them)."""
+    """Mean next-token cross-entropy of a batch (``labels = input_ids``, shifted by one).
+
+    For a ``transformers`` causal LM with a plain linear head (Llama, SmolLM2, GPT-2; LoRA-wrapped
+    too), through :func:`wasi.causal_lm_loss`: the ``(tokens, vocab)`` logits exist a slice at a
+    time, never whole (SmolLM2, batch 4 x 256 tokens: 192 MiB of float32 logits, and as much again
+    for the loss's backward). Under a data-parallel wrapper, or for a head that scales or caps its
+    logits, the model's own loss.
+    """
+    inner = _chunkable(model)
+    if inner is not None:
+        return causal_lm_loss(inner, batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=lm_labels(batch))
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=lm_labels(batch)).loss
 
 
