@@ -46,3 +46,28 @@ def test_report_says_how_the_accuracy_runs_started(init_samples, expected):
     assert expected in text
     results["settings"]["train_epochs"] = None  # no accuracy runs: nothing to say
     assert "accuracy runs:" not in markdown(results)
+
+
+def test_the_rank_table_matches_each_run_s_layers_by_name():
+    from pathlib import Path
+
+    from wasi.bench.report import markdown
+
+    # DINOv2 at three fidelities: 2, 6 and 17 of the 24 MLP linears converted, not the same ones
+    stored = Path(__file__).parents[1] / "docs" / "results" / "bench-dinov2-fm" / "results.json"
+    results = json.loads(stored.read_text())
+    runs = {r["method"]: {x["name"]: x for x in r["layers"]} for r in results["records"] if r.get("layers")}
+    text = markdown(results)
+    table = text.split("## Ranks at eps 0.8")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| dinov2.")]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert set(names) == set().union(*runs.values()) and len(names) == len(set(names))
+    blocks = [int(name.split(".")[3]) for name in names]
+    assert blocks == sorted(blocks)  # block 10 after block 9
+    methods = ["wasi+fidelity0.9998", "wasi+fidelity0.999", "wasi+fidelity0.995"]
+    for row, name in zip(rows, names):
+        cells = row.strip("| ").split(" | ")[2:]
+        for method, cell in zip(methods, cells):
+            layer = runs[method].get(name)
+            assert cell == ("not converted" if layer is None else f"k={layer['rank']}; "
+                            + "x".join(map(str, layer["activation_ranks"])))

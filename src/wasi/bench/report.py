@@ -216,16 +216,34 @@ def _rank_tables(rows: list[dict]) -> list[str]:
         lines += ["", f"## Ranks at eps {eps:g} (weight rank k; activation Tucker ranks)", "",
                   "| layer | shape (O, I) | " + " | ".join(r["method"] for r in with_layers) + " |",
                   "|---|---|" + "---|" * len(with_layers)]
-        for i, layer in enumerate(with_layers[0]["layers"]):
+        # every layer any run converted, in model order (runs at different fidelities convert
+        # different layers); a run that left one unconverted shows it as a plain dense linear
+        by_run = [{x["name"]: x for x in r["layers"]} for r in with_layers]
+        order: dict[str, dict] = {}
+        for r in with_layers:
+            for x in r["layers"]:
+                order.setdefault(x["name"], x)
+        for name in _model_order(order):
             cells = []
-            for r in with_layers:
-                x = r["layers"][i]
+            for layers in by_run:
+                x = layers.get(name)
+                if x is None:
+                    cells.append("not converted")
+                    continue
                 k = "dense" if x["rank"] is None else f"k={x['rank']}"
                 act = "exact" if not x["activation_ranks"] else "x".join(map(str, x["activation_ranks"]))
                 cells.append(f"{k}; {act}")
-            shape = f"({layer['shape'][0]}, {layer['shape'][1]})"
-            lines.append(f"| {layer['name']} | {shape} | " + " | ".join(cells) + " |")
+            shape = order[name]["shape"]
+            lines.append(f"| {name} | ({shape[0]}, {shape[1]}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def _model_order(layers: dict) -> list[str]:
+    # layer paths sorted as the model holds them: numbers compared as numbers (block 10 after block 9)
+    def key(name: str) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+    return sorted(layers, key=key)
 
 
 def plot(results: dict, out: Path) -> list[str]:
