@@ -84,6 +84,25 @@ def test_a_bf16_bench_stepping_inside_backward_records_both_and_keeps_no_gradien
     assert "`--precision bf16`" in table and "`--optimizer-in-backward`" in table
 
 
+def test_a_profiled_bench_reports_the_top_operators_and_wasi_s_own_work(tmp_path):
+    out = tmp_path / "profile"
+    assert _bench(["--quick", "--methods", "vanilla,wasi", "--eps", "0.8", "--steps", "3", "--profile", "5",
+                   "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    profiles = {r["method"]: r["op_profile"] for r in results["records"]}
+    for method, profile in profiles.items():
+        assert len(profile["ops"]) == 5 and profile["step_ms"] > 0, method
+        shares = [op["share"] for op in profile["ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert profiles["vanilla"]["wasi_ms"] == {}  # nothing of WASI's in a dense step
+    work = profiles["wasi"]["wasi_ms"]
+    assert {"wasi::compress_input", "wasi::weight_subspace", "WASILinearFunctionBackward"} <= set(work)
+    assert all(0 < ms <= profiles["wasi"]["step_ms"] for ms in work.values())
+    table = (out / "results.md").read_text()
+    assert "## One training step under the profiler" in table and "compressing inputs" in table
+    assert _bench(["--quick", "--profile", "-1", "--out", str(tmp_path / "bad")]) == 2
+
+
 def _finite(value) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 

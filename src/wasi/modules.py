@@ -264,8 +264,11 @@ class WASILinear(nn.Module):
                                 precondition=self._scaled(), cast=cast)
                 return y if self.fused_activation is None else self.fused_activation(y)
         self.collect_grad_cosines()  # the previous step's probe, if any: may raise the ranks used below
-        self._track_weight_subspace()
-        core, bases = self._compress(x, scale, cast) if self.config.compress_activations else (None, ())
+        # named ranges: a profiler (torch.profiler, `wasi bench --profile`) shows this work apart
+        with torch.profiler.record_function("wasi::weight_subspace"):
+            self._track_weight_subspace()
+        with torch.profiler.record_function("wasi::compress_input"):
+            core, bases = self._compress(x, scale, cast) if self.config.compress_activations else (None, ())
         probe = self._start_probe()
         self.step += 1
         y = wasi_linear(

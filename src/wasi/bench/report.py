@@ -198,6 +198,7 @@ def markdown(results: dict) -> str:
                 + " | ".join(f"{a[f'{k}_gflops_dense']:.2f} → {a[f'{k}_gflops_wasi']:.2f}"
                              for k in ("forward", "backward", "inference")) + " |"
             )
+    lines += _profile_tables(results.get("records", []))
     lines += _rank_tables(rows)
     failures = [(r["name"], e) for r in rows for e in r["errors"]]
     if failures:
@@ -235,6 +236,35 @@ def _rank_tables(rows: list[dict]) -> list[str]:
                 cells.append(f"{k}; {act}")
             shape = order[name]["shape"]
             lines.append(f"| {name} | ({shape[0]}, {shape[1]}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+_WASI_WORK = {"wasi::compress_input": "compressing inputs", "wasi::weight_subspace": "weight subspace",
+              "WASILinearFunctionBackward": "WASI layers' backward",
+              "WASILinearActFunctionBackward": "WASI layers' backward (fused activation)"}
+
+
+def _profile_tables(records: list[dict]) -> list[str]:
+    # `--profile N`: the first profiled repeat of each run
+    seen, profiled = set(), []
+    for r in records:
+        name = run_name(r["method"], r["eps"])
+        if r.get("op_profile") and name not in seen:
+            seen.add(name)
+            profiled.append((name, r["op_profile"]))
+    if not profiled:
+        return []
+    lines = ["", "## One training step under the profiler (`--profile`)", "",
+             "One more step after the measurements, under `torch.profiler`: the step's CPU time (the sum of every "
+             "operator's self time), the time inside WASI's own work (inclusive: the operators it runs are in it) "
+             "and the operators of most self time.", "",
+             "| run | step CPU ms | WASI's own work, ms (share of the step) | top operators: self ms (share, calls) |",
+             "|---|---|---|---|"]
+    for name, p in profiled:
+        step = p["step_ms"] or 1.0
+        work = "; ".join(f"{_WASI_WORK.get(k, k)} {v:.1f} ({v / step:.0%})" for k, v in p["wasi_ms"].items()) or "-"
+        ops = "; ".join(f"`{o['name']}` {o['self_ms']:.1f} ({o['share']:.0%}, {o['calls']})" for o in p["ops"])
+        lines.append(f"| {name} | {p['step_ms']:.1f} | {work} | {ops} |")
     return lines
 
 

@@ -43,6 +43,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
         "precision": settings.precision, "optimizer_in_backward": settings.optimizer_in_backward,
         "galore_rank": settings.galore_rank, "max_length": settings.max_length,
         "spectrum_decay": settings.spectrum_decay, "inference_batches": settings.inference_batches,
+        "profile": settings.profile,
         "threads": settings.threads, "device": settings.device, "arch": settings.arch,
         "cache_dir": settings.cache_dir, "train_epochs": settings.train_epochs,
         "train_out": str(out / "train" / run_name(method, eps)) if train else None,

@@ -99,6 +99,7 @@ class BenchSettings:
     max_length: int = 128
     spectrum_decay: float = 0.5
     inference_batches: int = 5
+    profile: int = 0  # top operators of one more profiled training step per run (0: no profile)
     threads: int | None = None
     device: str = "cpu"
     arch: str | None = None
@@ -150,6 +151,8 @@ class BenchSettings:
                      "inference_batches"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        if self.profile < 0:
+            errors.append(f"--profile {self.profile}: must be a non-negative integer (0: no profile)")
         for name in ("train_epochs", "rank", "activation_rank", "threads", "image_size", "max_train_samples",
                      "max_eval_samples"):
             value = getattr(self, name)

@@ -311,6 +311,8 @@ def measure(spec: dict) -> dict:
                 torch.cuda.synchronize(device)
             inf_times.append(time.perf_counter() - t0)
     ms_batch = 1000 * median(inf_times)
+    profile = (_profile_step(model, task, batches[0], optimizer, trainable, precision, device, spec["profile"])
+               if spec.get("profile") else None)
 
     pieces = weights + buffers + grad_bytes + opt_state + saved_bytes
     record = {
@@ -347,6 +349,7 @@ def measure(spec: dict) -> dict:
         "freeze_embeddings": bool(spec.get("freeze_embeddings")),
         "precision": precision,
         "optimizer_in_backward": bool(spec.get("optimizer_in_backward")),
+        "op_profile": profile,
     }
     if not all(math.isfinite(v) for v in losses):
         record["warning"] = f"non-finite loss {losses}"
@@ -355,6 +358,35 @@ def measure(spec: dict) -> dict:
         record.update(_train_for_accuracy(spec))
     record["wall_s"] = time.perf_counter() - wall
     return record
+
+
+# the profiler's names for WASI's own work: the named ranges of WASILinear's forward and the
+# backward of its autograd functions (inclusive times: the operators they run are inside them)
+WASI_RANGES = ("wasi::", "WASILinearFunctionBackward", "WASILinearActFunctionBackward")
+
+
+def _profile_step(model: torch.nn.Module, task: str, batch: dict, optimizer, trainable: list, precision: str,
+                  device: torch.device, top: int) -> dict:
+    """One more training step under ``torch.profiler``: its ``top`` operators by self time, and WASI's work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model.train()
+    with profile(activities=activities) as prof:
+        train_step(model, task, batch, optimizer, trainable, precision=precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    ranges = {e.key: e.cpu_time_total / 1000 for e in events
+              if e.key.startswith(WASI_RANGES[0]) or e.key in WASI_RANGES[1:]}
+    return {
+        "step_ms": total / 1000,  # the step's CPU time as the profiler counts it (all self times)
+        "ops": [{"name": e.key, "self_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,
+                 "calls": e.count} for e in ops],
+        "wasi_ms": ranges,  # inclusive
+    }
 
 
 def _train_for_accuracy(spec: dict) -> dict:

@@ -13,7 +13,7 @@ from wasi.training.settings import DATA_NAMES, DEFAULT_FIDELITY
 
 _INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
          "galore_rank", "max_length", "inference_batches", "threads", "init_samples", "image_size",
-         "max_train_samples", "max_eval_samples")
+         "max_train_samples", "max_eval_samples", "profile")
 _FLOATS = ("lr", "lora_lr", "spectrum_decay", "timeout")
 
 
@@ -100,6 +100,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                              "(default 0.5; 0 keeps the flat random spectrum)")
     parser.add_argument("--inference-batches", default=None,
                         help="timed inference batches per run (default 5)")
+    parser.add_argument("--profile", default=None,
+                        help="after the measurements, profile one more training step of each run (torch.profiler) "
+                             "and report its N operators of most self time and WASI's own work (default 0: none)")
     parser.add_argument("--threads", default=None, help="torch threads in each run (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
     parser.add_argument("--arch", default=None, help="ViT preset of a weights file given as --model")
