@@ -35,7 +35,8 @@ from wasi.training.models import build_model
 
 
 class Timeline:
-    """Samples VmRSS from a thread; the main thread sets ``phase`` and ``where``."""
+    """Samples VmRSS from a thread; the main thread sets ``phase`` and ``where`` (:meth:`at`, which
+    also takes a sample itself, so that every labelled moment has one however busy the machine)."""
 
     def __init__(self, baseline_mb: float, every_s: float = 0.002) -> None:
         self.baseline_mb, self.every_s = baseline_mb, every_s
@@ -44,13 +45,20 @@ class Timeline:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        match = re.search(r"^VmRSS:\s+(\d+)", Path("/proc/self/status").read_text(), re.MULTILINE)
+        if match:
+            rss = int(match.group(1)) / 1024 - self.baseline_mb
+            self.samples.append((self.step, rss, f"{self.phase} {self.where}"))
+
+    def at(self, where: str) -> None:
+        """The module whose forward runs now; sampled at once."""
+        self.where = where
+        self._sample()
+
     def _run(self) -> None:
-        status = Path("/proc/self/status")
         while not self._stop.is_set():
-            match = re.search(r"^VmRSS:\s+(\d+)", status.read_text(), re.MULTILINE)
-            if match:
-                rss = int(match.group(1)) / 1024 - self.baseline_mb
-                self.samples.append((self.step, rss, f"{self.phase} {self.where}"))
+            self._sample()
             time.sleep(self.every_s)
 
     def __enter__(self) -> Self:
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     with Timeline(meter.baseline_mb) as timeline:
         def label(name: str):
             def hook(*_):
-                timeline.where = name
+                timeline.at(name)
             return hook
 
         hooks = [m.register_forward_pre_hook(label(n)) for n, m in model.named_modules() if n]
