@@ -175,6 +175,19 @@ def fuse_activations(model: nn.Module) -> list[str]:
     return fused
 
 
+def fuse_activations_or_warn(model: nn.Module, *, stacklevel: int = 2) -> list[str]:
+    """:func:`fuse_activations`, warning when nothing was fused (``WASIConfig.fuse_activation`` asked for it)."""
+    fused = fuse_activations(model)
+    if not fused:
+        warnings.warn(
+            "fuse_activation=True but no converted layer is followed by a known activation "
+            f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+    return fused
+
+
 def convert(
     model: nn.Module,
     config: WASIConfig | None = None,
@@ -254,13 +267,8 @@ def convert(
         if plan is not None:
             plan = dataclasses.replace(plan, layers=tuple(p for p in plan.layers if p.name not in dense))
     swap_layers(model, chosen, config, ranks=ranks, initialise=initialise, calibration=calibration)
-    if config.fuse_activation and not fuse_activations(model):
-        warnings.warn(
-            "fuse_activation=True but no converted layer is followed by a known activation "
-            f"(layouts: {', '.join(f'{a} after {lin}' for lin, a in FUSABLE_SITES)}); nothing was fused",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    if config.fuse_activation:
+        fuse_activations_or_warn(model, stacklevel=3)
     if plan is not None:
         apply_plan(model, plan)
     return keep_local_buffers(model)  # DDP, however built, leaves each process its activation side
@@ -510,6 +518,7 @@ __all__ = [
     "apply_plan",
     "convert",
     "fuse_activations",
+    "fuse_activations_or_warn",
     "is_fusable_activation",
     "put_back",
     "select_layers",

@@ -362,7 +362,8 @@ def measure(spec: dict) -> dict:
 
 # the profiler's names for WASI's own work: the named ranges of WASILinear's forward and the
 # backward of its autograd functions (inclusive times: the operators they run are inside them)
-WASI_RANGES = ("wasi::", "WASILinearFunctionBackward", "WASILinearActFunctionBackward")
+WASI_RANGE_PREFIX = "wasi::"
+WASI_BACKWARDS = ("WASILinearFunctionBackward", "WASILinearActFunctionBackward")
 
 
 def _profile_step(model: torch.nn.Module, task: str, batch: dict, optimizer, trainable: list, precision: str,
@@ -380,7 +381,7 @@ def _profile_step(model: torch.nn.Module, task: str, batch: dict, optimizer, tra
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     ranges = {e.key: e.cpu_time_total / 1000 for e in events
-              if e.key.startswith(WASI_RANGES[0]) or e.key in WASI_RANGES[1:]}
+              if e.key.startswith(WASI_RANGE_PREFIX) or e.key in WASI_BACKWARDS}
     return {
         "step_ms": total / 1000,  # the step's CPU time as the profiler counts it (all self times)
         "ops": [{"name": e.key, "self_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,

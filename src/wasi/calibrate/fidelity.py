@@ -29,7 +29,7 @@ from wasi.calibrate.fit import (
     ranks_for_config,
 )
 from wasi.config import WASIConfig
-from wasi.convert import AllDenseError, convert, fuse_activations, put_back, select_layers
+from wasi.convert import AllDenseError, convert, fuse_activations_or_warn, put_back, select_layers
 
 
 def choose_ranks(
@@ -215,9 +215,8 @@ def convert_within(
                       UserWarning, stacklevel=2)
     for fqn in factored:  # each layer holds the config asked for, as after wasi.convert
         model.get_submodule(fqn).config = config
-    if config.fuse_activation and not fuse_activations(model):
-        warnings.warn("fuse_activation=True but no converted layer is followed by a known activation; nothing was "
-                      "fused", RuntimeWarning, stacklevel=2)
+    if config.fuse_activation:
+        fuse_activations_or_warn(model, stacklevel=3)
     return Conversion(choice, dense_loss, value, float(tolerance), tuple(attempts), met)
 
 

@@ -249,7 +249,7 @@ class Run:
             return None
 
         def validation_loss(model: torch.nn.Module) -> float:
-            with torch.no_grad(), self._precision():
+            with self._precision():  # lm_evaluate runs without gradients
                 return lm_evaluate(model, self.val, self.pad_id, self.device, self.s.batch_size)[0]
 
         self.print(f"checking the conversion on {self.val.size} validation windows: perplexity at most "
