@@ -97,6 +97,13 @@ class WASIConfig:
             the exact input for one step and measures the cosine between the compressed and the
             exact weight gradient (``WASILinear.grad_cosine``); the layers take turns, so one step
             holds the exact input of about ``layers / grad_check_every`` layers. 0 never measures.
+        track_every: the activation bases of every mode but the first follow the input by a
+            power step every this many training steps (section 4); in between, the input is
+            projected on the stored bases (the Tucker core only). The first mode, whose
+            indices are the batch's samples and change with every batch, is tracked at every
+            step. 1 (the default, the paper's) tracks every mode at every step; larger values
+            remove most of the per-step subspace work, and the probes of
+            ``grad_check_every`` measure what the stale bases cost the gradient.
         recompute_from_code: the former name of ``fuse_activation`` (deprecated: warns, and sets
             ``fuse_activation``).
         grad_cosine_floor: a measured cosine below this doubles the layer's activation ranks (up to
@@ -122,6 +129,7 @@ class WASIConfig:
     precondition: bool = True
     grad_check_every: int = 32
     grad_cosine_floor: float = 0.4
+    track_every: int = 1
     recompute_from_code: InitVar[bool | None] = None  # the former name of fuse_activation
 
     def __post_init__(self, recompute_from_code: bool | None) -> None:
@@ -178,6 +186,7 @@ class WASIConfig:
             raise ValueError(
                 f"WASIConfig.grad_check_every must be a non-negative integer, got {self.grad_check_every!r}"
             )
+        _check_positive_int("track_every", self.track_every)
         floor = self.grad_cosine_floor
         if not _is_real(floor) or math.isnan(floor) or not 0.0 <= floor < 1.0:
             raise ValueError(f"WASIConfig.grad_cosine_floor must be a number in [0, 1), got {floor!r}")

@@ -487,9 +487,14 @@ class WASILinear(nn.Module):
         xc = x.detach().to(WF.compute_dtype(x.dtype))  # (d_1, ..., d_m)
         scale = WF.unit_scale(xc) if scale is None else scale  # 2^-e ~ 1 / max|x|
         ranks = self._activation_ranks(xc)
+        every = self.config.track_every
+        hold = every > 1 and int(self.step) % every != 0  # project on the stored bases (but the first)
         bases: list[Tensor | None] = []
         for n, r in enumerate(ranks):
             previous = getattr(self, f"basis_{n}")
+            if hold and n > 0 and tuple(previous.shape) == (xc.shape[n], r) and previous.dtype == xc.dtype:
+                bases.append(previous)  # (d_n, r_n): no power step this step
+                continue
             try:  # warm start, or a cold restart on a shape change (section 4)
                 basis = WF.track_activation_basis(xc, n, r, previous, self._generator(n), scale=scale)
             except torch.linalg.LinAlgError:

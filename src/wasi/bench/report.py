@@ -132,6 +132,9 @@ def markdown(results: dict) -> str:
     if s.get("recompute"):
         lines.append("- `--recompute`: wsi, wasi-reference and wasi rebuild the MLP activation's input (and a ViT's "
                      "attention q, k, v) from the low-rank code in backward instead of storing them")
+    if s.get("track_every", 1) > 1:
+        lines.append(f"- `--track-every {s['track_every']}`: asi, wasi-reference and wasi update their activation "
+                     "bases (but the batch mode's) every this many steps and only project the input in between")
     if s.get("fidelity"):
         lines.append("- `+fidelityF`: wsi and wasi choose each layer's weight rank to keep the fraction F of the "
                      "converted layers' output energy on the fit samples (`wasi train --fidelity`), in the "

@@ -36,7 +36,7 @@ def worker_spec(settings: BenchSettings, method: str, eps: float | None, repeat:
         "batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed,
         "target": settings.target, "optimizer": settings.optimizer, "lr": settings.method_lr(method),
         "rank": settings.rank, "activation_rank": settings.activation_rank,
-        "recompute": settings.recompute, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
+        "recompute": settings.recompute, "track_every": settings.track_every, "checkpointing": settings.checkpointing, "lora_rank": settings.lora_rank,
         "init_samples": settings.fit_samples(method), "freeze_embeddings": settings.freeze_embeddings,
         "fidelity": fidelity, "task": settings.task, "image_size": settings.image_size,
         "max_train_samples": settings.max_train_samples, "max_eval_samples": settings.max_eval_samples,

@@ -84,6 +84,7 @@ class BenchSettings:
     rank: int | None = None
     activation_rank: int | None = None
     recompute: bool = False
+    track_every: int = 1  # asi, wasi-reference and wasi: activation bases tracked every this many steps
     init_samples: int | None = None  # accuracy runs of wsi and wasi (wasi train --init-samples; None: its default)
     checkpointing: bool = False
     freeze_embeddings: bool = False  # every method keeps the nn.Embedding tables frozen (wasi train --freeze-embeddings)
@@ -151,6 +152,8 @@ class BenchSettings:
                      "inference_batches"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        if self.track_every < 1:
+            errors.append(f"--track-every {self.track_every}: must be a positive integer")
         if self.profile < 0:
             errors.append(f"--profile {self.profile}: must be a non-negative integer (0: no profile)")
         for name in ("train_epochs", "rank", "activation_rank", "threads", "image_size", "max_train_samples",

@@ -237,6 +237,7 @@ def measure(spec: dict) -> dict:
                             activation_rank=spec.get("activation_rank"), target=spec["target"],
                             lora_rank=spec["lora_rank"], galore_rank=spec["galore_rank"], seed=spec["seed"],
                             ranks=ranks, recompute=spec.get("recompute", False),
+                            track_every=spec.get("track_every", 1),
                             checkpointing=checkpointing, freeze_embeddings=spec.get("freeze_embeddings", False),
                             fidelity=fidelity or None)
     bundle.model.to(device)
@@ -347,6 +348,7 @@ def measure(spec: dict) -> dict:
         "checkpointing": method == "checkpointing" or checkpointing,
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and has_weight_factors(WASI_MODES[method]),
         "freeze_embeddings": bool(spec.get("freeze_embeddings")),
+        "track_every": spec.get("track_every", 1) if method in ("asi", "wasi-reference", "wasi") else None,
         "precision": precision,
         "optimizer_in_backward": bool(spec.get("optimizer_in_backward")),
         "op_profile": profile,
@@ -407,6 +409,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
+        track_every=spec.get("track_every", 1) if method in ("asi", "wasi-reference", "wasi") else 1,
         checkpointing=checkpointing or spec.get("checkpointing", False),
         init_samples=spec.get("init_samples") if fitted else None,
         # the ranks the step measurement used: by the run's fidelity, else by --eps

@@ -13,7 +13,7 @@ from wasi.training.settings import DATA_NAMES, DEFAULT_FIDELITY
 
 _INTS = ("batch_size", "steps", "repeats", "train_epochs", "seed", "rank", "activation_rank", "lora_rank",
          "galore_rank", "max_length", "inference_batches", "threads", "init_samples", "image_size",
-         "max_train_samples", "max_eval_samples", "profile")
+         "max_train_samples", "max_eval_samples", "profile", "track_every")
 _FLOATS = ("lr", "lora_lr", "spectrum_decay", "timeout")
 
 
@@ -114,6 +114,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="the WASI methods with weight factors (wsi, wasi-reference, wasi) rebuild the MLP "
                              "activation's input and a ViT's attention q, k, v from the low-rank code (as `wasi "
                              "train --recompute`)")
+    parser.add_argument("--track-every", default=None,
+                        help="asi, wasi-reference and wasi track their activation bases every this many steps "
+                             "(as `wasi train --track-every`; default 1)")
     parser.add_argument("--freeze-embeddings", action="store_true",
                         help="every method keeps the model's nn.Embedding tables frozen (as `wasi train "
                              "--freeze-embeddings`)")

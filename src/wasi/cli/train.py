@@ -11,7 +11,7 @@ from wasi.cli.usage import UsageError, default_device, parse_numbers
 
 TRAIN_HELP = "fine-tune a model on a dataset with one method"
 INTS = ("activation_rank", "epochs", "steps", "batch_size", "seed", "checkpoint_every", "log_every",
-        "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples")
+        "max_length", "max_train_samples", "init_samples", "image_size", "max_eval_samples", "track_every")
 FLOATS = ("eps", "lr", "lora_lr", "fidelity", "max_perplexity_increase")
 
 
@@ -151,6 +151,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, with_method: bool) -> 
                             help="WASI methods with weight factors: rebuild the MLP activation's input (and a "
                                  "ViT's attention q, k, v) from the low-rank code X R^T in backward instead of "
                                  "storing them")
+        parser.add_argument("--track-every", default=1,
+                            help="methods asi, wasi-reference and wasi: the activation bases follow the input by a "
+                                 "power step every this many steps and are only projected on in between (the "
+                                 "batch mode is tracked every step); 1 (default) tracks every step, as the paper")
         parser.add_argument("--freeze-embeddings", action="store_true",
                             help="keep every nn.Embedding (a text model's token and position tables) at its "
                                  "pretrained value: no gradient, no optimizer state")

@@ -151,6 +151,7 @@ class Run:
                                 lora_rank=s.lora_rank, galore_rank=s.galore_rank, seed=s.seed, plan=plan,
                                 recompute=s.recompute, checkpointing=s.checkpointing,
                                 freeze_embeddings=s.freeze_embeddings, fidelity=s.weight_fidelity,
+                                track_every=s.track_every,
                                 ranks=self._checkpoint_ranks(bundle.model) if s.resume and s.weight_fidelity else None)
         if s.freeze_embeddings and not embedding_tables(bundle.model):
             raise RunError(f"--freeze-embeddings: model {s.model!r} has no nn.Embedding layer (a ViT's patch and "
@@ -585,6 +586,7 @@ class Run:
             "eps": self.s.eps if self.s.method in WASI_MODES else None,
             "target": self.s.target,
             "recompute": self.s.recompute,
+            "track_every": self.s.track_every,
             "checkpointing": self.s.checkpointing,
             "precision": self.s.precision,
             "optimizer_in_backward": self.s.optimizer_in_backward,

@@ -49,6 +49,7 @@ class MethodOptions:
     checkpointing: bool = False  # activation checkpointing on top of any method
     freeze_embeddings: bool = False  # every nn.Embedding keeps its pretrained table (no gradient, no optimizer state)
     fidelity: float | None = None  # wsi/wasi: weight ranks by output fidelity on the calibration (WASIConfig.fidelity)
+    track_every: int = 1  # WASI methods: activation bases tracked every this many steps (WASIConfig.track_every)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def apply_method(
             eps=options.eps, activation_rank=options.activation_rank, mode=WASI_MODES[method],
             target=options.target, seed=options.seed,
             fuse_activation=options.recompute and has_weight_factors(WASI_MODES[method]),
-            fidelity=options.fidelity,
+            fidelity=options.fidelity, track_every=options.track_every,
         )
         if check is not None and options.fidelity and calibration is not None and options.plan is None \
                 and options.ranks is None:

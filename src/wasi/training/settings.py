@@ -151,6 +151,7 @@ class TrainSettings:
     export_pretrained: bool = False  # ``wasi pretrain``: write the model as a loadable folder
     checkpointing: bool = False  # activation checkpointing on top of --method
     recompute: bool = False  # rebuild activation/attention inputs from the low-rank code (WASI methods)
+    track_every: int = 1  # WASI methods compressing activations: bases tracked every this many steps
     skip_nonfinite: bool = False  # skip the optimizer step of a batch with a NaN/inf loss or gradient
     plan: str | None = None  # a ``wasi calibrate`` plan (JSON): per-layer ranks for a memory budget
     init_samples: int | None = None  # wsi/wasi: samples the factors are fitted to (None: 256; 0: plain SVD)
@@ -223,6 +224,11 @@ class TrainSettings:
         elif self.recompute and self.method not in ("wsi", "wasi-reference", "wasi"):
             errors.append(f"--recompute rebuilds inputs from the weight factors: it needs --method wsi, "
                           f"wasi-reference or wasi, got --method {self.method}")
+        if self.track_every < 1:
+            errors.append(f"--track-every {self.track_every}: must be a positive integer")
+        elif self.track_every > 1 and self.method not in ("asi", "wasi-reference", "wasi"):
+            errors.append(f"--track-every sets how often the activation bases follow the input: it needs --method "
+                          f"asi, wasi-reference or wasi, got --method {self.method}")
         if not isinstance(self.freeze_embeddings, bool):
             errors.append(f"--freeze-embeddings {self.freeze_embeddings!r}: must be true or false")
         if not isinstance(self.skip_nonfinite, bool):

@@ -16,7 +16,7 @@ from wasi.training.settings import RunError
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: the state carries its SHA-256 ("sha256"); 1 (no checksum) still resumes
 # settings added after checkpoints were first written, with the value those checkpoints ran at
-IMPLICIT_SETTINGS = {"precision": "fp32", "optimizer_in_backward": False}
+IMPLICIT_SETTINGS = {"precision": "fp32", "optimizer_in_backward": False, "track_every": 1}
 
 
 def state_digest(state) -> str:
