@@ -56,3 +56,9 @@ def test_the_memory_levers_are_checked_as_wasi_train_checks_them(tmp_path):
         train = TrainSettings(**{**base, "data": "digits"}, method=levers.get("methods", ("wasi",))[-1],
                               **{k: v for k, v in levers.items() if k != "methods"}).validate()
         assert len(bench) == 1 and bench == [e.replace("--method galore", "--methods galore") for e in train], levers
+
+
+def test_the_tracking_cadence_is_a_positive_integer(tmp_path):
+    base = {"model": "vit-micro", "data": "synthetic", "out": str(tmp_path), "methods": ("wasi",)}
+    assert BenchSettings(**base, track_every=4).validate() == []
+    assert BenchSettings(**base, track_every=0).validate() == ["--track-every 0: must be a positive integer"]

@@ -933,3 +933,51 @@ def test_a_long_run_with_varying_shapes_keeps_memory_flat():
         optimizer.step()
     assert whole.peak_mb() < 5.0  # steps 100 to 2000
     assert late.peak_mb() < 1.0  # steps 1000 to 2000: no slow leak either
+
+
+# ---------------------------------------------------------------------------- tracking cadence
+def test_track_every_holds_every_basis_but_the_batch_modes_between_tracking_steps():
+    layer = _layer(12, 10, rank=4, activation_rank=(2, 3, 5), grad_check_every=0, track_every=3)
+    seen = []
+    for step in range(7):
+        _train_step(layer, randn(4, 6, 12, seed=40 + step), seed=step)
+        seen.append(_bases(layer, 3))
+    for step in range(1, 7):
+        before, now = seen[step - 1], seen[step]
+        assert not torch.allclose(now[0], before[0])  # the samples change: the batch mode follows them
+        moved = [not torch.allclose(now[n], before[n]) for n in (1, 2)]
+        assert moved == ([True, True] if step % 3 == 0 else [False, False]), step
+    # a tracking step is the ordinary one: same bases as a layer tracking every step, from the same state
+    twin = _layer(12, 10, rank=4, activation_rank=(2, 3, 5), grad_check_every=0, track_every=1)
+    twin.load_state_dict(layer.state_dict())
+    layer.step.fill_(9)
+    twin.step.fill_(9)
+    x = randn(4, 6, 12, seed=60)
+    _train_step(layer, x)
+    _train_step(twin, x)
+    assert all(torch.equal(u, v) for u, v in zip(_bases(layer, 3), _bases(twin, 3)))
+
+
+def test_track_every_still_gives_the_projection_on_the_held_bases():
+    """Between tracking steps the saved core is the input's projection on the held bases: the gradient
+    is the one of the input rebuilt from them, and a shape change restarts the bases at once."""
+    layer = _layer(12, 10, rank=4, activation_rank=(2, 3, 5), grad_check_every=0, track_every=4, precondition=False)
+    _train_step(layer, randn(4, 6, 12, seed=70))
+    layer.zero_grad()
+    x = randn(4, 6, 12, seed=71)
+    held = _bases(layer, 3)
+    left, right = _factors(layer)
+    _, g = _train_step(layer, x, seed=1)
+    bases = _bases(layer, 3)
+    assert all(torch.equal(u, v) for u, v in zip(bases[1:], held[1:]))
+    rebuilt = WF.tucker_rebuild(WF.tucker_core(x, bases), bases)  # (4, 6, 12)
+    grad_w = g.reshape(-1, 10).T @ rebuilt.reshape(-1, 12)  # dW from the projected input
+    torch.testing.assert_close(layer.right.grad, left.T @ grad_w, rtol=1e-4, atol=1e-5)
+    _train_step(layer, randn(4, 5, 12, seed=72))  # a new sequence length: mode 1 restarts, a held step or not
+    assert layer.basis_1.shape == (5, 3)
+
+
+def test_track_every_must_be_a_positive_integer():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="track_every"):
+            WASIConfig(track_every=bad)

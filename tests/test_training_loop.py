@@ -122,10 +122,10 @@ def _final_model(out, optimizer: str = "adamw") -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("run", [
     {"method": "wasi"}, {"method": "vanilla"}, {"method": "wsi", "init_samples": 50},
-    {"method": "wasi", "optimizer_in_backward": True},
+    {"method": "wasi", "optimizer_in_backward": True}, {"method": "wasi", "track_every": 3},
     pytest.param({"method": "wasi", "optimizer": "adamw8bit"},
                  marks=pytest.mark.skipif(not lowbit_available(), reason="adamw8bit needs torchao")),
-], ids=["wasi", "vanilla", "wsi-fitted", "wasi-in-backward", "wasi-adamw8bit"])
+], ids=["wasi", "vanilla", "wsi-fitted", "wasi-in-backward", "wasi-track-every", "wasi-adamw8bit"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, run):
     run_training(_settings(tmp_path / "straight", **run), print_fn=lambda _m: None)
 

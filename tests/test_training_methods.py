@@ -69,3 +69,13 @@ def test_adamw8bit_is_torchaos():
 
     model, options = _vit("wasi")
     assert type(build_optimizer(model, "wasi", options, name="adamw8bit", lr=1e-3)) is AdamW8bit
+
+
+def test_the_tracking_cadence_reaches_every_wasi_layer():
+    from wasi.models import build_vit
+    from wasi.modules import WASILinear
+    from wasi.training.methods import MethodOptions, apply_method
+
+    model = apply_method(build_vit("vit-micro", num_classes=3), "wasi", MethodOptions(track_every=5), head="head")
+    layers = [m for m in model.modules() if isinstance(m, WASILinear)]
+    assert layers and {m.config.track_every for m in layers} == {5}

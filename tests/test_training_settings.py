@@ -114,3 +114,14 @@ def test_the_perplexity_check_of_a_conversion_is_checked_and_defaults_to_two_per
     assert settings(method="lora", max_perplexity_increase=1.0).validate() == [needs]
     assert settings(init_samples=0, fidelity=0.0, max_perplexity_increase=1.0).validate() == [needs]
     assert settings(method="lora", max_perplexity_increase=0.0).validate() == []
+
+
+def test_the_tracking_cadence_is_checked_and_part_of_what_a_resume_shares(tmp_path):
+    base = {"model": "vit-micro", "data": "digits", "out": str(tmp_path)}
+    assert TrainSettings(**base, method="wasi", track_every=4).validate() == []
+    assert TrainSettings(**base, method="wasi", track_every=0).validate() == [
+        "--track-every 0: must be a positive integer"]
+    assert TrainSettings(**base, method="wsi", track_every=2).validate() == [
+        "--track-every sets how often the activation bases follow the input: it needs --method asi, "
+        "wasi-reference or wasi, got --method wsi"]
+    assert TrainSettings(**base, method="wasi", track_every=4).fingerprint()["track_every"] == 4
