@@ -43,6 +43,7 @@ def test_eps_inside_unit_interval_is_accepted(eps):
     ("reorth_every", -1, "-1"), ("reorth_every", 0.5, "0.5"), ("reorth_every", True, "True"),
     ("mode", "dense", "'dense'"), ("target", "conv", "'conv'"),
     ("precondition", 1, "1"), ("grad_check_every", -1, "-1"), ("grad_check_every", 2.0, "2.0"),
+    ("track_every", 0, "0"), ("track_every", 2.0, "2.0"),
     ("grad_cosine_floor", 1.0, "1.0"), ("grad_cosine_floor", -0.1, "-0.1"), ("grad_cosine_floor", math.nan, "nan"),
 ])
 def test_invalid_field_raises_naming_field_and_value(field, value, shown):
