@@ -107,6 +107,29 @@ def test_a_frozen_model_is_measured_and_left_frozen(one_thread):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_the_sensitivity_run_saves_only_what_the_output_gradients_need(one_thread):
+    """No parameter requires a gradient in the run: the linears' inputs, which only a weight gradient
+    reads, are not saved; a model that changes a layer's output in place still runs; flags come back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    model[2].requires_grad_(False)  # a frozen layer is measured too
+    x = torch.randn(32, 8)
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        weights = measure_sensitivities(model, ["0", "2", "4"], lambda: model(x))
+    assert sorted(saved) == [(32, 16), (32, 16)]  # the two ReLUs' results, no linear's input
+    assert all(math.isfinite(w) and w > 0 for w in weights.values())
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, False, True, True]
+    assert all(p.grad is None for p in model.parameters())
+
+
 class Total(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -409,8 +409,9 @@ def measure_sensitivities(
     it; taking ``dy`` spread evenly over the ``O`` output coordinates gives, per unit of lost
     output energy fraction, ``sensitivity = mean_t ||g_t||^2 * sum_t ||y_t||^2 / O`` (``y``
     without the bias). The values are normalised to a mean of 1. Parameters' ``.grad`` is not
-    touched; training and ``requires_grad`` flags are restored (a frozen layer's weight requires
-    a gradient during the run, so that one reaches its output).
+    touched; training and ``requires_grad`` flags are restored. No parameter requires a gradient
+    during the run (each layer's output is where the graph starts), so the run holds about the
+    activations of a forward of a frozen model, not those of a training step.
 
     Args:
         model: the model (nothing in it changes).
@@ -430,12 +431,19 @@ def measure_sensitivities(
 
     def keep(fqn: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                bias = getattr(module, "bias", None)
-                outputs[fqn].append(output)
-                with torch.no_grad():
-                    plain = output if bias is None else output - bias  # (..., O)
-                    energy[fqn] += float(plain.double().square().sum())
+            if not (isinstance(output, torch.Tensor) and output.is_floating_point() and torch.is_grad_enabled()):
+                return None
+            if not output.requires_grad:
+                # no tracked input reaches it: the graph starts here, with "+ 0" of a zero that requires a
+                # gradient (the same values; not a leaf, so that the model may still change it in place)
+                start = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                output = output + start
+            bias = getattr(module, "bias", None)
+            outputs[fqn].append(output)
+            with torch.no_grad():
+                plain = output if bias is None else output - bias  # (..., O)
+                energy[fqn] += float(plain.double().square().sum())
+            return output
 
         return hook
 
@@ -443,12 +451,16 @@ def measure_sensitivities(
         logits = _logits_of(output)
         reached = [(fqn, y) for fqn in paths for y in outputs[fqn]]
         if logits is not None and logits.requires_grad and reached:
-            scores = logits.reshape(-1, logits.shape[-1]).float()  # (T, C)
+            scores = logits.reshape(-1, logits.shape[-1])  # (T, C)
             with torch.no_grad():
-                probs = scores.softmax(-1).cpu()  # (T, C)
-                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(scores.device)  # (T,)
-            loss = torch.nn.functional.cross_entropy(scores, labels, reduction="sum")
-            grads = torch.autograd.grad(loss, [y for _, y in reached], allow_unused=True)
+                # the gradient of the drawn labels' summed cross-entropy, written down: softmax - one-hot,
+                # in one (T, C) tensor (autograd's loss would keep log-probabilities and its own gradient)
+                grad = scores.float().softmax(-1)  # (T, C)
+                labels = torch.multinomial(grad.cpu(), 1, generator=generator).squeeze(1).to(grad.device)  # (T,)
+                grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
+            grads = torch.autograd.grad(scores, [y for _, y in reached], grad_outputs=grad.to(scores.dtype),
+                                        allow_unused=True)
+            del grad
             for (fqn, _), g in zip(reached, grads):
                 if g is not None:
                     grad_sq[fqn] += float(g.double().square().sum())
@@ -458,18 +470,19 @@ def measure_sensitivities(
 
     handles = [model.get_submodule(fqn).register_forward_hook(keep(fqn)) for fqn in paths]
     handles.append(model.register_forward_hook(differentiate))
-    # a frozen layer's output would carry no gradient: its weight requires one for this run only
-    weights = [dense_weight_of(model.get_submodule(fqn))[0] for fqn in paths]
-    flags = [(w, w.requires_grad) for w in weights]
+    # No parameter requires a gradient during the run: the graph starts at the layers' outputs, so
+    # autograd saves what the gradients reaching them need (the inputs of the nonlinearities) and
+    # not the inputs of every linear, which only a weight gradient would read.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with calibrating(model, handles):
         try:
-            for w in weights:
-                w.requires_grad_(True)
+            for p, _ in flags:
+                p.requires_grad_(False)
             with torch.enable_grad():
                 calibration()
         finally:
-            for w, flag in flags:
-                w.requires_grad_(flag)
+            for p, flag in flags:
+                p.requires_grad_(flag)
     values = {fqn: grad_sq[fqn] / max(tokens[0], 1) * energy[fqn] / dense_weight_of(model.get_submodule(fqn))[0].shape[0]
               for fqn in paths}
     mean = sum(values.values()) / len(values) if values else 0.0
