@@ -31,7 +31,14 @@ from wasi.models import VIT_PRESETS, build_vit
 from wasi.optim import make_optimizer
 from wasi.training.loop import run_training
 from wasi.training.measure import PeakMemory, median, set_cpu_allocator
-from wasi.training.methods import WASI_MODES, MethodOptions, apply_method, build_optimizer, target_layers
+from wasi.training.methods import (
+    COMPRESSING_METHODS,
+    WASI_MODES,
+    MethodOptions,
+    apply_method,
+    build_optimizer,
+    target_layers,
+)
 from wasi.training.models import build_model, save_pretrained_vit
 from wasi.training.pipeline import (
     apply_run_method,
@@ -348,7 +355,7 @@ def measure(spec: dict) -> dict:
         "checkpointing": method == "checkpointing" or checkpointing,
         "recompute": bool(spec.get("recompute")) and method in WASI_MODES and has_weight_factors(WASI_MODES[method]),
         "freeze_embeddings": bool(spec.get("freeze_embeddings")),
-        "track_every": spec.get("track_every", 1) if method in ("asi", "wasi-reference", "wasi") else None,
+        "track_every": spec.get("track_every", 1) if method in COMPRESSING_METHODS else None,
         "precision": precision,
         "optimizer_in_backward": bool(spec.get("optimizer_in_backward")),
         "op_profile": profile,
@@ -409,7 +416,7 @@ def _train_for_accuracy(spec: dict) -> dict:
         arch=spec.get("arch"), cache_dir=spec.get("cache_dir"), lora_rank=spec["lora_rank"],
         galore_rank=spec["galore_rank"], device=spec["device"],
         recompute=spec.get("recompute", False) and method in ("wsi", "wasi-reference", "wasi"),
-        track_every=spec.get("track_every", 1) if method in ("asi", "wasi-reference", "wasi") else 1,
+        track_every=spec.get("track_every", 1) if method in COMPRESSING_METHODS else 1,
         checkpointing=checkpointing or spec.get("checkpointing", False),
         init_samples=spec.get("init_samples") if fitted else None,
         # the ranks the step measurement used: by the run's fidelity, else by --eps

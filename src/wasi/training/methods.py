@@ -24,6 +24,7 @@ WASI_MODES = {
     "wasi": "factored",
 }
 METHODS = ("vanilla", "checkpointing", "lora", "galore", *WASI_MODES)
+COMPRESSING_METHODS = tuple(m for m, mode in WASI_MODES.items() if mode != "weights-only")  # compress their inputs
 CHECKPOINTED = "+checkpointing"  # a method name suffix: that method with activation checkpointing
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from wasi.config import TARGETS
-from wasi.training.methods import METHODS
+from wasi.training.methods import COMPRESSING_METHODS, METHODS
 from wasi.training.models import MODEL_NAMES, TASKS, ModelError, check_model, text_positions
 
 DATA_NAMES = ("spam", "fashion-mnist", "digits", "brown", "bbc-news")
@@ -226,7 +226,7 @@ class TrainSettings:
                           f"wasi-reference or wasi, got --method {self.method}")
         if self.track_every < 1:
             errors.append(f"--track-every {self.track_every}: must be a positive integer")
-        elif self.track_every > 1 and self.method not in ("asi", "wasi-reference", "wasi"):
+        elif self.track_every > 1 and self.method not in COMPRESSING_METHODS:
             errors.append(f"--track-every sets how often the activation bases follow the input: it needs --method "
                           f"asi, wasi-reference or wasi, got --method {self.method}")
         if not isinstance(self.freeze_embeddings, bool):
