@@ -102,8 +102,9 @@ class WASIConfig:
             projected on the stored bases (the Tucker core only). The first mode, whose
             indices are the batch's samples and change with every batch, is tracked at every
             step. 1 (the default, the paper's) tracks every mode at every step; larger values
-            remove most of the per-step subspace work, and the probes of
-            ``grad_check_every`` measure what the stale bases cost the gradient.
+            skip those modes' power steps in between (a shorter step; docs RESULTS.md section
+            27), and the probes of ``grad_check_every`` measure what the held bases cost the
+            gradient.
         recompute_from_code: the former name of ``fuse_activation`` (deprecated: warns, and sets
             ``fuse_activation``).
         grad_cosine_floor: a measured cosine below this doubles the layer's activation ranks (up to
