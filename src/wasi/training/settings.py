@@ -227,8 +227,9 @@ class TrainSettings:
         if self.track_every < 1:
             errors.append(f"--track-every {self.track_every}: must be a positive integer")
         elif self.track_every > 1 and self.method not in COMPRESSING_METHODS:
+            names = f"{', '.join(COMPRESSING_METHODS[:-1])} or {COMPRESSING_METHODS[-1]}"
             errors.append(f"--track-every sets how often the activation bases follow the input: it needs --method "
-                          f"asi, wasi-reference or wasi, got --method {self.method}")
+                          f"{names}, got --method {self.method}")
         if not isinstance(self.freeze_embeddings, bool):
             errors.append(f"--freeze-embeddings {self.freeze_embeddings!r}: must be true or false")
         if not isinstance(self.skip_nonfinite, bool):
